@@ -1,0 +1,659 @@
+"""Typed training configuration: nested dataclasses read from YAML, with ``defaults:`` inheritance and overrides.
+
+Usage::
+
+    config = load_config("configs/sd15_diffusion_dpo.yaml", ["train.max_steps=10", "lora.enabled=true"])
+    save_config(config, Path(config.train.output_dir) / "config.yaml")
+
+File format: one mapping per section (``model``, ``data``, ``loss``, ``lora``, ``optim``, ``train``); keys left out
+keep the dataclass defaults below. ``defaults: base.yaml`` (a path relative to the file) names one base file that
+is merged first (mappings merge key by key, everything else is replaced); bases may have bases. Overrides are
+``dotted.key=value`` strings whose value is read as YAML (``train.max_steps=10``, ``lora.enabled=false``,
+``loss.params.alpha=1.0``, ``train.report_to=[tensorboard]``, ``model.revision=null``); they beat every file.
+
+YAML is read with ``yaml.SafeLoader`` plus one addition: YAML 1.2 exponent floats without a dot (``1e-5``) are
+floats, not the strings PyYAML's YAML 1.1 rules make of them.
+
+Validation (every error is a :class:`ConfigError` naming the file or override, the full dotted key and a fix):
+unknown keys (with the nearest valid key), types (ints are accepted for float fields, bools are never ints, ``null``
+only for optional keys), enumerations, obvious ranges, and consistency between ``train.method`` and ``loss.name``:
+
+* ``loss.name`` left out: taken from the method (dpo/dcpo -> ``dpo``, mapo -> ``mapo``, sft -> ``sft``).
+* method ``mapo`` needs loss ``mapo``; ``sft`` needs ``sft``; ``dpo``/``dcpo`` need a paired loss with a reference
+  (``dpo``, ``ipo``, ``hinge``, ``robust``, ``poly_dpo``; the registry's ``needs_reference`` paired losses once
+  ``diffalign.losses`` is importable).
+* ``loss.beta`` defaults to 5000, Diffusion-DPO's value (SalesforceAIResearch/DiffusionDPO ``--beta_dpo``). Any loss
+  other than ``dpo`` (where that default means something) and ``sft`` (no beta) must set ``loss.beta`` explicitly:
+  e.g. MaPO's authors use 0.1, which the Diffusion-DPO default would silently replace.
+* method ``dcpo`` needs ``data.dual_captions: true`` (each image is conditioned on its own caption).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import math
+import os
+import re
+import sys
+import tempfile
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LoraSettings",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "build_arg_parser",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_yaml",
+    "load_config",
+    "parse_cli",
+    "save_config",
+    "validate_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = ""  # diffusers folder or hub id
+    revision: str | None = None
+    variant: str | None = None
+    prediction_type: str | None = None  # override the scheduler's ("epsilon" | "v_prediction")
+    local_files_only: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # parquet file/folder or datasets hub name
+    split: str = "train"
+    keep_ties: bool = False
+    on_bad_row: str = "error"  # "error" | "skip"
+    caption_column: str = "caption"
+    dual_captions: bool = False  # DCPO: caption_0 / caption_1
+    resolution: int = 512
+    random_crop: bool = False
+    hflip: bool = True
+    proportion_empty_prompts: float = 0.0
+    max_samples: int | None = None
+    cache_dir: str | None = None  # latent/text-embedding cache root; None = encode on the fly
+    num_workers: int = 0
+
+
+@dataclass
+class LossConfig:
+    name: str = "dpo"  # key of diffalign.losses.LOSSES
+    beta: float = 5000.0
+    params: dict[str, float] = field(default_factory=dict)  # extra keyword hyper-parameters, e.g. {alpha: 1.0}
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True  # False = full fine-tune
+    rank: int = 8
+    alpha: float | None = None  # None = rank
+    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    init: str = "gaussian"  # peft LoraConfig.init_lora_weights
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"
+    lr: float = 1e-5
+    scale_lr: bool = False  # lr *= batch * grad_accum * num_processes (original Diffusion-DPO script)
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "constant"  # diffusers.optimization.get_scheduler names
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    method: str = "dpo"  # "dpo" | "dcpo" | "mapo" | "sft"
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    max_steps: int = 1000  # optimizer steps
+    train_batch_size: int = 1  # pairs per device per micro-step
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    gradient_checkpointing: bool = False
+    reference: str = "auto"  # "auto" (LoRA -> adapters disabled, full -> frozen copy) | "frozen_copy"
+    ema: bool = False
+    ema_decay: float = 0.9999
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None  # "latest" | path | None
+    log_every: int = 1
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers; metrics.jsonl is always written
+    max_nonfinite_steps: int = 10  # consecutive non-finite losses before stopping with a checkpoint
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """An invalid config file or override; the message names the source, the dotted key and what to do."""
+
+
+METHODS = ("dpo", "dcpo", "mapo", "sft")
+ON_BAD_ROW = ("error", "skip")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REFERENCE_MODES = ("auto", "frozen_copy")
+OPTIMIZERS = ("adamw",)  # extend when the trainer supports "adamw8bit" / "adafactor"
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# diffusers.optimization.SchedulerType minus "piecewise_constant" (it needs step_rules, which the schema lacks).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+METHOD_DEFAULT_LOSS = {"dpo": "dpo", "dcpo": "dpo", "mapo": "mapo", "sft": "sft"}
+# Used when diffalign.losses is not importable; otherwise the registry's paired losses with needs_reference.
+PAIRED_REFERENCE_LOSSES = ("dpo", "hinge", "ipo", "poly_dpo", "robust")
+_BETA_DEFAULT_OK = ("dpo", "sft")
+
+# ---------------------------------------------------------------------------------------------------------- YAML
+
+
+_YAML12_EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` as a float."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings :class:`_Loader` would read as floats (so configs round-trip)."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_EXP_FLOAT, list("-+0123456789"))
+
+
+def _read_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {err}") from err
+
+
+# ------------------------------------------------------------------------------------------------------- schema
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _leaf_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, tp in _hints(cls).items():
+        if is_dataclass(tp):
+            keys.extend(_leaf_keys(tp, f"{prefix}{name}."))
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(source: str, dotted: str, valid: Sequence[str]) -> ConfigError:
+    """Error for an unknown key, suggesting the nearest key at the same level, else the same name elsewhere."""
+    prefix, _, last = dotted.rpartition(".")
+    prefix = f"{prefix}." if prefix else ""
+    close = difflib.get_close_matches(last, list(valid), n=1)
+    if close:
+        return ConfigError(f"{source}: unknown key '{dotted}'; did you mean '{prefix}{close[0]}'?")
+    by_name: dict[str, list[str]] = {}
+    for key in _leaf_keys():
+        by_name.setdefault(key.rpartition(".")[2], []).append(key)
+    names = difflib.get_close_matches(last, list(by_name), n=1)
+    if names:
+        return ConfigError(f"{source}: unknown key '{dotted}'; did you mean '{by_name[names[0]][0]}'?")
+    return ConfigError(f"{source}: unknown key '{dotted}'; valid keys here: {', '.join(valid)}")
+
+
+def _check_override_key(dotted: str, source: str) -> None:
+    """Check that ``dotted`` names a field (or an entry of a dict field such as ``loss.params.alpha``)."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"{source}: malformed key '{dotted}'; use dotted names such as 'train.max_steps'")
+    cls: type = Config
+    for i, part in enumerate(parts):
+        hints = _hints(cls)
+        here = ".".join(parts[: i + 1])
+        if part not in hints:
+            raise _unknown_key(source, here, list(hints))
+        tp, rest = hints[part], parts[i + 1 :]
+        if not rest:
+            return
+        if is_dataclass(tp):
+            cls = tp
+        elif typing.get_origin(tp) is dict and len(rest) == 1:
+            return
+        else:
+            raise ConfigError(f"{source}: '{here}' is a value ({_type_name(tp)}), not a section; cannot set '{dotted}'")
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        key, value = typing.get_args(tp)
+        return f"dict[{_type_name(key)}, {_type_name(value)}]"
+    return tp.__name__
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _quote_hint(value: Any, tp: Any) -> str:
+    """YAML reads 123, 1.0, true, no as scalars: suggest quoting when a string was meant."""
+    return " (quote it to keep it a string, e.g. key='123')" if tp is str and isinstance(value, int | float) else ""
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Return ``value`` as type ``tp`` (int -> float widening only) or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (inner,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        if value is None:
+            raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got null")
+        try:
+            return _convert(value, inner, key, source)
+        except ConfigError:
+            if inner in (bool, int, float, str):
+                hint = _quote_hint(value, inner)
+                raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {_describe(value)}{hint}") from None
+            raise
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {_describe(value)}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: '{key}' must be a mapping ({_type_name(tp)}), got {_describe(value)}")
+        _, item = typing.get_args(tp)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{source}: '{key}' keys must be strings, got {_describe(k)}")
+            out[k] = _convert(v, item, f"{key}.{k}", source)
+        return out
+    ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        hint = " (null is only allowed for optional keys)" if value is None else _quote_hint(value, tp)
+        raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {_describe(value)}{hint}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{source}: '{key}' must be a finite number, got {value}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str, origins: Mapping[str, str], source: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types; missing keys keep their defaults."""
+    where = origins.get(prefix.rstrip("."), source)
+    if data is None:  # an empty section ("lora:" with every key commented out) keeps the defaults
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.')}' must be a mapping of keys, got {_describe(data)}")
+    hints = _hints(cls)
+    for key in data:
+        if key not in hints:
+            dotted = f"{prefix}{key}"
+            raise _unknown_key(origins.get(dotted, source), dotted, list(hints))
+    kwargs = {}
+    for name, value in data.items():
+        dotted, tp = f"{prefix}{name}", hints[name]
+        if is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{dotted}.", origins, source)
+        else:
+            kwargs[name] = _convert(value, tp, dotted, origins.get(dotted, source))
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+
+def _merge_into(target: dict, new: Mapping, source: str, origins: dict[str, str], prefix: str = "") -> None:
+    """Deep-merge ``new`` into ``target`` (mappings key by key) and record ``source`` for every key it sets."""
+    for key, value in new.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: keys must be strings, got {_describe(key)} under '{prefix.rstrip('.')}'")
+        dotted = prefix + key
+        origins[dotted] = source
+        if isinstance(value, Mapping):
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            _merge_into(target[key], value, source, origins, f"{dotted}.")
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def _load_file(path: Path, origins: dict[str, str], chain: tuple[Path, ...] = ()) -> dict:
+    """Read ``path`` and its ``defaults:`` base files into one raw dict (base first)."""
+    source = str(path)
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise ConfigError(f"{source}: 'defaults' inheritance loops back to this file ({cycle})")
+    if not path.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    data = _read_yaml(path.read_text(encoding="utf-8"), source)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: a config file must be a mapping of sections, got {_describe(data)}")
+    data = dict(data)
+    raw: dict = {}
+    base = data.pop("defaults", None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{source}: 'defaults' must be one file name (relative to this file), got {base!r}")
+        raw = _load_file(path.parent / base, origins, (*chain, resolved))
+    _merge_into(raw, data, source, origins)
+    return raw
+
+
+def _apply_overrides(raw: dict, origins: dict[str, str], overrides: Sequence[str], path: str) -> None:
+    for text in overrides:
+        source = f"{path} (override '{text}')"
+        key, sep, value_text = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{source}: an override must look like key=value, e.g. train.max_steps=10")
+        _check_override_key(key, source)
+        value = _read_yaml(value_text, source)
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _merge_into(raw, nested, source, origins)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (its ``defaults:`` base first), apply ``key=value`` overrides, validate, return it."""
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a sequence of 'key=value' strings, not one string")
+    origins: dict[str, str] = {}
+    raw = _load_file(Path(path), origins)
+    _apply_overrides(raw, origins, overrides, str(path))
+    return _finish(raw, origins, str(path))
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Build and validate a Config from nested mappings (same rules as a YAML file named ``source``)."""
+    origins: dict[str, str] = {}
+    raw: dict = {}
+    _merge_into(raw, data, source, origins)
+    return _finish(raw, origins, source)
+
+
+def validate_config(config: Config, source: str = "<config>") -> Config:
+    """Validate a Config built in code; returns a checked copy (all keys count as explicitly set)."""
+    return config_from_dict(config_to_dict(config), source)
+
+
+def _finish(raw: dict, origins: Mapping[str, str], source: str) -> Config:
+    config = _build(Config, raw, "", origins, source)
+    if "loss.name" not in origins and config.train.method in METHOD_DEFAULT_LOSS:
+        config.loss.name = METHOD_DEFAULT_LOSS[config.train.method]
+    _validate(config, origins, source)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------- validation
+
+
+class _Checker:
+    def __init__(self, config: Config, origins: Mapping[str, str], source: str) -> None:
+        self.config, self.origins, self.source = config, origins, source
+
+    def value(self, key: str) -> Any:
+        obj: Any = self.config
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def fail(self, key: str, message: str) -> None:
+        raise ConfigError(f"{self.origins.get(key, self.source)}: {message}")
+
+    def one_of(self, key: str, allowed: Sequence[str], *, optional: bool = False) -> None:
+        value = self.value(key)
+        if (value is None and optional) or value in allowed:
+            return
+        close = difflib.get_close_matches(str(value), list(allowed), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        listed = ", ".join(f"'{a}'" for a in allowed) + (" or null" if optional else "")
+        self.fail(key, f"'{key}' must be one of {listed}; got {value!r}{hint}")
+
+    def check(self, key: str, ok: bool, requirement: str) -> None:
+        if not ok:
+            self.fail(key, f"'{key}' must be {requirement}, got {self.value(key)!r}")
+
+
+def _registry() -> Mapping[str, Any] | None:
+    try:
+        from diffalign.losses import LOSSES
+    except ImportError:
+        return None
+    return LOSSES
+
+
+def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
+    c = _Checker(config, origins, source)
+    m, d, lo, lr, o, t = config.model, config.data, config.loss, config.lora, config.optim, config.train
+
+    if not m.pretrained:
+        c.fail("model.pretrained", "'model.pretrained' is empty; set it to a diffusers folder or hub id")
+    c.one_of("model.prediction_type", PREDICTION_TYPES, optional=True)
+
+    if not d.path:
+        c.fail("data.path", "'data.path' is empty; set it to a parquet file/folder or a datasets hub name")
+    c.check("data.split", bool(d.split), "a non-empty split name")
+    c.check("data.caption_column", bool(d.caption_column), "a non-empty column name")
+    c.one_of("data.on_bad_row", ON_BAD_ROW)
+    c.check("data.resolution", d.resolution >= 1, ">= 1")
+    c.check("data.proportion_empty_prompts", 0.0 <= d.proportion_empty_prompts < 1.0, "in [0, 1)")
+    c.check("data.max_samples", d.max_samples is None or d.max_samples >= 1, ">= 1 or null")
+    c.check("data.num_workers", d.num_workers >= 0, ">= 0")
+    if d.random_crop and d.cache_dir is not None:
+        c.fail(
+            "data.random_crop",
+            "random_crop is not supported with the cache; set data.random_crop=false or data.cache_dir=null",
+        )
+
+    c.check("loss.beta", lo.beta > 0, "> 0")
+    c.check("lora.rank", lr.rank >= 1, ">= 1")
+    c.check("lora.alpha", lr.alpha is None or lr.alpha > 0, "> 0 or null (= rank)")
+    c.check("lora.target_modules", bool(lr.target_modules) or not lr.enabled, "a non-empty list when LoRA is enabled")
+    c.check("lora.init", bool(lr.init), "a non-empty peft init_lora_weights name")
+
+    c.one_of("optim.optimizer", OPTIMIZERS)
+    c.check("optim.lr", o.lr > 0, "> 0")
+    c.check("optim.weight_decay", o.weight_decay >= 0, ">= 0")
+    c.check("optim.adam_beta1", 0 <= o.adam_beta1 < 1, "in [0, 1)")
+    c.check("optim.adam_beta2", 0 <= o.adam_beta2 < 1, "in [0, 1)")
+    c.check("optim.adam_epsilon", o.adam_epsilon > 0, "> 0")
+    c.one_of("optim.lr_scheduler", LR_SCHEDULERS)
+    c.check("optim.warmup_steps", o.warmup_steps >= 0, ">= 0")
+    if o.lr_scheduler == "constant" and o.warmup_steps > 0:
+        c.fail(
+            "optim.warmup_steps",
+            f"'optim.warmup_steps' is {o.warmup_steps} but lr_scheduler 'constant' ignores warm-up; "
+            "use optim.lr_scheduler=constant_with_warmup or optim.warmup_steps=0",
+        )
+    c.check("optim.max_grad_norm", o.max_grad_norm > 0, "> 0")
+
+    c.one_of("train.method", METHODS)
+    c.check("train.output_dir", bool(t.output_dir), "a non-empty path")
+    c.check("train.max_steps", t.max_steps >= 1, ">= 1")
+    c.check("train.train_batch_size", t.train_batch_size >= 1, ">= 1")
+    c.check("train.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, ">= 1")
+    c.one_of("train.mixed_precision", MIXED_PRECISION)
+    c.one_of("train.reference", REFERENCE_MODES)
+    c.check("train.ema_decay", 0 < t.ema_decay < 1, "in (0, 1)")
+    c.check("train.checkpointing_steps", t.checkpointing_steps >= 1, ">= 1")
+    c.check(
+        "train.checkpoints_total_limit",
+        t.checkpoints_total_limit is None or t.checkpoints_total_limit >= 1,
+        ">= 1 or null",
+    )
+    c.check("train.resume_from_checkpoint", t.resume_from_checkpoint != "", "'latest', a checkpoint path or null")
+    c.check("train.log_every", t.log_every >= 1, ">= 1")
+    c.check("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, ">= 1")
+
+    _validate_method_and_loss(c)
+
+
+def _validate_method_and_loss(c: _Checker) -> None:
+    config = c.config
+    method, loss = config.train.method, config.loss
+    registry = _registry()
+    if registry is not None and loss.name not in registry:
+        c.one_of("loss.name", sorted(registry))
+    if method in ("dpo", "dcpo"):
+        allowed = PAIRED_REFERENCE_LOSSES
+        if registry is not None:
+            allowed = tuple(
+                sorted(
+                    name
+                    for name, fn in registry.items()
+                    if getattr(fn, "needs_reference", False) and getattr(fn, "kind", None) == "paired"
+                )
+            )
+    else:
+        allowed = (METHOD_DEFAULT_LOSS[method],)
+    if loss.name not in allowed:
+        key = "loss.name" if "loss.name" in c.origins else "train.method"
+        listed = ", ".join(f"'{a}'" for a in allowed)
+        c.fail(key, f"train.method '{method}' needs loss.name in {listed}, got '{loss.name}' (or leave loss.name out)")
+    if loss.name not in _BETA_DEFAULT_OK and "loss.beta" not in c.origins:
+        hint = " (MaPO's authors use 0.1)" if loss.name == "mapo" else ""
+        c.fail(
+            "loss.name",
+            f"loss '{loss.name}' needs an explicit 'loss.beta'{hint}; the default {LossConfig.beta} is "
+            "Diffusion-DPO's and would apply silently",
+        )
+    if registry is not None and loss.name in registry:
+        _validate_loss_params(c, registry[loss.name])
+    if method == "dcpo" and not config.data.dual_captions:
+        c.fail(
+            "data.dual_captions",
+            "train.method 'dcpo' conditions each image on its own caption: set data.dual_captions=true and give "
+            "the data caption_0/caption_1 columns",
+        )
+
+
+def _loss_hyperparameters(fn: Any) -> dict[str, bool]:
+    """Keyword hyper-parameters of a loss function -> whether each is required.
+
+    Tensor inputs (annotation mentions ``Tensor`` and no scalar type, e.g. ``policy_chosen_logps``,
+    ``chosen_lengths``) and ``beta`` (it has its own key) are not hyper-parameters.
+    """
+    import inspect
+
+    out = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        note = "" if p.annotation is inspect.Parameter.empty else str(p.annotation)
+        tensor_only = "Tensor" in note and not re.search(r"\b(float|int|bool)\b", note)
+        if name != "beta" and not tensor_only and p.kind is not inspect.Parameter.VAR_KEYWORD:
+            out[name] = p.default is inspect.Parameter.empty
+    return out
+
+
+def _validate_loss_params(c: _Checker, fn: Any) -> None:
+    """``loss.params`` must name the loss function's hyper-parameters and give the required ones."""
+    hyper = _loss_hyperparameters(fn)
+    name = c.config.loss.name
+    for param in c.config.loss.params:
+        key = f"loss.params.{param}"
+        if param == "beta":
+            c.fail(key, f"set 'loss.beta' instead of '{key}'")
+        if param not in hyper:
+            close = difflib.get_close_matches(param, list(hyper), n=1)
+            hint = f"did you mean 'loss.params.{close[0]}'?" if close else f"valid: {', '.join(hyper) or 'none'}"
+            c.fail(key, f"unknown key '{key}': not a hyper-parameter of loss '{name}'; {hint}")
+    for param, required in hyper.items():
+        if required and param not in c.config.loss.params:
+            c.fail("loss.name", f"loss '{name}' needs 'loss.params.{param}' (e.g. loss.params.{param}=1.0)")
+
+
+# ------------------------------------------------------------------------------------------------ saving and CLI
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested dict (lists and dicts copied) of a Config, in schema order."""
+    return asdict(config)
+
+
+def config_to_yaml(config: Config) -> str:
+    """The config as YAML text that :func:`load_config` reads back to an equal Config."""
+    return yaml.dump(config_to_dict(config), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically: temp file then rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(config_to_yaml(config))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train on preference pairs from a YAML config.",
+        epilog="Overrides: dotted key=value pairs read as YAML, e.g. train.max_steps=10 lora.enabled=false "
+        "loss.params.alpha=1.0 train.report_to=[tensorboard] model.revision=null",
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML config file")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, applied after the file")
+    return parser
+
+
+def parse_cli(argv: Sequence[str] | None = None) -> Config:
+    """``--config FILE [key=value ...] [--print-config]`` -> Config; with --print-config print it and exit 0."""
+    args = build_arg_parser().parse_intermixed_args(None if argv is None else list(argv))
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        sys.stdout.write(config_to_yaml(config))
+        sys.stdout.flush()
+        raise SystemExit(0)
+    return config

@@ -1,0 +1,414 @@
+"""Read, validate and orient Pick-a-Pic-layout preference pairs.
+
+Layout (Pick-a-Pic v2, ``yuvalkirstain/pickapic_v2``): ``jpg_0, jpg_1`` image bytes (or ``{"bytes", "path"}``
+structs, as ``datasets.Image`` stores them), ``label_0, label_1`` floats with ``label_0 + label_1 = 1``
+(1/0: image 0 preferred, 0/1: image 1 preferred, 0.5/0.5: tie), ``caption``; for DCPO also ``caption_0, caption_1``
+(each image's own caption; research/offline_diffusion.md §4, §6).
+
+Rules, as in the original Diffusion-DPO script (§2.1):
+
+* ties (``label_0 == 0.5``) are dropped unless ``keep_ties=True``; a kept tie has ``jpg_0`` as its winner, as in the
+  diffusers copies of the script;
+* orientation: the winner comes first, i.e. the pair (and, in dual-caption mode, its two captions) is swapped when
+  ``label_0 == 0``.
+
+Every row is validated once, at load time (labels, caption, image bytes via ``PIL.Image.verify``), so a bad row is
+reported before training starts; images are decoded only when a sample is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("jpg_0", "jpg_1")
+LABEL_COLUMNS = ("label_0", "label_1")
+DUAL_CAPTION_COLUMNS = ("caption_0", "caption_1")
+VALID_LABELS = (0.0, 0.5, 1.0)
+KNOWN_SPLITS = ("train", "validation", "valid", "val", "dev", "test", "validation_unique", "test_unique")
+_READ_BATCH_ROWS = 256
+_HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+class PreferenceDataError(ValueError):
+    """Base class of the data errors below."""
+
+
+class BadRowError(PreferenceDataError):
+    """A row failed validation (message ``"{file}: row {i}: {reason}"``)."""
+
+
+class MissingColumnError(PreferenceDataError):
+    """A source lacks a required column."""
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One kept pair, winner first.
+
+    ``original_index`` counts rows over the whole source (all files in sorted order); ``file`` and ``row`` locate
+    the row as a user would open it (``row`` is 0-based within ``file``).
+    """
+
+    image_chosen: bytes
+    image_rejected: bytes
+    prompt_chosen: str
+    prompt_rejected: str
+    caption: str
+    label_0: float
+    swapped: bool
+    original_index: int
+    file: str
+    row: int
+
+    @property
+    def is_tie(self) -> bool:
+        return self.label_0 == 0.5
+
+
+@dataclass
+class PreferenceTable:
+    """The kept, oriented pairs of one source, with what was dropped and why."""
+
+    records: list[PreferenceRecord]
+    source: str
+    split: str
+    dual_captions: bool
+    num_rows_read: int
+    num_ties_dropped: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    source_fingerprint: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> PreferenceRecord:
+        return self.records[i]
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable hash of the source (file names, sizes, mtimes; or hub name, split and the ``datasets``
+        fingerprint) and of the loading options: a cache key component."""
+        blob = json.dumps({"source": self.source_fingerprint, "options": self.options}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def decode_pair(self, i: int) -> tuple[Image.Image, Image.Image]:
+        """The (winner, loser) images of pair ``i`` as RGB PIL images."""
+        rec = self.records[i]
+        return _decode_rgb(rec.image_chosen, rec, "chosen"), _decode_rgb(rec.image_rejected, rec, "rejected")
+
+
+def _decode_rgb(data: bytes, rec: PreferenceRecord, side: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise BadRowError(
+            f"{rec.file}: row {rec.row}: the {side} image passed verification at load time but does not decode "
+            f"({err}); re-encode or drop this row"
+        ) from err
+
+
+# -- sources ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    """One file (or hub split) of a source: its display name, its columns and an iterator over row batches."""
+
+    name: str
+    columns: list[str]
+    batches: Callable[[Sequence[str]], Iterator[list[dict[str, Any]]]]
+    fingerprint: Any
+
+
+def _belongs_to_split(rel: Path, split: str) -> bool:
+    stem = rel.name[: -len(".parquet")]
+    return stem == split or stem.startswith(split + "-") or split in rel.parts[:-1]
+
+
+def resolve_parquet_files(folder: Path, split: str) -> list[Path]:
+    """The parquet files of ``split`` under ``folder``, sorted by relative path.
+
+    A file belongs to a split when its name is ``{split}.parquet`` or starts with ``{split}-`` (hub shards such as
+    ``train-00000-of-00645.parquet``) or when a folder on its path is named ``{split}``. If no file names any known
+    split, every parquet file is used.
+    """
+    files = sorted(
+        (p for p in folder.rglob("*.parquet") if not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .parquet files in this folder; point data.path at Pick-a-Pic parquet")
+    rel = [p.relative_to(folder) for p in files]
+    chosen = [p for p, r in zip(files, rel, strict=True) if _belongs_to_split(r, split)]
+    if chosen:
+        return chosen
+    named = sorted({s for r in rel for s in KNOWN_SPLITS if _belongs_to_split(r, s)})
+    if named:
+        raise FileNotFoundError(
+            f"{folder}: no parquet files for split '{split}' (files are named for splits {named}); "
+            f"set data.split to one of them"
+        )
+    return files
+
+
+def _parquet_part(path: Path) -> _Part:
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise PreferenceDataError(f"{path}: not a readable parquet file ({err})") from err
+    stat = path.stat()
+
+    def batches(columns: Sequence[str]) -> Iterator[list[dict]]:
+        for batch in pf.iter_batches(batch_size=_READ_BATCH_ROWS, columns=list(columns)):
+            yield batch.to_pylist()
+
+    return _Part(str(path), list(pf.schema_arrow.names), batches, [str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+
+
+def _hub_part(name: str, split: str) -> _Part:
+    import datasets  # imported only when a hub name is given: the hub is contacted only then
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as err:
+        raise FileNotFoundError(
+            f"'{name}' is not an existing local path, and datasets.load_dataset('{name}', split='{split}') failed: "
+            f"{err}"
+        ) from err
+
+    def batches(columns: Sequence[str]) -> Iterator[list[dict]]:
+        for table in ds.select_columns(list(columns)).with_format("arrow").iter(batch_size=_READ_BATCH_ROWS):
+            yield table.to_pylist()
+
+    return _Part(f"{name}[{split}]", list(ds.column_names), batches, [name, split, getattr(ds, "_fingerprint", None)])
+
+
+def _open_source(source: str, split: str) -> list[_Part]:
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [_parquet_part(path)]
+    if path.is_dir():
+        return [_parquet_part(p) for p in resolve_parquet_files(path, split)]
+    if source.endswith(".parquet") or source.startswith(("/", ".", "~")) or not _HUB_NAME.match(source):
+        raise FileNotFoundError(f"{source}: no such file or folder (expected a parquet file or a folder of them)")
+    return [_hub_part(source, split)]
+
+
+# -- validation ------------------------------------------------------------------------------------------------------
+
+
+def _image_bytes(value: Any, column: str) -> tuple[bytes | None, str | None]:
+    """Bytes of an image cell (raw bytes or a ``{"bytes", "path"}`` struct), or ``(None, skip reason)``."""
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        if data is None and value.get("path"):
+            try:
+                data = Path(value["path"]).read_bytes()
+            except OSError:
+                return None, f"unreadable {column} path"
+        value = data
+    if value is None or len(value) == 0:
+        return None, f"missing {column}"
+    if not isinstance(value, bytes | bytearray):
+        return None, f"{column} is not image bytes"
+    try:
+        with Image.open(io.BytesIO(value)) as img:
+            img.verify()
+    except Exception:  # PIL raises many types for corrupt data
+        return None, f"undecodable {column}"
+    return bytes(value), None
+
+
+def _label_problem(label_0: Any, label_1: Any) -> str | None:
+    for name, value in zip(LABEL_COLUMNS, (label_0, label_1), strict=True):
+        if value is None:
+            return f"{name} is null"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{name} is not a number"
+        if float(value) not in VALID_LABELS:
+            return f"{name}={float(value):g}"
+    if float(label_0) + float(label_1) != 1.0:
+        return f"label_0+label_1={float(label_0) + float(label_1):g}"
+    return None
+
+
+def _caption_problem(value: Any, column: str) -> str | None:
+    if not isinstance(value, str):
+        return f"{column} is not a string"
+    if not value.strip():
+        return f"empty {column}"
+    return None
+
+
+# -- loading ---------------------------------------------------------------------------------------------------------
+
+
+def load_preference_table(
+    source: str,
+    *,
+    split: str = "train",
+    keep_ties: bool = False,
+    on_bad_row: Literal["error", "skip"] = "error",
+    caption_column: str = "caption",
+    dual_captions: bool = False,
+    max_samples: int | None = None,
+) -> PreferenceTable:
+    """Load preference pairs from a parquet file, a folder of parquet files, or a ``datasets`` hub name.
+
+    Args:
+        source: a ``.parquet`` file; a folder of them (see :func:`resolve_parquet_files` for how ``split`` picks
+            files); or a hub name, loaded with ``datasets.load_dataset(source, split=split)`` — only then is the
+            hub contacted.
+        keep_ties: keep ``label_0 == 0.5`` rows (``jpg_0`` becomes the winner); dropped and counted otherwise.
+        on_bad_row: ``"error"`` raises :class:`BadRowError` ``"{file}: row {i}: {reason}"`` on the first bad row;
+            ``"skip"`` drops bad rows, counts them by reason in ``table.skipped`` and logs one summary line.
+        caption_column: the shared prompt column (required unless ``dual_captions``).
+        dual_captions: DCPO mode: ``caption_0, caption_1`` are required and become ``prompt_chosen`` /
+            ``prompt_rejected`` (swapped with the images).
+        max_samples: stop after this many kept pairs (the first ones in source order).
+
+    A row is bad when an image is missing or does not pass ``PIL.Image.verify``, a label is not in {0, 0.5, 1} or
+    ``label_0 + label_1 != 1``, or a used caption is empty or blank. Ties are recognised before the caption and
+    image checks, so a dropped tie is never reported as bad.
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row={on_bad_row!r}: use 'error' or 'skip'")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples={max_samples}: must be a positive number of pairs, or None for all")
+    parts = _open_source(source, split)
+    caption_cols = DUAL_CAPTION_COLUMNS if dual_captions else (caption_column,)
+    required = (*IMAGE_COLUMNS, *LABEL_COLUMNS, *caption_cols)
+    for part in parts:
+        missing = [c for c in required if c not in part.columns]
+        if missing:
+            raise MissingColumnError(
+                f"{part.name}: missing column(s) {missing}; columns present: {part.columns}"
+                + ("" if dual_captions else "; set data.caption_column if the captions have another name")
+            )
+
+    records: list[PreferenceRecord] = []
+    skipped: Counter[str] = Counter()
+    ties = 0
+    rows_read = 0
+    for part, row, global_row, values in _iter_rows(parts, required, caption_column if dual_captions else None):
+        rows_read += 1
+        rec, reason, is_tie = _check_row(values, part.name, row, global_row, caption_column, dual_captions)
+        if is_tie and not keep_ties:
+            ties += 1
+        elif reason is not None:
+            if on_bad_row == "error":
+                raise BadRowError(
+                    f"{part.name}: row {row}: {reason}; fix or remove the row, or set data.on_bad_row=skip"
+                )
+            skipped[reason] += 1
+        else:
+            records.append(rec)
+            if max_samples is not None and len(records) >= max_samples:
+                break
+
+    name = parts[0].name if len(parts) == 1 else f"{source} ({len(parts)} files)"
+    if skipped:
+        detail = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+        logger.warning("skipped %d of %d rows in %s: %s", sum(skipped.values()), rows_read, name, detail)
+    if ties:
+        logger.info(
+            "dropped %d ties (label_0 == 0.5) of %d rows in %s; keep them with keep_ties", ties, rows_read, name
+        )
+    if not records:
+        raise PreferenceDataError(
+            f"{name}: no usable pairs among {rows_read} rows ({ties} ties dropped, {sum(skipped.values())} bad rows "
+            f"skipped); check the data or set keep_ties"
+        )
+    options = {
+        "split": split,
+        "keep_ties": keep_ties,
+        "on_bad_row": on_bad_row,
+        "caption_column": caption_column,
+        "dual_captions": dual_captions,
+        "max_samples": max_samples,
+    }
+    return PreferenceTable(
+        records=records,
+        source=source,
+        split=split,
+        dual_captions=dual_captions,
+        num_rows_read=rows_read,
+        num_ties_dropped=ties,
+        skipped=dict(skipped),
+        source_fingerprint=json.dumps([p.fingerprint for p in parts]),
+        options=options,
+    )
+
+
+def _iter_rows(
+    parts: Sequence[_Part], required: Sequence[str], optional_caption: str | None
+) -> Iterator[tuple[_Part, int, int, dict[str, Any]]]:
+    """Yield ``(part, row within part, row within source, values)`` for every row, reading only needed columns."""
+    global_row = 0
+    for part in parts:
+        columns = list(required)
+        if optional_caption is not None and optional_caption in part.columns:
+            columns.append(optional_caption)
+        row = 0
+        for batch in part.batches(columns):
+            for values in batch:
+                yield part, row, global_row, values
+                row += 1
+                global_row += 1
+
+
+def _check_row(
+    values: dict[str, Any], file: str, row: int, global_row: int, caption_column: str, dual: bool
+) -> tuple[PreferenceRecord | None, str | None, bool]:
+    """Validate one row: ``(record, None, is_tie)`` if good, ``(None, reason, is_tie)`` if bad."""
+    label_0, label_1 = values["label_0"], values["label_1"]
+    problem = _label_problem(label_0, label_1)
+    if problem is not None:
+        return None, problem, False
+    is_tie = float(label_0) == 0.5
+    caption_cols = DUAL_CAPTION_COLUMNS if dual else (caption_column,)
+    for col in caption_cols:
+        problem = _caption_problem(values[col], col)
+        if problem is not None:
+            return None, problem, is_tie
+    images = []
+    for col in IMAGE_COLUMNS:
+        data, problem = _image_bytes(values[col], col)
+        if problem is not None:
+            return None, problem, is_tie
+        images.append(data)
+    swap = float(label_0) == 0.0
+    captions = [values[c] for c in DUAL_CAPTION_COLUMNS] if dual else [values[caption_column]] * 2
+    if swap:
+        images.reverse()
+        captions.reverse()
+    caption = values.get(caption_column) if dual else values[caption_column]
+    rec = PreferenceRecord(
+        image_chosen=images[0],
+        image_rejected=images[1],
+        prompt_chosen=captions[0],
+        prompt_rejected=captions[1],
+        caption=caption if isinstance(caption, str) else captions[0],
+        label_0=float(label_0),
+        swapped=swap,
+        original_index=global_row,
+        file=file,
+        row=row,
+    )
+    return rec, None, is_tie

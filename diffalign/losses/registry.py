@@ -1,0 +1,59 @@
+"""Name → loss function registry (``LOSSES``), filled by the :func:`register` decorator."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Literal, TypeVar
+
+from diffalign.losses.types import LossOutput
+
+LossKind = Literal["paired", "unpaired", "chosen_only"]
+_KINDS: tuple[str, ...] = ("paired", "unpaired", "chosen_only")
+
+LossFn = Callable[..., LossOutput]
+F = TypeVar("F", bound=LossFn)
+
+LOSSES: dict[str, LossFn] = {}
+
+
+class UnknownLossError(KeyError, ValueError):
+    """Raised by :func:`get_loss` for a name that is not registered (catchable as ``KeyError`` or ``ValueError``)."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+def register(name: str, *, needs_reference: bool, kind: LossKind) -> Callable[[F], F]:
+    """Register a loss under ``name`` and tag it with ``loss_name``, ``needs_reference`` and ``kind``.
+
+    ``kind`` tells a trainer which inputs to build: ``"paired"`` (chosen and rejected log-likelihoods per pair),
+    ``"unpaired"`` (one log-likelihood and a binary label per sample) or ``"chosen_only"`` (chosen side only).
+    ``needs_reference`` says whether the trainer must supply reference-model log-likelihoods.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"register({name!r}): kind must be one of {_KINDS}, got {kind!r}.")
+
+    def decorator(fn: F) -> F:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is registered twice ({LOSSES[name].__module__} and {fn.__module__}).")
+        fn.loss_name = name  # type: ignore[attr-defined]
+        fn.needs_reference = needs_reference  # type: ignore[attr-defined]
+        fn.kind = kind  # type: ignore[attr-defined]
+        LOSSES[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_loss(name: str) -> LossFn:
+    """Return the loss registered as ``name``; unknown names raise :class:`UnknownLossError` naming the closest."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        valid = sorted(LOSSES)
+        close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.0)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownLossError(
+            f"unknown loss {name!r} (check loss.name in your config).{hint} Valid names: {', '.join(valid)}."
+        ) from None

@@ -1,0 +1,457 @@
+"""Backbone adapters: a diffusion model and a batch in, per-sample denoising tensors out.
+
+Every offline preference objective for diffusion models (Diffusion-DPO, MaPO, DCPO, Diffusion-KTO, SFT) consumes the
+same quantity, the per-sample denoising error at one noise draw and one timestep (research/offline_diffusion.md §1):
+
+    x_t  = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε                       (DDPMScheduler.add_noise)
+    L(x) = mean_{c,h,w} (f_θ(x_t, t, c) − target)²               (fp32, whatever the model dtype)
+    target = ε (epsilon models) or v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x0 (v-prediction)
+    logp = −0.5 · L                                               (the project's log-likelihood surrogate)
+
+:class:`DiffusionAdapter` holds the backbone-independent parts (addressable noise and timesteps, the fp32 MSE, the
+paired 2B forward, the reference context); a subclass per backbone family supplies prompt/image encoding, the noising
+rule, the target and one denoiser call. :class:`SDAdapter` covers SD 1.x/2.x (``UNet2DConditionModel`` +
+``DDPMScheduler``), in latent space with an ``AutoencoderKL`` or directly in pixel space without one.
+
+The reference model is either a frozen copy (``reference_denoiser``, full fine-tuning) or, when that is ``None``, the
+same network with its LoRA adapters disabled — as diffusers' ``train_diffusion_dpo.py`` does.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor
+
+from diffalign.utils.randomness import NOISE, TIMESTEP, per_sample_normal, per_sample_randint
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under accelerate / DDP / ``torch.compile`` wrappers."""
+    return extract_model_from_parallel(model)
+
+
+def _lora_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in unwrap(model).modules() if isinstance(m, BaseTunerLayer)]
+
+
+class DiffusionAdapter(ABC):
+    """Backbone-independent surface shared by the SD, SDXL and SD3 adapters.
+
+    Attributes:
+        denoiser: the trained network. A trainer may replace it with an accelerate-wrapped one; the adapter always
+            calls it as given and unwraps it only to toggle LoRA adapters or read its device/dtype.
+        reference_denoiser: a frozen copy for full fine-tuning, or ``None``, in which case the reference is the
+            denoiser with its LoRA adapters disabled.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, *, reference_denoiser: torch.nn.Module | None = None) -> None:
+        self.denoiser = denoiser
+        self.reference_denoiser = reference_denoiser
+        self._reference_depth = 0
+
+    # ----- backbone-specific parts -----
+
+    @property
+    @abstractmethod
+    def num_train_timesteps(self) -> int:
+        """Number T of discrete training timesteps; timesteps are drawn from {0, ..., T-1}."""
+
+    @property
+    @abstractmethod
+    def prediction_type(self) -> str:
+        """What the denoiser predicts, e.g. ``"epsilon"`` or ``"v_prediction"``."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Text conditioning for ``prompts``, every tensor with first dimension ``len(prompts)``; no grad."""
+
+    @abstractmethod
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """Map pixels in [-1, 1], shape (N, 3, H, W), to the denoiser's input space ``x0``; no grad."""
+
+    @abstractmethod
+    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The forward process sample ``x_t`` for clean ``x0``, noise ``ε`` and per-sample ``timesteps``."""
+
+    @abstractmethod
+    def target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The regression target of the denoiser at ``x_t = add_noise(x0, noise, timesteps)``."""
+
+    @abstractmethod
+    def _denoise(self, model: torch.nn.Module, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """One forward of ``model`` (the denoiser or the reference copy)."""
+
+    # ----- shared parts -----
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the denoiser's parameters."""
+        return next(unwrap(self.denoiser).parameters()).device
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether :meth:`reference_mode` can work: a frozen copy is set or the denoiser carries LoRA adapters."""
+        return self.reference_denoiser is not None or bool(_lora_layers(self.denoiser))
+
+    def sample_timesteps(
+        self, seed: int, epoch: int, indices: Sequence[int], *, device: torch.device | str | None = None
+    ) -> Tensor:
+        """Uniform integer timesteps t ~ U{0, ..., T-1}, one per sample index, from its own TIMESTEP-stream generator.
+
+        The draw for an index depends only on (seed, epoch, index), so it does not change with batching, the number
+        of processes or resumption. Returns int64 of shape (len(indices),) on ``device`` (default: the denoiser's).
+        """
+        timesteps = per_sample_randint(self.num_train_timesteps, seed, epoch, indices, TIMESTEP)
+        return timesteps.to(self.device if device is None else device)
+
+    def sample_noise(
+        self,
+        shape_per_sample: Sequence[int],
+        seed: int,
+        epoch: int,
+        indices: Sequence[int],
+        *,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Standard normal noise of shape (len(indices), *shape_per_sample), float32, from NOISE-stream generators."""
+        noise = per_sample_normal(tuple(shape_per_sample), seed, epoch, indices, NOISE)
+        return noise.to(self.device if device is None else device)
+
+    def _active_denoiser(self) -> torch.nn.Module:
+        if self._reference_depth > 0 and self.reference_denoiser is not None:
+            return self.reference_denoiser
+        return self.denoiser
+
+    def predict(self, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor], *, reference: bool = False) -> Tensor:
+        """The denoiser's output at ``x_t`` (in the model's dtype).
+
+        ``reference=True`` runs the reference (frozen copy, or LoRA adapters disabled) under ``torch.no_grad()``.
+        Inside :meth:`reference_mode`, every call uses the reference.
+        """
+        if reference:
+            with self.reference_mode(), torch.no_grad():
+                return self._denoise(self._active_denoiser(), x_t, timesteps, cond)
+        return self._denoise(self._active_denoiser(), x_t, timesteps, cond)
+
+    def per_sample_mse(
+        self, x0: Tensor, noise: Tensor, timesteps: Tensor, cond: dict[str, Tensor], *, reference: bool = False
+    ) -> Tensor:
+        """L_i = mean_{c,h,w} (f(x_t, t, c) − target)², computed in float32; shape (N,).
+
+        Prediction and target are both cast to float32 before the difference, as diffusers' DPO scripts do (the
+        original Diffusion-DPO script takes the reference MSE in fp16, which quantises it; see research §2.1).
+        """
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} must equal x0 shape {tuple(x0.shape)}")
+        if timesteps.shape != (x0.shape[0],):
+            raise ValueError(
+                f"timesteps must have shape ({x0.shape[0]},), one per sample; got {tuple(timesteps.shape)}"
+            )
+        x_t = self.add_noise(x0, noise, timesteps)
+        target = self.target(x0, noise, timesteps)
+        pred = self.predict(x_t, timesteps, cond, reference=reference)
+        return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+
+    def denoising_logp(
+        self, x0: Tensor, noise: Tensor, timesteps: Tensor, cond: dict[str, Tensor], *, reference: bool = False
+    ) -> Tensor:
+        """Log-likelihood surrogate logp_i = −0.5 · L_i (see :meth:`per_sample_mse`); shape (N,), float32."""
+        return -0.5 * self.per_sample_mse(x0, noise, timesteps, cond, reference=reference)
+
+    def pair_mse(
+        self,
+        x0_chosen: Tensor,
+        x0_rejected: Tensor,
+        cond_chosen: dict[str, Tensor],
+        cond_rejected: dict[str, Tensor] | None,
+        noise: Tensor,
+        timesteps: Tensor,
+        *,
+        reference: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample MSEs (L^w, L^l), each (B,), from ONE denoiser forward of 2B rows.
+
+        Rows 0..B-1 are the winners and rows B..2B-1 the losers; the pair shares ``noise`` (B, ...) and
+        ``timesteps`` (B,), which are repeated for the second half (research §1). ``cond_rejected=None`` conditions the
+        losers on ``cond_chosen`` (one prompt per pair); DCPO passes each image's own caption.
+        """
+        if x0_chosen.shape != x0_rejected.shape:
+            raise ValueError(
+                f"x0_chosen {tuple(x0_chosen.shape)} and x0_rejected {tuple(x0_rejected.shape)} must have one shape"
+            )
+        if noise.shape != x0_chosen.shape:
+            raise ValueError(
+                f"noise must be shared by the pair, shape {tuple(x0_chosen.shape)} (one draw per pair); "
+                f"got {tuple(noise.shape)}"
+            )
+        batch = x0_chosen.shape[0]
+        if timesteps.shape != (batch,):
+            raise ValueError(f"timesteps must have shape ({batch},), one per pair; got {tuple(timesteps.shape)}")
+        if cond_rejected is None:
+            cond_rejected = cond_chosen
+        if set(cond_chosen) != set(cond_rejected):
+            raise ValueError(
+                f"cond_chosen keys {sorted(cond_chosen)} differ from cond_rejected keys {sorted(cond_rejected)}"
+            )
+        cond = {key: torch.cat([cond_chosen[key], cond_rejected[key]]) for key in cond_chosen}
+        mse = self.per_sample_mse(
+            torch.cat([x0_chosen, x0_rejected]),
+            torch.cat([noise, noise]),
+            torch.cat([timesteps, timesteps]),
+            cond,
+            reference=reference,
+        )
+        return mse[:batch], mse[batch:]
+
+    def pair_logps(
+        self,
+        x0_chosen: Tensor,
+        x0_rejected: Tensor,
+        cond_chosen: dict[str, Tensor],
+        cond_rejected: dict[str, Tensor] | None,
+        noise: Tensor,
+        timesteps: Tensor,
+        *,
+        reference: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """(logp_chosen, logp_rejected) = −0.5 · :meth:`pair_mse`; one forward of 2B, each output (B,), float32."""
+        mse_chosen, mse_rejected = self.pair_mse(
+            x0_chosen, x0_rejected, cond_chosen, cond_rejected, noise, timesteps, reference=reference
+        )
+        return -0.5 * mse_chosen, -0.5 * mse_rejected
+
+    @contextmanager
+    def reference_mode(self) -> Iterator[None]:
+        """Within the block, :meth:`predict` evaluates the reference model.
+
+        Full fine-tuning (``reference_denoiser`` set): calls are routed to the frozen copy. LoRA: every peft LoRA
+        layer of the unwrapped denoiser is disabled, and on exit each layer's enabled state and each adapter
+        parameter's ``requires_grad`` are restored as they were (peft's re-enable would otherwise mark them trainable).
+        Nesting is allowed. No grad is switched off here; :meth:`predict` with ``reference=True`` does that.
+        """
+        if self.reference_denoiser is not None:
+            self._reference_depth += 1
+            try:
+                yield
+            finally:
+                self._reference_depth -= 1
+            return
+        layers = _lora_layers(self.denoiser)
+        if not layers:
+            raise RuntimeError(
+                "no reference model: the denoiser has no LoRA adapters and reference_denoiser is None; "
+                "add LoRA (diffalign.models.lora.add_lora) or set a frozen copy (adapter.freeze_reference_copy())"
+            )
+        if any(layer.merged for layer in layers):
+            raise RuntimeError("LoRA weights are merged into the base weights; unmerge them before reference_mode")
+        was_enabled = [layer for layer in layers if not layer.disable_adapters]
+        grad_flags = [(p, p.requires_grad) for layer in was_enabled for p in _adapter_parameters(layer)]
+        for layer in was_enabled:
+            layer.enable_adapters(False)
+        self._reference_depth += 1
+        try:
+            yield
+        finally:
+            self._reference_depth -= 1
+            for layer in was_enabled:
+                layer.enable_adapters(True)
+            for param, flag in grad_flags:
+                param.requires_grad_(flag)
+
+    def freeze_reference_copy(self) -> torch.nn.Module:
+        """Set ``reference_denoiser`` to a frozen deep copy of the (unwrapped) denoiser, in eval mode; return it."""
+        reference = copy.deepcopy(unwrap(self.denoiser))
+        reference.requires_grad_(False)
+        reference.eval()
+        self.reference_denoiser = reference
+        return reference
+
+
+def _adapter_parameters(layer: BaseTunerLayer) -> Iterator[torch.nn.Parameter]:
+    for name in layer.adapter_layer_names:
+        yield from getattr(layer, name).parameters()
+
+
+def _gather_per_sample(values: Tensor, timesteps: Tensor, like: Tensor) -> Tensor:
+    """values[t] on ``like``'s device, reshaped to (N, 1, ..., 1) so that it broadcasts over ``like``."""
+    gathered = values.to(like.device)[timesteps.to(like.device)]
+    return gathered.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class SDAdapter(DiffusionAdapter):
+    """Stable Diffusion 1.x/2.x: ``UNet2DConditionModel`` + ``DDPMScheduler`` (+ ``AutoencoderKL``, CLIP text).
+
+    Without a VAE the model works in pixel space: ``encode_images`` is the identity and latents are the pixels.
+    Text conditioning follows the original SD training scripts: ``text_encoder(input_ids)[0]`` (last hidden state,
+    no attention mask), prompts padded to ``tokenizer.model_max_length`` and truncated.
+
+    ``prediction_type`` (``"epsilon"`` | ``"v_prediction"``) defaults to the scheduler config's; passing it
+    registers the override on the scheduler config, as diffusers' ``--prediction_type`` does. The adapter keeps its own
+    ``DDPMScheduler`` rebuilt from the given scheduler's config (the training scripts always train with DDPM's
+    schedule), so the caller's scheduler object is never modified.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        scheduler: DDPMScheduler,
+        *,
+        vae: AutoencoderKL | None = None,
+        text_encoder: torch.nn.Module | None = None,
+        tokenizer: Any | None = None,
+        reference_denoiser: torch.nn.Module | None = None,
+        prediction_type: str | None = None,
+    ) -> None:
+        super().__init__(unet, reference_denoiser=reference_denoiser)
+        scheduler = DDPMScheduler.from_config(scheduler.config)  # a private copy: the override must not leak out
+        if prediction_type is not None:
+            _check_prediction_type(prediction_type)
+            scheduler.register_to_config(prediction_type=prediction_type)
+        _check_prediction_type(scheduler.config.prediction_type)
+        self.scheduler = scheduler
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        for frozen in (vae, text_encoder):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.prediction_type)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Spatial downsampling of the VAE, 2^(levels − 1); 1 in pixel space."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of ``x0`` for images of ``height`` × ``width`` pixels."""
+        factor = self.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(f"image size {height}x{width} must be divisible by the VAE scale factor {factor}")
+        return int(unwrap(self.denoiser).config.in_channels), height // factor, width // factor
+
+    def to(self, device: torch.device | str) -> SDAdapter:
+        """Move every held module (denoiser, reference, VAE, text encoder) to ``device``; dtypes are kept."""
+        for module in (self.denoiser, self.reference_denoiser, self.vae, self.text_encoder):
+            if module is not None:
+                module.to(device)
+        return self
+
+    def tokenize(self, prompts: list[str]) -> Tensor:
+        """CLIP token ids (N, model_max_length): padding "max_length", truncation, no attention mask."""
+        if self.tokenizer is None:
+            raise RuntimeError("SDAdapter has no tokenizer; pass tokenizer= (or load with load_sd_adapter)")
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
+        return self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    @torch.no_grad()
+    def encode_input_ids(self, input_ids: Tensor) -> dict[str, Tensor]:
+        """``{"encoder_hidden_states": text_encoder(input_ids)[0]}``, shape (N, L, D), in the encoder's dtype."""
+        if self.text_encoder is None:
+            raise RuntimeError("SDAdapter has no text_encoder; pass text_encoder= (or load with load_sd_adapter)")
+        device = next(self.text_encoder.parameters()).device
+        return {"encoder_hidden_states": self.text_encoder(input_ids.to(device))[0]}
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        """``{"encoder_hidden_states": (N, L, D)}`` for ``prompts``; no grad."""
+        return self.encode_input_ids(self.tokenize(prompts))
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """Latents ``z · scaling_factor`` of pixels in [-1, 1] (N, 3, H, W); identity in pixel space.
+
+        With ``generator`` (one, or a list with one per image for addressable draws) ``z`` is a sample of the VAE
+        posterior, as every reference training script does (research §1). With ``generator=None`` ``z`` is the
+        posterior mean: deterministic, suited to a latent cache, but not what the scripts do.
+        Returned in the VAE's dtype on its device.
+        """
+        if pixels.ndim != 4:
+            raise ValueError(f"pixels must have shape (N, C, H, W), got {tuple(pixels.shape)}")
+        if self.vae is None:
+            return pixels
+        param = next(self.vae.parameters())
+        posterior = self.vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+        latents = posterior.mode() if generator is None else posterior.sample(generator)
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents - shift
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Inverse of :meth:`encode_images` (pixels in about [-1, 1]); identity in pixel space."""
+        if self.vae is None:
+            return latents
+        param = next(self.vae.parameters())
+        latents = latents.to(device=param.device, dtype=param.dtype) / self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents + shift
+        return self.vae.decode(latents).sample
+
+    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε in float32, with ᾱ = ``scheduler.alphas_cumprod``.
+
+        Same formula as ``DDPMScheduler.add_noise``, but always evaluated in float32 (that one follows the input dtype).
+        """
+        alpha_bar = _gather_per_sample(self.scheduler.alphas_cumprod.float(), timesteps, x0)
+        return alpha_bar.sqrt() * x0.float() + (1.0 - alpha_bar).sqrt() * noise.float()
+
+    def target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """ε (epsilon models); v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x0 (``DDPMScheduler.get_velocity``, v-prediction)."""
+        if self.prediction_type == "epsilon":
+            return noise.float()
+        alpha_bar = _gather_per_sample(self.scheduler.alphas_cumprod.float(), timesteps, x0)
+        return alpha_bar.sqrt() * noise.float() - (1.0 - alpha_bar).sqrt() * x0.float()
+
+    def _denoise(self, model: torch.nn.Module, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        if "encoder_hidden_states" not in cond:
+            raise KeyError(f"SD conditioning needs 'encoder_hidden_states'; got keys {sorted(cond)}")
+        bare = unwrap(model)
+        param = next(bare.parameters())
+        hidden = cond["encoder_hidden_states"]
+        if hidden.shape[0] != x_t.shape[0]:
+            raise ValueError(
+                f"encoder_hidden_states has {hidden.shape[0]} rows but x_t has {x_t.shape[0]}; one prompt per sample"
+            )
+        return model(
+            x_t.to(device=param.device, dtype=param.dtype),
+            timesteps.to(param.device),
+            encoder_hidden_states=hidden.to(device=param.device, dtype=param.dtype),
+            return_dict=False,
+        )[0]
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type == "sample":
+        raise NotImplementedError(
+            "prediction_type 'sample' (x0-prediction) is not supported; use 'epsilon' or 'v_prediction'"
+        )
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")

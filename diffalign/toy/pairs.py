@@ -1,0 +1,82 @@
+"""Toy preference pairs written in the Pick-a-Pic v2 parquet layout (Kirstain et al., 2023).
+
+Columns: ``jpg_0``, ``jpg_1`` (PNG bytes; Pick-a-Pic's column names, whatever the encoding), ``label_0``,
+``label_1`` (1.0 for the preferred image, 0.0 for the other; no ties), ``caption`` (the prompt), ``caption_0``,
+``caption_1`` (each image's own true description, for DCPO-style dual captions; the loser's perturbed caption is
+left to the DCPO data builder), ``has_label`` and ``are_different`` (always true here).
+
+``kind="colour"`` (the prototype's construction): pair ``i`` takes ``spec = sample_spec(seed, i)``; the winner is
+``spec`` rendered in its own colour, the loser the same spec (shape, position, size, background) in a wrong colour
+drawn uniformly from the others; the prompt is the winner's caption. Which side holds the winner is a fair coin per
+pair. All draws are keyed by ``(seed, i)`` (``diffalign.utils.randomness``), so the first ``n`` pairs do not depend
+on ``n_pairs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from diffalign.toy.world import COLOURS, ShapeSpec, render, sample_spec
+from diffalign.utils.randomness import FLIP, per_sample_randint, per_sample_uniform
+
+PAIR_KINDS: tuple[str, ...] = ("colour",)
+LOSER_COLOUR_STREAM = 20
+
+
+def png_bytes(spec: ShapeSpec) -> bytes:
+    """The rendered spec as PNG bytes."""
+    buffer = io.BytesIO()
+    render(spec).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def colour_pair(seed: int, index: int) -> tuple[ShapeSpec, ShapeSpec]:
+    """(winner, loser) of pair ``index``: the same spec in its right colour and in a wrong one."""
+    winner = sample_spec(seed, index)
+    offset = int(per_sample_randint(len(COLOURS) - 1, seed, 0, [index], LOSER_COLOUR_STREAM)[0]) + 1
+    loser_colour = COLOURS[(COLOURS.index(winner.colour) + offset) % len(COLOURS)]
+    return winner, dataclasses.replace(winner, colour=loser_colour)
+
+
+def make_preference_pairs(path: str | os.PathLike, n_pairs: int, seed: int, kind: str = "colour") -> Path:
+    """Write ``n_pairs`` pairs of ``kind`` to the parquet file ``path`` and return the path."""
+    if kind not in PAIR_KINDS:
+        raise ValueError(f"make_preference_pairs: kind={kind!r} is not one of {PAIR_KINDS}")
+    if n_pairs < 1:
+        raise ValueError(f"make_preference_pairs: n_pairs={n_pairs} must be >= 1")
+    winner_on_1 = (per_sample_uniform(seed, 0, range(n_pairs), FLIP) < 0.5).tolist()
+    names = ("jpg_0", "jpg_1", "label_0", "label_1", "caption", "caption_0", "caption_1")
+    columns: dict[str, list] = {name: [] for name in names}
+    for i in range(n_pairs):
+        winner, loser = colour_pair(seed, i)
+        sides = (loser, winner) if winner_on_1[i] else (winner, loser)
+        columns["jpg_0"].append(png_bytes(sides[0]))
+        columns["jpg_1"].append(png_bytes(sides[1]))
+        columns["label_0"].append(0.0 if winner_on_1[i] else 1.0)
+        columns["label_1"].append(1.0 if winner_on_1[i] else 0.0)
+        columns["caption"].append(winner.caption)
+        columns["caption_0"].append(sides[0].caption)
+        columns["caption_1"].append(sides[1].caption)
+    table = pa.table(
+        {
+            "jpg_0": pa.array(columns["jpg_0"], type=pa.binary()),
+            "jpg_1": pa.array(columns["jpg_1"], type=pa.binary()),
+            "label_0": pa.array(columns["label_0"], type=pa.float64()),
+            "label_1": pa.array(columns["label_1"], type=pa.float64()),
+            "caption": pa.array(columns["caption"], type=pa.string()),
+            "caption_0": pa.array(columns["caption_0"], type=pa.string()),
+            "caption_1": pa.array(columns["caption_1"], type=pa.string()),
+            "has_label": pa.array([True] * n_pairs),
+            "are_different": pa.array([True] * n_pairs),
+        }
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path

@@ -1,0 +1,272 @@
+"""The loop every diffalign trainer shares: accelerate set-up, optimizer and schedule, gradient accumulation,
+clipping, EMA, non-finite guards, atomic checkpoints with exact resume, and per-step metrics.
+
+A method subclasses :class:`Trainer` and supplies only ``build`` (models and data), ``compute_loss`` (one
+micro-batch → loss and metrics) and ``save_final`` (weights in a format diffusers loads back).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, extract_model_from_parallel, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from diffalign.config import Config, config_to_dict, save_config
+from diffalign.trainers.batching import EpochBatches
+from diffalign.trainers.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from diffalign.trainers.metrics import MetricsWriter
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``train.max_nonfinite_steps`` consecutive non-finite losses (a checkpoint is saved first)."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    nonfinite_steps: int
+    seconds: float
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer(ABC):
+    """Shared training loop. Subclasses set ``self.model`` (the module holding trainable parameters),
+    ``self.dataset`` (indexable, with ``set_epoch``) and ``self.collate`` in :meth:`build`."""
+
+    model: torch.nn.Module
+    dataset: Any
+    collate: Any
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        tc = config.train
+        self.output_dir = Path(tc.output_dir)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=tc.gradient_accumulation_steps,
+            mixed_precision=tc.mixed_precision,
+            log_with=tc.report_to or None,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir)),
+        )
+        set_seed(tc.seed)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision, torch.float32
+        )
+        self.ema: EMAModel | None = None
+        self.accelerator.register_save_state_pre_hook(self._save_trainable_only)
+        self.accelerator.register_load_state_pre_hook(self._load_trainable_only)
+
+    # -- what a method provides -------------------------------------------------------------------------------
+    @abstractmethod
+    def build(self) -> None: ...
+
+    @abstractmethod
+    def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return the scalar loss of one local micro-batch and per-sample (or scalar) metric tensors to average."""
+
+    @abstractmethod
+    def save_final(self) -> None: ...
+
+    def after_prepare(self) -> None:  # noqa: B027 - optional hook
+        """Called once ``self.model`` is wrapped by accelerate (DDP, FSDP, ...)."""
+
+    # -- shared machinery ---------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _save_trainable_only(self, models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
+        """Checkpoint only parameters that train (LoRA adapters, or the whole denoiser when fully fine-tuned);
+        frozen weights come back from the base model."""
+        if self.accelerator.is_main_process:
+            for i, model in enumerate(models):
+                params = extract_model_from_parallel(model).named_parameters()
+                state = {n: p.detach().contiguous() for n, p in params if p.requires_grad}
+                save_file(state, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+        weights.clear()
+
+    def _load_trainable_only(self, models: list[torch.nn.Module], input_dir: str) -> None:
+        for i, model in enumerate(models):
+            state = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
+            module = extract_model_from_parallel(model)
+            expected = {n for n, p in module.named_parameters() if p.requires_grad}
+            if set(state) != expected:
+                raise ValueError(
+                    f"{input_dir}: checkpoint parameters do not match the model's trainable parameters "
+                    f"({len(set(state) - expected)} unexpected, {len(expected - set(state))} missing); was it written "
+                    "with different lora settings?"
+                )
+            module.load_state_dict(state, strict=False)
+        models.clear()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        oc, tc = self.config.optim, self.config.train
+        lr = oc.lr
+        if oc.scale_lr:
+            lr *= tc.train_batch_size * tc.gradient_accumulation_steps * self.accelerator.num_processes
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("no trainable parameters: check lora.target_modules or lora.enabled")
+        if oc.optimizer == "adamw":
+            return torch.optim.AdamW(
+                params, lr=lr, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_epsilon, weight_decay=oc.weight_decay
+            )
+        raise ValueError(f"optim.optimizer: {oc.optimizer!r} is not available yet; use 'adamw'")
+
+    def _trainer_state(self, global_step: int, nonfinite: int) -> dict[str, Any]:
+        return {"global_step": global_step, "nonfinite_steps": nonfinite, "config": config_to_dict(self.config)}
+
+    def _micro_batches(self, batches: EpochBatches, start: int):
+        """Yield (epoch, collated local batch) for global micro-batch ``start`` onwards, forever."""
+        k = start
+        while True:
+            epoch, indices = batches.local_indices(k)
+            self.dataset.set_epoch(epoch)
+            yield epoch, self.collate([self.dataset[i] for i in indices])
+            k += 1
+
+    def _reduce_metrics(self, sums: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        out = {}
+        for name, values in sums.items():
+            local = torch.cat([v.detach().float().reshape(-1) for v in values]).to(self.accelerator.device)
+            gathered = self.accelerator.gather_for_metrics(local)
+            out[name] = gathered.mean().item()
+        return out
+
+    def train(self) -> TrainResult:
+        tc = self.config.train
+        acc = self.accelerator
+        started = time.perf_counter()
+        self.build()
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.output_dir / "config.yaml")
+        optimizer = self._build_optimizer()
+        lr_scheduler = get_scheduler(
+            self.config.optim.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=self.config.optim.warmup_steps * acc.num_processes,
+            num_training_steps=tc.max_steps * acc.num_processes,
+        )
+        self.model, optimizer, lr_scheduler = acc.prepare(self.model, optimizer, lr_scheduler)
+        self.after_prepare()
+        if tc.ema:
+            self.ema = EMAModel(self.trainable_parameters(), decay=tc.ema_decay)
+            self.ema.to(acc.device)
+            acc.register_for_checkpointing(self.ema)
+        if tc.report_to and acc.is_main_process:
+            acc.init_trackers("diffalign", config=_flatten(config_to_dict(self.config)))
+
+        batches = EpochBatches(
+            len(self.dataset),
+            tc.train_batch_size,
+            num_processes=acc.num_processes,
+            process_index=acc.process_index,
+            seed=tc.seed,
+        )
+        global_step, nonfinite_total = 0, 0
+        checkpoint = resolve_checkpoint(self.output_dir, tc.resume_from_checkpoint)
+        if checkpoint is not None:
+            state = load_checkpoint(acc, checkpoint)
+            global_step, nonfinite_total = state["global_step"], state["nonfinite_steps"]
+            logger.info("resumed from %s at step %d", checkpoint, global_step)
+        writer = MetricsWriter(acc, self.output_dir, resume_step=global_step if checkpoint else None)
+
+        micro = self._micro_batches(batches, start=global_step * tc.gradient_accumulation_steps)
+        consecutive_bad = 0
+        last: dict[str, float] = {}
+        bar = tqdm(total=tc.max_steps, initial=global_step, disable=not (tc.progress_bar and acc.is_local_main_process))
+        self.model.train()
+        while global_step < tc.max_steps:
+            step_start = time.perf_counter()
+            collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+            bad = False
+            for _ in range(tc.gradient_accumulation_steps):
+                epoch, batch = next(micro)
+                if bad:
+                    continue  # keep the data position; the step is discarded anyway
+                with acc.accumulate(self.model):
+                    loss, metrics = self.compute_loss(batch, epoch)
+                    finite = acc.gather(torch.isfinite(loss.detach()).reshape(1).to(acc.device)).all().item()
+                    if not finite:
+                        bad = True
+                        continue
+                    acc.backward(loss)
+                collected["loss"].append(loss.detach())
+                for name, value in metrics.items():
+                    collected[name].append(value)
+            global_step += 1
+            if bad:
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_total += 1
+                consecutive_bad += 1
+                logger.warning("non-finite loss at step %d: step skipped (%d in a row)", global_step, consecutive_bad)
+                if consecutive_bad >= tc.max_nonfinite_steps:
+                    path = save_checkpoint(
+                        acc, self.output_dir, global_step, self._trainer_state(global_step, nonfinite_total)
+                    )
+                    raise NonFiniteLossError(
+                        f"{consecutive_bad} consecutive non-finite losses (last at step {global_step}); training "
+                        f"stopped, state saved to {path}. Lower optim.lr or loss.beta, or check the data."
+                    )
+            else:
+                consecutive_bad = 0
+                grad_norm = acc.clip_grad_norm_(self.trainable_parameters(), self.config.optim.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.step(self.trainable_parameters())
+                collected["grad_norm"].append(torch.as_tensor(grad_norm).reshape(1))
+            bar.update(1)
+            if global_step % tc.log_every == 0 or global_step == tc.max_steps:
+                last = self._reduce_metrics(collected) if collected else {}
+                last.update(
+                    lr=lr_scheduler.get_last_lr()[0],
+                    step_time_s=time.perf_counter() - step_start,
+                    nonfinite_steps=nonfinite_total,
+                    epoch=epoch,
+                )
+                writer.log(global_step, last)
+                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
+            if global_step % tc.checkpointing_steps == 0 or global_step == tc.max_steps:
+                save_checkpoint(
+                    acc,
+                    self.output_dir,
+                    global_step,
+                    self._trainer_state(global_step, nonfinite_total),
+                    tc.checkpoints_total_limit,
+                )
+        bar.close()
+        acc.wait_for_everyone()
+        if self.ema is not None:
+            self.ema.copy_to(self.trainable_parameters())
+        if acc.is_main_process:
+            self.save_final()
+        acc.wait_for_everyone()
+        acc.end_training()
+        return TrainResult(self.output_dir, global_step, nonfinite_total, time.perf_counter() - started, last)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -1,0 +1,255 @@
+"""End-to-end checks of the offline trainer on tiny models: exact resume, process-count independence,
+cache parity, non-finite guards, metrics, and outputs that diffusers loads back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffalign.config import Config
+from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
+from diffalign.models.tiny import save_tiny_sd_pipeline
+from diffalign.trainers.base import NonFiniteLossError
+from diffalign.trainers.checkpointing import list_checkpoints
+from diffalign.trainers.metrics import read_metrics
+from diffalign.trainers.offline import OfflinePreferenceTrainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pixel_pipeline(tmp_path_factory) -> str:
+    return str(save_tiny_sd_pipeline(tmp_path_factory.mktemp("pix") / "model", with_vae=False, sample_size=16))
+
+
+@pytest.fixture(scope="module")
+def vae_pipeline(tmp_path_factory) -> str:
+    return str(save_tiny_sd_pipeline(tmp_path_factory.mktemp("vae") / "model", with_vae=True, sample_size=16))
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
+    write_pickapic_parquet(path, make_random_pairs(16, size=16, seed=0))
+    return str(path)
+
+
+def make_config(model: str, data: str, out: Path, **train) -> Config:
+    cfg = Config()
+    cfg.model.pretrained = model
+    cfg.data.path = data
+    cfg.data.resolution = 16
+    cfg.data.proportion_empty_prompts = 0.2
+    cfg.lora.rank = 4
+    cfg.optim.lr = 1e-3
+    cfg.train.output_dir = str(out)
+    cfg.train.train_batch_size = 2
+    cfg.train.max_steps = 4
+    cfg.train.checkpointing_steps = 2
+    cfg.train.progress_bar = False
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def trainable_state(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(list_checkpoints(out)[-1] / "trainable_0.safetensors"))
+
+
+def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0.0 if atol == 0 else 1e-5, msg=k)
+
+
+def test_dpo_lora_trains_logs_and_resumes_exactly(pixel_pipeline, pairs, tmp_path):
+    full = make_config(pixel_pipeline, pairs, tmp_path / "full", gradient_accumulation_steps=2)
+    result = train(full)
+    assert result.global_step == 4
+    records = read_metrics(tmp_path / "full")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    first = records[0]
+    for key in (
+        "loss",
+        "implicit_acc",
+        "reward_margin",
+        "mse_policy_chosen",
+        "mse_policy_rejected",
+        "mse_reference_chosen",
+        "mse_reference_rejected",
+        "lr",
+        "step_time_s",
+        "grad_norm",
+    ):
+        assert key in first, key
+    # LoRA B starts at zero: policy == reference, so the first micro-batch's loss is ln 2 exactly.
+    assert first["mse_policy_chosen"] == pytest.approx(first["mse_reference_chosen"], abs=0)
+    assert records[-1]["loss"] != pytest.approx(0.6931471805599453, abs=1e-7)
+
+    interrupted = make_config(pixel_pipeline, pairs, tmp_path / "resumed", gradient_accumulation_steps=2, max_steps=2)
+    train(interrupted)
+    resumed = make_config(
+        pixel_pipeline, pairs, tmp_path / "resumed", gradient_accumulation_steps=2, resume_from_checkpoint="latest"
+    )
+    train(resumed)
+    assert_states_equal(trainable_state(tmp_path / "full"), trainable_state(tmp_path / "resumed"))
+    assert [r["loss"] for r in read_metrics(tmp_path / "resumed")] == [r["loss"] for r in records]
+
+
+def test_first_step_loss_is_ln2_for_dpo(pixel_pipeline, pairs, tmp_path):
+    cfg = make_config(pixel_pipeline, pairs, tmp_path / "o", max_steps=1)
+    train(cfg)
+    assert read_metrics(tmp_path / "o")[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+
+
+def test_cached_training_equals_uncached(pixel_pipeline, pairs, tmp_path):
+    plain = make_config(pixel_pipeline, pairs, tmp_path / "plain", max_steps=2)
+    train(plain)
+    cached = make_config(pixel_pipeline, pairs, tmp_path / "cached", max_steps=2)
+    cached.data.cache_dir = str(tmp_path / "cache")
+    train(cached)
+    assert_states_equal(trainable_state(tmp_path / "plain"), trainable_state(tmp_path / "cached"), atol=1e-6)
+
+
+@pytest.mark.parametrize("method,loss", [("mapo", "mapo"), ("sft", "sft"), ("dcpo", "dpo")])
+def test_other_methods_run(method, loss, pixel_pipeline, pairs, tmp_path):
+    cfg = make_config(pixel_pipeline, pairs, tmp_path / method, method=method, max_steps=2)
+    cfg.loss.name = loss
+    cfg.loss.beta = 0.1 if loss == "mapo" else 5000.0
+    cfg.data.dual_captions = method == "dcpo"
+    result = train(cfg)
+    assert result.global_step == 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(tmp_path / method))
+
+
+def test_full_finetune_output_loads_with_from_pretrained(pixel_pipeline, pairs, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    cfg = make_config(pixel_pipeline, pairs, tmp_path / "ft", max_steps=2)
+    cfg.lora.enabled = False
+    trainer = OfflinePreferenceTrainer(cfg)
+    trainer.train()
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "ft" / "unet")
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    base = UNet2DConditionModel.from_pretrained(pixel_pipeline, subfolder="unet")
+    x, t, ehs = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, base.config.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x, t, ehs).sample, trained(x, t, ehs).sample)
+        assert not torch.allclose(base(x, t, ehs).sample, reloaded(x, t, ehs).sample)
+
+
+def test_lora_output_loads_into_diffusers_pipeline(vae_pipeline, pairs, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = make_config(vae_pipeline, pairs, tmp_path / "lora", max_steps=2)
+    trainer = OfflinePreferenceTrainer(cfg)
+    trainer.train()
+    pipe = StableDiffusionPipeline.from_pretrained(vae_pipeline, safety_checker=None)
+    pipe.load_lora_weights(tmp_path / "lora")
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    latents = torch.randn(2, pipe.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, ehs = torch.tensor([10, 500]), torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(latents, t, ehs).sample, trained(latents, t, ehs).sample)
+
+
+class _NanAt(OfflinePreferenceTrainer):
+    nan_calls: set[int] = set()
+
+    def compute_loss(self, batch, epoch):
+        self.calls = getattr(self, "calls", 0) + 1
+        loss, metrics = super().compute_loss(batch, epoch)
+        return (loss * float("nan") if self.calls in self.nan_calls else loss), metrics
+
+
+def test_nonfinite_step_is_skipped_and_counted(pixel_pipeline, pairs, tmp_path):
+    _NanAt.nan_calls = {2}
+    trainer = _NanAt(make_config(pixel_pipeline, pairs, tmp_path / "o", max_steps=3))
+    result = trainer.train()
+    assert result.nonfinite_steps == 1
+    records = read_metrics(tmp_path / "o")
+    assert [r["nonfinite_steps"] for r in records] == [0, 1, 1]
+    assert "loss" not in records[1] and "loss" in records[2]
+
+
+def test_repeated_nonfinite_losses_stop_with_a_checkpoint(pixel_pipeline, pairs, tmp_path):
+    _NanAt.nan_calls = set(range(1, 100))
+    cfg = make_config(pixel_pipeline, pairs, tmp_path / "o", max_steps=10, max_nonfinite_steps=3)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
+        _NanAt(cfg).train()
+    assert list_checkpoints(tmp_path / "o")[-1].name == "checkpoint-3"
+
+
+def test_two_processes_match_one_process(pixel_pipeline, pairs, tmp_path):
+    common = [
+        f"model.pretrained={pixel_pipeline}",
+        f"data.path={pairs}",
+        "data.resolution=16",
+        "data.proportion_empty_prompts=0.2",
+        "lora.rank=4",
+        # A large Adam epsilon makes the update linear in the gradient: sign(g) on the first Adam step would turn
+        # float-rounding differences of DDP's all-reduce in near-zero gradients into full lr-sized differences.
+        "optim.lr=0.05",
+        "optim.adam_epsilon=1.0",
+        "train.max_steps=2",
+        "train.progress_bar=false",
+    ]
+    config = REPO / "configs" / "toy" / "dpo.yaml"
+    # accelerate's multi-process CPU launch: torchrun-style workers that Accelerate puts on gloo (no MPI needed).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    one = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            "--config",
+            str(config),
+            *common,
+            "train.train_batch_size=4",
+            f"train.output_dir={tmp_path / 'one'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(REPO / "scripts" / "train.py"),
+            "--config",
+            str(config),
+            *common,
+            "train.train_batch_size=2",
+            f"train.output_dir={tmp_path / 'two'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_states_equal(trainable_state(tmp_path / "one"), trainable_state(tmp_path / "two"), atol=1e-7)
+    base = load_file(str(Path(pixel_pipeline) / "unet" / "diffusion_pytorch_model.safetensors"))
+    moved = max((v - base[k]).abs().max().item() for k, v in trainable_state(tmp_path / "one").items())
+    assert moved > 1e-5
+    losses_one = [r["loss"] for r in read_metrics(tmp_path / "one")]
+    losses_two = [r["loss"] for r in read_metrics(tmp_path / "two")]
+    assert losses_one == pytest.approx(losses_two, abs=1e-6)
+    assert json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
