@@ -98,6 +98,9 @@ class LossConfig:
     name: str = "dpo"  # key of diffalign.losses.LOSSES
     beta: float = 5000.0
     params: dict[str, float] = field(default_factory=dict)  # extra keyword hyper-parameters, e.g. {alpha: 1.0}
+    # Min-SNR-γ weighting ω(t) of each sample's MSE (the ω(λ_t) of the Diffusion-DPO objective); None = constant,
+    # as in the authors' code. 5 is Hang et al.'s value.
+    snr_gamma: float | None = None
 
 
 @dataclass
@@ -493,6 +496,7 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
         )
 
     c.check("loss.beta", lo.beta > 0, "> 0")
+    c.check("loss.snr_gamma", lo.snr_gamma is None or lo.snr_gamma > 0, "> 0 or null")
     c.check("lora.rank", lr.rank >= 1, ">= 1")
     c.check("lora.alpha", lr.alpha is None or lr.alpha > 0, "> 0 or null (= rank)")
     c.check("lora.target_modules", bool(lr.target_modules) or not lr.enabled, "a non-empty list when LoRA is enabled")

@@ -132,17 +132,21 @@ def test_preference_pairs_parquet(tmp_path) -> None:
     labels = np.array([table["label_0"], table["label_1"]])
     np.testing.assert_array_equal(labels.sum(0), 1.0)
     assert 0 < labels[0].sum() < 40  # the winner is on both sides somewhere
+    loser_caption_colours = set()
     for i in range(40):
         images = [Image.open(io.BytesIO(table[f"jpg_{k}"][i])) for k in (0, 1)]
         winner = 0 if table["label_0"][i] == 1.0 else 1
         prompt_colour, prompt_shape = parse_caption(table["caption"][i])
         assert colour_of(images[winner]) == prompt_colour
         assert colour_of(images[1 - winner]) not in (prompt_colour, None)
-        for k in (0, 1):
-            assert table[f"caption_{k}"][i] == caption_for(colour_of(images[k]), prompt_shape)
+        assert table[f"caption_{winner}"][i] == table["caption"][i]
+        loser_colour, loser_shape = parse_caption(table[f"caption_{1 - winner}"][i])
+        assert loser_shape == prompt_shape and loser_colour != colour_of(images[1 - winner])  # DCPO-h perturbation
+        loser_caption_colours.add(loser_colour)
         # Same spec in two colours: identical background and shape footprint.
         a, b = (np.asarray(im, dtype=np.float64) for im in images)
         np.testing.assert_allclose(a.max(-1) - a.min(-1) > 0.02, b.max(-1) - b.min(-1) > 0.02)
+    assert len(loser_caption_colours) == 4  # the perturbation reaches every colour, the prompt's included
     prefix = pq.read_table(make_preference_pairs(tmp_path / "p10.parquet", n_pairs=10, seed=5)).to_pydict()
     assert prefix["jpg_0"] == table["jpg_0"][:10] and prefix["label_0"] == table["label_0"][:10]
 

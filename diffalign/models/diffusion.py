@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor
 
@@ -91,6 +92,10 @@ class DiffusionAdapter(ABC):
     @abstractmethod
     def _denoise(self, model: torch.nn.Module, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """One forward of ``model`` (the denoiser or the reference copy)."""
+
+    def min_snr_weights(self, timesteps: Tensor, gamma: float) -> Tensor:
+        """Per-sample weights ω(t) of the Min-SNR-γ strategy (Hang et al., 2023) for this backbone's target; (N,)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define Min-SNR weights; unset loss.snr_gamma")
 
     # ----- shared parts -----
 
@@ -429,6 +434,16 @@ class SDAdapter(DiffusionAdapter):
             return noise.float()
         alpha_bar = _gather_per_sample(self.scheduler.alphas_cumprod.float(), timesteps, x0)
         return alpha_bar.sqrt() * noise.float() - (1.0 - alpha_bar).sqrt() * x0.float()
+
+    def min_snr_weights(self, timesteps: Tensor, gamma: float) -> Tensor:
+        """ω(t) = min(SNR(t), γ) / SNR(t) for ε-prediction and min(SNR(t), γ) / (SNR(t) + 1) for v-prediction, with
+        SNR from ``diffusers.training_utils.compute_snr`` (as diffusers' ``--snr_gamma``); float32, shape (N,)."""
+        if gamma <= 0:
+            raise ValueError(f"snr_gamma={gamma}: must be > 0")
+        snr = compute_snr(self.scheduler, timesteps.to(self.scheduler.alphas_cumprod.device)).float()
+        clipped = snr.clamp(max=gamma)
+        weights = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1.0)
+        return weights.to(timesteps.device)
 
     def _denoise(self, model: torch.nn.Module, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         if "encoder_hidden_states" not in cond:

@@ -19,6 +19,7 @@ from diffalign.toy.pairs import make_preference_pairs
 from diffalign.toy.pretrain import ensure_base
 from diffalign.toy.sampling import evaluation_prompts, generate
 
+PAIRS_VERSION = 2  # bump when make_preference_pairs changes what it writes (v2: DCPO-h loser captions)
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "toy"
 
 
@@ -40,7 +41,7 @@ def prepare_world(workdir: str | os.PathLike, *, n_pairs: int = 2000, seed: int 
     """The pretrained base (committed, cached or pretrained now) and the preference pairs (written once)."""
     workdir = Path(workdir)
     base = ensure_base()
-    pairs = workdir / "data" / f"pairs-{kind}-{n_pairs}-seed{seed}.parquet"
+    pairs = workdir / "data" / f"pairs-{kind}-v{PAIRS_VERSION}-{n_pairs}-seed{seed}.parquet"
     if not pairs.is_file():
         make_preference_pairs(pairs, n_pairs, seed, kind=kind)
     return ToyWorld(base=base, pairs=pairs, workdir=workdir)

@@ -2,8 +2,12 @@
 
 Columns: ``jpg_0``, ``jpg_1`` (PNG bytes; Pick-a-Pic's column names, whatever the encoding), ``label_0``,
 ``label_1`` (1.0 for the preferred image, 0.0 for the other; no ties), ``caption`` (the prompt), ``caption_0``,
-``caption_1`` (each image's own true description, for DCPO-style dual captions; the loser's perturbed caption is
-left to the DCPO data builder), ``has_label`` and ``are_different`` (always true here).
+``caption_1`` (per-image captions for DCPO), ``has_label`` and ``are_different`` (always true here).
+
+Dual captions follow DCPO-h (Saeidi et al.; research/offline_diffusion.md §4): the winner's caption is its true
+description (here the prompt), the loser's is its true description *perturbed*: its colour word replaced by one drawn
+uniformly from the other colours, so the loser is never conditioned on a caption that describes it exactly (a true
+description would teach the model to avoid the loser's colour even when it is asked for).
 
 ``kind="colour"`` (the prototype's construction): pair ``i`` takes ``spec = sample_spec(seed, i)``; the winner is
 ``spec`` rendered in its own colour, the loser the same spec (shape, position, size, background) in a wrong colour
@@ -27,6 +31,7 @@ from diffalign.utils.randomness import FLIP, per_sample_randint, per_sample_unif
 
 PAIR_KINDS: tuple[str, ...] = ("colour",)
 LOSER_COLOUR_STREAM = 20
+LOSER_CAPTION_STREAM = 21
 
 
 def png_bytes(spec: ShapeSpec) -> bytes:
@@ -44,6 +49,12 @@ def colour_pair(seed: int, index: int) -> tuple[ShapeSpec, ShapeSpec]:
     return winner, dataclasses.replace(winner, colour=loser_colour)
 
 
+def perturbed_caption(spec: ShapeSpec, seed: int, index: int) -> str:
+    """DCPO-h's loser caption for pair ``index``: ``spec``'s caption with its colour swapped for another colour."""
+    offset = int(per_sample_randint(len(COLOURS) - 1, seed, 0, [index], LOSER_CAPTION_STREAM)[0]) + 1
+    return dataclasses.replace(spec, colour=COLOURS[(COLOURS.index(spec.colour) + offset) % len(COLOURS)]).caption
+
+
 def make_preference_pairs(path: str | os.PathLike, n_pairs: int, seed: int, kind: str = "colour") -> Path:
     """Write ``n_pairs`` pairs of ``kind`` to the parquet file ``path`` and return the path."""
     if kind not in PAIR_KINDS:
@@ -55,14 +66,16 @@ def make_preference_pairs(path: str | os.PathLike, n_pairs: int, seed: int, kind
     columns: dict[str, list] = {name: [] for name in names}
     for i in range(n_pairs):
         winner, loser = colour_pair(seed, i)
+        loser_caption = perturbed_caption(loser, seed, i)
         sides = (loser, winner) if winner_on_1[i] else (winner, loser)
         columns["jpg_0"].append(png_bytes(sides[0]))
         columns["jpg_1"].append(png_bytes(sides[1]))
         columns["label_0"].append(0.0 if winner_on_1[i] else 1.0)
         columns["label_1"].append(1.0 if winner_on_1[i] else 0.0)
         columns["caption"].append(winner.caption)
-        columns["caption_0"].append(sides[0].caption)
-        columns["caption_1"].append(sides[1].caption)
+        captions = (loser_caption, winner.caption) if winner_on_1[i] else (winner.caption, loser_caption)
+        columns["caption_0"].append(captions[0])
+        columns["caption_1"].append(captions[1])
     table = pa.table(
         {
             "jpg_0": pa.array(columns["jpg_0"], type=pa.binary()),

@@ -158,22 +158,29 @@ class OfflinePreferenceTrainer(Trainer):
         noise = adapter.sample_noise(tuple(x0_c.shape[1:]), seed, epoch, indices).to(device, dtype=x0_c.dtype)
         metrics: dict[str, torch.Tensor] = {}
         with self.accelerator.autocast():
+            gamma = self.config.loss.snr_gamma
+            weights = None if gamma is None else adapter.min_snr_weights(timesteps, gamma)
             if self.config.train.method == "sft":
                 logp_c = adapter.denoising_logp(x0_c, noise, timesteps, cond_c)
-                out = self.loss_fn(policy_chosen_logps=logp_c)
                 metrics["mse_policy_chosen"] = -2 * logp_c.detach()
+                out = self.loss_fn(policy_chosen_logps=_weighted(logp_c, weights))
                 return out.losses.mean(), metrics
             logp_c, logp_r = adapter.pair_logps(x0_c, x0_r, cond_c, cond_r, noise, timesteps)
-            logps = {"policy_chosen_logps": logp_c, "policy_rejected_logps": logp_r}
+            metrics["mse_policy_chosen"] = -2 * logp_c.detach()
+            metrics["mse_policy_rejected"] = -2 * logp_r.detach()
+            logps = {
+                "policy_chosen_logps": _weighted(logp_c, weights),
+                "policy_rejected_logps": _weighted(logp_r, weights),
+            }
             if self.loss_fn.needs_reference:
                 with torch.no_grad():
                     ref_c, ref_r = adapter.pair_logps(x0_c, x0_r, cond_c, cond_r, noise, timesteps, reference=True)
-                logps.update(reference_chosen_logps=ref_c, reference_rejected_logps=ref_r)
                 metrics["mse_reference_chosen"] = -2 * ref_c
                 metrics["mse_reference_rejected"] = -2 * ref_r
+                logps.update(
+                    reference_chosen_logps=_weighted(ref_c, weights), reference_rejected_logps=_weighted(ref_r, weights)
+                )
             out = self.loss_fn(**logps, **self.loss_params)
-        metrics["mse_policy_chosen"] = -2 * logp_c.detach()
-        metrics["mse_policy_rejected"] = -2 * logp_r.detach()
         if out.logits is not None:
             # ties count one half, so the metric reads 0.5 at initialisation (diffusers' convention)
             metrics["implicit_acc"] = (out.logits > 0).float() + 0.5 * (out.logits == 0).float()
@@ -192,6 +199,11 @@ class OfflinePreferenceTrainer(Trainer):
         else:
             unet.save_pretrained(self.output_dir / "unet")
         logger.info("final weights written to %s", self.output_dir)
+
+
+def _weighted(logps: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """ω(t)·logp: a per-sample timestep weight on the MSE, shared by the pair and by policy and reference."""
+    return logps if weights is None else logps * weights
 
 
 def train(config: Config) -> TrainResult:
