@@ -98,9 +98,10 @@ class LossConfig:
     name: str = "dpo"  # key of diffalign.losses.LOSSES
     beta: float = 5000.0
     params: dict[str, float] = field(default_factory=dict)  # extra keyword hyper-parameters, e.g. {alpha: 1.0}
-    # Min-SNR-γ weighting ω(t) of each sample's MSE (the ω(λ_t) of the Diffusion-DPO objective); None = constant,
-    # as in the authors' code. 5 is Hang et al.'s value.
-    snr_gamma: float | None = None
+    # Timestep weighting ω(t) of each sample's MSE (the ω(λ_t) of the Diffusion-DPO objective): "constant" (the
+    # authors' code), "min_snr" (Hang et al., γ 5) or "truncated_snr" (Salimans & Ho, γ 1); see SDAdapter.snr_weights.
+    weighting: str = "constant"
+    snr_gamma: float = 5.0
 
 
 @dataclass
@@ -163,6 +164,7 @@ class ConfigError(ValueError):
 
 
 METHODS = ("dpo", "dcpo", "mapo", "sft")
+LOSS_WEIGHTINGS = ("constant", "min_snr", "truncated_snr")
 ON_BAD_ROW = ("error", "skip")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REFERENCE_MODES = ("auto", "frozen_copy")
@@ -496,7 +498,8 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
         )
 
     c.check("loss.beta", lo.beta > 0, "> 0")
-    c.check("loss.snr_gamma", lo.snr_gamma is None or lo.snr_gamma > 0, "> 0 or null")
+    c.check("loss.snr_gamma", lo.snr_gamma > 0, "> 0")
+    c.check("loss.weighting", lo.weighting in LOSS_WEIGHTINGS, f"one of {LOSS_WEIGHTINGS}")
     c.check("lora.rank", lr.rank >= 1, ">= 1")
     c.check("lora.alpha", lr.alpha is None or lr.alpha > 0, "> 0 or null (= rank)")
     c.check("lora.target_modules", bool(lr.target_modules) or not lr.enabled, "a non-empty list when LoRA is enabled")

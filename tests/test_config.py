@@ -429,7 +429,13 @@ def test_round_trip_through_yaml(tmp_path: Path, no_registry: None) -> None:
     loaded = load_config(path)
     assert loaded == config
     assert loaded.model.revision == "1e5"  # a string that looks like a float stays a string
-    assert config_to_dict(loaded)["loss"] == {"name": "poly_dpo", "beta": 2500.0, "params": {"alpha": 0.5}}
+    assert config_to_dict(loaded)["loss"] == {
+        "name": "poly_dpo",
+        "beta": 2500.0,
+        "params": {"alpha": 0.5},
+        "weighting": "constant",
+        "snr_gamma": 5.0,
+    }
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
 
 

@@ -84,18 +84,27 @@ def test_targets_epsilon_and_velocity(eps, vpred):
     assert float((v[-1] + x0[-1]).abs().max()) < 0.3
 
 
-def test_min_snr_weights_closed_form(eps, vpred):
+def test_snr_weights_closed_form(eps, vpred):
     t = torch.tensor([0, 10, 200, 500, 999])
     snr = sd_alphas_cumprod_float64()[t.numpy()] / (1 - sd_alphas_cumprod_float64()[t.numpy()])
     gamma = 5.0
     expected_eps = np.minimum(snr, gamma) / snr
     expected_v = np.minimum(snr, gamma) / (snr + 1)
-    np.testing.assert_allclose(eps[0].min_snr_weights(t, gamma).numpy(), expected_eps, rtol=1e-4)
-    np.testing.assert_allclose(vpred[0].min_snr_weights(t, gamma).numpy(), expected_v, rtol=1e-4)
-    assert float(eps[0].min_snr_weights(t, gamma)[-1]) == 1.0  # low SNR: full weight
-    assert float(eps[0].min_snr_weights(t, gamma)[0]) < 0.01  # t = 0: SNR ≈ 1200, weight 5 / SNR
+    np.testing.assert_allclose(eps[0].snr_weights(t, gamma).numpy(), expected_eps, rtol=1e-4)
+    np.testing.assert_allclose(vpred[0].snr_weights(t, gamma).numpy(), expected_v, rtol=1e-4)
+    assert float(eps[0].snr_weights(t, gamma)[-1]) == 1.0  # low SNR: full weight
+    assert float(eps[0].snr_weights(t, gamma)[0]) < 0.01  # t = 0: SNR ≈ 1200, weight 5 / SNR
+    # truncated SNR (γ = 1): the x0-space error weighted by max(SNR, 1), i.e. ε-space weight max(SNR, 1) / SNR
+    truncated = eps[0].snr_weights(t, 1.0, "truncated_snr").numpy()
+    np.testing.assert_allclose(truncated, np.maximum(snr, 1.0) / snr, rtol=1e-4)
+    assert truncated[0] == 1.0 and truncated[-1] > 100  # t = 999: SNR ≈ 0.0047
+    np.testing.assert_allclose(
+        vpred[0].snr_weights(t, 1.0, "truncated_snr").numpy(), np.maximum(snr, 1.0) / (snr + 1), rtol=1e-4
+    )
     with pytest.raises(ValueError, match="snr_gamma"):
-        eps[0].min_snr_weights(t, 0.0)
+        eps[0].snr_weights(t, 0.0)
+    with pytest.raises(ValueError, match="weighting"):
+        eps[0].snr_weights(t, 1.0, "p2")
 
 
 def test_prediction_type_override_and_rejections():

@@ -93,9 +93,9 @@ class DiffusionAdapter(ABC):
     def _denoise(self, model: torch.nn.Module, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """One forward of ``model`` (the denoiser or the reference copy)."""
 
-    def min_snr_weights(self, timesteps: Tensor, gamma: float) -> Tensor:
-        """Per-sample weights ω(t) of the Min-SNR-γ strategy (Hang et al., 2023) for this backbone's target; (N,)."""
-        raise NotImplementedError(f"{type(self).__name__} does not define Min-SNR weights; unset loss.snr_gamma")
+    def snr_weights(self, timesteps: Tensor, gamma: float, mode: str = "min_snr") -> Tensor:
+        """Per-sample SNR-based weights ω(t) on the MSE (see :meth:`SDAdapter.snr_weights`); (N,)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define SNR weights; set loss.weighting=constant")
 
     # ----- shared parts -----
 
@@ -294,6 +294,9 @@ def _gather_per_sample(values: Tensor, timesteps: Tensor, like: Tensor) -> Tenso
     return gathered.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+SNR_WEIGHTINGS = ("min_snr", "truncated_snr")
+
+
 class SDAdapter(DiffusionAdapter):
     """Stable Diffusion 1.x/2.x: ``UNet2DConditionModel`` + ``DDPMScheduler`` (+ ``AutoencoderKL``, CLIP text).
 
@@ -435,14 +438,23 @@ class SDAdapter(DiffusionAdapter):
         alpha_bar = _gather_per_sample(self.scheduler.alphas_cumprod.float(), timesteps, x0)
         return alpha_bar.sqrt() * noise.float() - (1.0 - alpha_bar).sqrt() * x0.float()
 
-    def min_snr_weights(self, timesteps: Tensor, gamma: float) -> Tensor:
-        """ω(t) = min(SNR(t), γ) / SNR(t) for ε-prediction and min(SNR(t), γ) / (SNR(t) + 1) for v-prediction, with
-        SNR from ``diffusers.training_utils.compute_snr`` (as diffusers' ``--snr_gamma``); float32, shape (N,)."""
+    def snr_weights(self, timesteps: Tensor, gamma: float, mode: str = "min_snr") -> Tensor:
+        """Per-sample weights ω(t) on the MSE of this backbone's target, float32, shape (N,).
+
+        ``min_snr`` (Hang et al., 2023; diffusers' ``--snr_gamma``): ω = min(SNR, γ)/SNR for ε-prediction and
+        min(SNR, γ)/(SNR + 1) for v-prediction; it damps the high-SNR (low-noise) timesteps.
+        ``truncated_snr`` (Salimans & Ho, 2022, "truncated SNR", there with γ = 1): the x0-space error weighted by
+        max(SNR, γ), i.e. ω = max(SNR, γ)/SNR for ε-prediction and max(SNR, γ)/(SNR + 1) for v-prediction; it
+        raises the low-SNR (high-noise) timesteps, where a winner and a loser get almost the same prediction.
+        SNR comes from ``diffusers.training_utils.compute_snr``.
+        """
         if gamma <= 0:
             raise ValueError(f"snr_gamma={gamma}: must be > 0")
+        if mode not in SNR_WEIGHTINGS:
+            raise ValueError(f"snr weighting {mode!r}: expected one of {SNR_WEIGHTINGS}")
         snr = compute_snr(self.scheduler, timesteps.to(self.scheduler.alphas_cumprod.device)).float()
-        clipped = snr.clamp(max=gamma)
-        weights = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1.0)
+        bounded = snr.clamp(max=gamma) if mode == "min_snr" else snr.clamp(min=gamma)
+        weights = bounded / snr if self.prediction_type == "epsilon" else bounded / (snr + 1.0)
         return weights.to(timesteps.device)
 
     def _denoise(self, model: torch.nn.Module, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:

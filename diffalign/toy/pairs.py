@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 from diffalign.toy.world import COLOURS, ShapeSpec, render, sample_spec
 from diffalign.utils.randomness import FLIP, per_sample_randint, per_sample_uniform
 
-PAIR_KINDS: tuple[str, ...] = ("colour",)
+PAIR_KINDS: tuple[str, ...] = ("colour", "independent")
+LOSER_SPEC_SEED_OFFSET = 1_000_003
 LOSER_COLOUR_STREAM = 20
 LOSER_CAPTION_STREAM = 21
 
@@ -55,6 +56,17 @@ def perturbed_caption(spec: ShapeSpec, seed: int, index: int) -> str:
     return dataclasses.replace(spec, colour=COLOURS[(COLOURS.index(spec.colour) + offset) % len(COLOURS)]).caption
 
 
+def independent_pair(seed: int, index: int) -> tuple[ShapeSpec, ShapeSpec]:
+    """(winner, loser) of pair ``index`` drawn independently, as two generations for one prompt are: the loser has
+    the winner's shape and a wrong colour, and its own position, size and background."""
+    winner, recoloured = colour_pair(seed, index)
+    loser = sample_spec(seed + LOSER_SPEC_SEED_OFFSET, index, colour=recoloured.colour, shape=winner.shape)
+    return winner, loser
+
+
+PAIR_BUILDERS = {"colour": colour_pair, "independent": independent_pair}
+
+
 def make_preference_pairs(path: str | os.PathLike, n_pairs: int, seed: int, kind: str = "colour") -> Path:
     """Write ``n_pairs`` pairs of ``kind`` to the parquet file ``path`` and return the path."""
     if kind not in PAIR_KINDS:
@@ -65,7 +77,7 @@ def make_preference_pairs(path: str | os.PathLike, n_pairs: int, seed: int, kind
     names = ("jpg_0", "jpg_1", "label_0", "label_1", "caption", "caption_0", "caption_1")
     columns: dict[str, list] = {name: [] for name in names}
     for i in range(n_pairs):
-        winner, loser = colour_pair(seed, i)
+        winner, loser = PAIR_BUILDERS[kind](seed, i)
         loser_caption = perturbed_caption(loser, seed, i)
         sides = (loser, winner) if winner_on_1[i] else (winner, loser)
         columns["jpg_0"].append(png_bytes(sides[0]))

@@ -158,8 +158,8 @@ class OfflinePreferenceTrainer(Trainer):
         noise = adapter.sample_noise(tuple(x0_c.shape[1:]), seed, epoch, indices).to(device, dtype=x0_c.dtype)
         metrics: dict[str, torch.Tensor] = {}
         with self.accelerator.autocast():
-            gamma = self.config.loss.snr_gamma
-            weights = None if gamma is None else adapter.min_snr_weights(timesteps, gamma)
+            lc = self.config.loss
+            weights = None if lc.weighting == "constant" else adapter.snr_weights(timesteps, lc.snr_gamma, lc.weighting)
             if self.config.train.method == "sft":
                 logp_c = adapter.denoising_logp(x0_c, noise, timesteps, cond_c)
                 metrics["mse_policy_chosen"] = -2 * logp_c.detach()
