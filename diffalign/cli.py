@@ -27,10 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     pre = toy_sub.add_parser("pretrain", help="pretrain the toy base model (see diffalign.toy.pretrain)")
     pre.add_argument("args", nargs=argparse.REMAINDER)
+    from diffalign.toy.pairs import PAIR_KINDS
+
     pairs = toy_sub.add_parser("pairs", help="write toy preference pairs as a Pick-a-Pic parquet")
     pairs.add_argument("path")
     pairs.add_argument("--n-pairs", type=int, default=2000)
     pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--kind", choices=PAIR_KINDS, default="colour", help="loser: recoloured copy or independent")
 
     train = sub.add_parser("train", help="same as scripts/train.py: --config FILE [key=value ...]")
     train.add_argument("args", nargs=argparse.REMAINDER)
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "toy" and args.toy_command == "pairs":
         from diffalign.toy.pairs import make_preference_pairs
 
-        print(make_preference_pairs(args.path, args.n_pairs, args.seed))
+        print(make_preference_pairs(args.path, args.n_pairs, args.seed, kind=args.kind))
     elif args.command == "train":
         from diffalign.config import ConfigError, parse_cli
         from diffalign.trainers.offline import train as run_train

@@ -251,3 +251,21 @@ def test_committed_base_metadata_and_quality(base_model) -> None:
     )  # fmt: skip
     report = summarize(images, all_prompts())
     assert report["no_shape"] <= 2 / 12  # the base draws shapes, not noise
+
+
+def test_independent_pairs_differ_beyond_colour(tmp_path) -> None:
+    table = pq.read_table(make_preference_pairs(tmp_path / "p.parquet", n_pairs=20, seed=3, kind="independent"))
+    table = table.to_pydict()
+    moved = 0
+    for i in range(20):
+        images = [Image.open(io.BytesIO(table[f"jpg_{k}"][i])) for k in (0, 1)]
+        winner = 0 if table["label_0"][i] == 1.0 else 1
+        prompt_colour, prompt_shape = parse_caption(table["caption"][i])
+        assert colour_of(images[winner]) == prompt_colour
+        assert colour_of(images[1 - winner]) not in (prompt_colour, None)
+        arrays = [np.asarray(im, dtype=np.float64) / 255 for im in images]
+        footprints = [(a.max(-1) - a.min(-1)) > 0.02 for a in arrays]
+        moved += not np.array_equal(*footprints)
+    assert moved >= 18  # the loser is its own draw, not the winner's footprint recoloured
+    with pytest.raises(ValueError, match="kind"):
+        make_preference_pairs(tmp_path / "x.parquet", n_pairs=2, seed=0, kind="nope")
