@@ -124,6 +124,17 @@ def test_noisy_captions_rate() -> None:
     assert noisy_captions(n, 0.0, seed=0) == truth
 
 
+def check_pair_colours(table: dict, i: int) -> tuple[list[Image.Image], int, str]:
+    """Assert row ``i``'s winner has the prompt's colour and its loser a visible other one; return (images, winner
+    side, prompt shape)."""
+    images = [Image.open(io.BytesIO(table[f"jpg_{k}"][i])) for k in (0, 1)]
+    winner = 0 if table["label_0"][i] == 1.0 else 1
+    prompt_colour, prompt_shape = parse_caption(table["caption"][i])
+    assert colour_of(images[winner]) == prompt_colour
+    assert colour_of(images[1 - winner]) not in (prompt_colour, None)
+    return images, winner, prompt_shape
+
+
 def test_preference_pairs_parquet(tmp_path) -> None:
     path = make_preference_pairs(tmp_path / "pairs.parquet", n_pairs=40, seed=5)
     table = pq.read_table(path).to_pydict()
@@ -134,11 +145,7 @@ def test_preference_pairs_parquet(tmp_path) -> None:
     assert 0 < labels[0].sum() < 40  # the winner is on both sides somewhere
     loser_caption_colours = set()
     for i in range(40):
-        images = [Image.open(io.BytesIO(table[f"jpg_{k}"][i])) for k in (0, 1)]
-        winner = 0 if table["label_0"][i] == 1.0 else 1
-        prompt_colour, prompt_shape = parse_caption(table["caption"][i])
-        assert colour_of(images[winner]) == prompt_colour
-        assert colour_of(images[1 - winner]) not in (prompt_colour, None)
+        images, winner, prompt_shape = check_pair_colours(table, i)
         assert table[f"caption_{winner}"][i] == table["caption"][i]
         loser_colour, loser_shape = parse_caption(table[f"caption_{1 - winner}"][i])
         assert loser_shape == prompt_shape and loser_colour != colour_of(images[1 - winner])  # DCPO-h perturbation
@@ -258,11 +265,7 @@ def test_independent_pairs_differ_beyond_colour(tmp_path) -> None:
     table = table.to_pydict()
     moved = 0
     for i in range(20):
-        images = [Image.open(io.BytesIO(table[f"jpg_{k}"][i])) for k in (0, 1)]
-        winner = 0 if table["label_0"][i] == 1.0 else 1
-        prompt_colour, prompt_shape = parse_caption(table["caption"][i])
-        assert colour_of(images[winner]) == prompt_colour
-        assert colour_of(images[1 - winner]) not in (prompt_colour, None)
+        images, _, _ = check_pair_colours(table, i)
         arrays = [np.asarray(im, dtype=np.float64) / 255 for im in images]
         footprints = [(a.max(-1) - a.min(-1)) > 0.02 for a in arrays]
         moved += not np.array_equal(*footprints)

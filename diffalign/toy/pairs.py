@@ -42,25 +42,28 @@ def png_bytes(spec: ShapeSpec) -> bytes:
     return buffer.getvalue()
 
 
+def recoloured(spec: ShapeSpec, seed: int, index: int, stream: int) -> ShapeSpec:
+    """``spec`` in a colour drawn uniformly from the other colours, addressed by ``(seed, index, stream)``."""
+    offset = int(per_sample_randint(len(COLOURS) - 1, seed, 0, [index], stream)[0]) + 1
+    return dataclasses.replace(spec, colour=COLOURS[(COLOURS.index(spec.colour) + offset) % len(COLOURS)])
+
+
 def colour_pair(seed: int, index: int) -> tuple[ShapeSpec, ShapeSpec]:
     """(winner, loser) of pair ``index``: the same spec in its right colour and in a wrong one."""
     winner = sample_spec(seed, index)
-    offset = int(per_sample_randint(len(COLOURS) - 1, seed, 0, [index], LOSER_COLOUR_STREAM)[0]) + 1
-    loser_colour = COLOURS[(COLOURS.index(winner.colour) + offset) % len(COLOURS)]
-    return winner, dataclasses.replace(winner, colour=loser_colour)
+    return winner, recoloured(winner, seed, index, LOSER_COLOUR_STREAM)
 
 
 def perturbed_caption(spec: ShapeSpec, seed: int, index: int) -> str:
     """DCPO-h's loser caption for pair ``index``: ``spec``'s caption with its colour swapped for another colour."""
-    offset = int(per_sample_randint(len(COLOURS) - 1, seed, 0, [index], LOSER_CAPTION_STREAM)[0]) + 1
-    return dataclasses.replace(spec, colour=COLOURS[(COLOURS.index(spec.colour) + offset) % len(COLOURS)]).caption
+    return recoloured(spec, seed, index, LOSER_CAPTION_STREAM).caption
 
 
 def independent_pair(seed: int, index: int) -> tuple[ShapeSpec, ShapeSpec]:
     """(winner, loser) of pair ``index`` drawn independently, as two generations for one prompt are: the loser has
     the winner's shape and a wrong colour, and its own position, size and background."""
-    winner, recoloured = colour_pair(seed, index)
-    loser = sample_spec(seed + LOSER_SPEC_SEED_OFFSET, index, colour=recoloured.colour, shape=winner.shape)
+    winner, wrong = colour_pair(seed, index)
+    loser = sample_spec(seed + LOSER_SPEC_SEED_OFFSET, index, colour=wrong.colour, shape=winner.shape)
     return winner, loser
 
 
