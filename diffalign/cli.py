@@ -8,6 +8,16 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffalign.config import ConfigError
+
+    try:
+        return _run(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="diffalign", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -38,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="same as scripts/train.py: --config FILE [key=value ...]")
     train.add_argument("args", nargs=argparse.REMAINDER)
 
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options (argparse alone binds the positional list before them).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command not in ("demo", "evidence") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command == "demo":
         from diffalign.toy.demo import run_demo
 
@@ -63,15 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(make_preference_pairs(args.path, args.n_pairs, args.seed, kind=args.kind))
     elif args.command == "train":
-        from diffalign.config import ConfigError, parse_cli
+        from diffalign.config import parse_cli
         from diffalign.trainers.offline import train as run_train
 
-        try:
-            config = parse_cli(args.args)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        result = run_train(config)
+        result = run_train(parse_cli(args.args))
         print(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step}))
     return 0
 

@@ -194,23 +194,28 @@ def test_ensure_base_pretrains_into_cache_once(tmp_path, monkeypatch) -> None:
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no temporary folder left behind
 
 
-def _reference_ddim_cfg(model, prompts, noise, steps, guidance_scale) -> torch.Tensor:
-    """Independent DDIM (eta = 0) with CFG: x0 = (x - sqrt(1-a) eps) / sqrt(a), clipped to [-1, 1];
-    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps (eps unclipped, as diffusers' default); trailing timesteps
-    999, 799, ..., 199 for steps = 5, and a_prev = 1 after the last step. Runs in float64 on a copy of the UNet."""
+def _reference_ddim_cfg(model, prompts, noise, steps, guidance_scale, step_noises=None) -> torch.Tensor:
+    """Independent DDIM with CFG: x0 = (x - sqrt(1-a) eps) / sqrt(a), clipped to [-1, 1]; with eta = 0
+    (``step_noises`` None) x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps (eps unclipped, as diffusers' default);
+    with eta = 1, sigma² = (1 - a_prev) / (1 - a) · (1 - a / a_prev) and x_prev = sqrt(a_prev) x0 +
+    sqrt(1 - a_prev - sigma²) eps + sigma z_k. Trailing timesteps 999, 799, ..., 199 for steps = 5, and a_prev = 1
+    after the last step. Runs in float64 on a copy of the UNet."""
     abar = model.scheduler.alphas_cumprod.double()
     stride = 1000 // steps
     cond = encode_prompts(model.text_encoder, model.tokenizer, prompts).double()
     uncond = encode_prompts(model.text_encoder, model.tokenizer, [""] * len(prompts)).double()
     unet = copy.deepcopy(model.unet).double()
     x = noise.double()
-    for t in range(999, 0, -stride):
+    for k, t in enumerate(range(999, 0, -stride)):
         eps_u = unet(x, t, encoder_hidden_states=uncond).sample
         eps_c = unet(x, t, encoder_hidden_states=cond).sample
         eps = eps_u + guidance_scale * (eps_c - eps_u)
         a, a_prev = abar[t], abar[t - stride] if t - stride >= 0 else torch.tensor(1.0, dtype=torch.float64)
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        var = 0.0 if step_noises is None else (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+        x = a_prev.sqrt() * x0 + (1 - a_prev - var).sqrt() * eps
+        if step_noises is not None:
+            x = x + var.sqrt() * step_noises[k].double()
     return ((x + 1) / 2).clamp(0, 1).float()
 
 
@@ -224,24 +229,26 @@ def base_model():
 def test_committed_base_generates_deterministically(base_model) -> None:
     m = base_model
     prompts = ["a red circle", "a blue square", "a yellow triangle", "a green circle"]
-    kwargs = {"seed": 3, "steps": 5, "guidance_scale": 3.0}
+    kwargs = {"seed": 3, "steps": 5, "guidance_scale": 3.0, "eta": 0.0}
     first = generate(m.unet, m.text_encoder, m.tokenizer, m.scheduler, prompts, batch_size=4, **kwargs)
     assert first.shape == (4, 3, 16, 16) and first.dtype == torch.float32
     assert 0.0 <= first.min() and first.max() <= 1.0
     assert torch.equal(first, generate(m.unet, m.text_encoder, m.tokenizer, m.scheduler, prompts, **kwargs))
     one_by_one = generate(m.unet, m.text_encoder, m.tokenizer, m.scheduler, prompts, batch_size=1, **kwargs)
     torch.testing.assert_close(one_by_one, first, atol=1e-4, rtol=0)  # noise keyed per sample, not per batch
-    other_seed = generate(m.unet, m.text_encoder, m.tokenizer, m.scheduler, prompts, seed=4, steps=5)
+    other_seed = generate(m.unet, m.text_encoder, m.tokenizer, m.scheduler, prompts, seed=4, steps=5, eta=0.0)
     assert (other_seed - first).abs().max() > 0.1
     from diffalign.utils.randomness import per_sample_normal
 
     reference = _reference_ddim_cfg(m, prompts, per_sample_normal((3, 16, 16), 3, 0, range(4)), 5, 3.0)
     torch.testing.assert_close(first, reference, atol=1e-4, rtol=0)
-    stochastic = generate(m.unet, m.text_encoder, m.tokenizer, m.scheduler, prompts, eta=1.0, **kwargs)
-    assert torch.equal(
-        stochastic, generate(m.unet, m.text_encoder, m.tokenizer, m.scheduler, prompts, eta=1.0, **kwargs)
-    )
+    kwargs["eta"] = 1.0  # the evaluation default: ancestral steps whose noise is keyed by (seed, step, sample)
+    stochastic = generate(m.unet, m.text_encoder, m.tokenizer, m.scheduler, prompts, **kwargs)
+    assert torch.equal(stochastic, generate(m.unet, m.text_encoder, m.tokenizer, m.scheduler, prompts, **kwargs))
     assert (stochastic - first).abs().max() > 0.05
+    step_noises = [per_sample_normal((3, 16, 16), 3, k + 1, range(4)) for k in range(5)]
+    reference = _reference_ddim_cfg(m, prompts, per_sample_normal((3, 16, 16), 3, 0, range(4)), 5, 3.0, step_noises)
+    torch.testing.assert_close(stochastic, reference, atol=1e-4, rtol=0)
 
 
 def test_committed_base_metadata_and_quality(base_model) -> None:

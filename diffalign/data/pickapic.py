@@ -291,34 +291,24 @@ def load_preference_table(
         raise ValueError(f"on_bad_row={on_bad_row!r}: use 'error' or 'skip'")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples={max_samples}: must be a positive number of pairs, or None for all")
-    parts = _open_source(source, split)
-    caption_cols = DUAL_CAPTION_COLUMNS if dual_captions else (caption_column,)
-    required = (*IMAGE_COLUMNS, *LABEL_COLUMNS, *caption_cols)
-    for part in parts:
-        missing = [c for c in required if c not in part.columns]
-        if missing:
-            raise MissingColumnError(
-                f"{part.name}: missing column(s) {missing}; columns present: {part.columns}"
-                + ("" if dual_captions else "; set data.caption_column if the captions have another name")
-            )
-
+    parts = _open_checked(source, split, caption_column, dual_captions)
     records: list[PreferenceRecord] = []
     skipped: Counter[str] = Counter()
     ties = 0
     rows_read = 0
-    for part, row, global_row, values in _iter_rows(parts, required, caption_column if dual_captions else None):
+    for report in _row_reports(parts, caption_column, dual_captions):
         rows_read += 1
-        rec, reason, is_tie = _check_row(values, part.name, row, global_row, caption_column, dual_captions)
-        if is_tie and not keep_ties:
+        if report.is_tie and not keep_ties:
             ties += 1
-        elif reason is not None:
+        elif report.problem is not None:
             if on_bad_row == "error":
                 raise BadRowError(
-                    f"{part.name}: row {row}: {reason}; fix or remove the row, or set data.on_bad_row=skip"
+                    f"{report.file}: row {report.row}: {report.problem}; fix or remove the row, or set "
+                    "data.on_bad_row=skip"
                 )
-            skipped[reason] += 1
+            skipped[report.problem] += 1
         else:
-            records.append(rec)
+            records.append(report.record)
             if max_samples is not None and len(records) >= max_samples:
                 break
 
@@ -354,6 +344,49 @@ def load_preference_table(
         source_fingerprint=json.dumps([p.fingerprint for p in parts]),
         options=options,
     )
+
+
+@dataclass(frozen=True)
+class RowReport:
+    """One row of a source as :func:`audit_rows` sees it: ``problem`` is None for a usable row."""
+
+    file: str
+    row: int
+    problem: str | None
+    is_tie: bool
+    record: PreferenceRecord | None
+
+
+def audit_rows(
+    source: str, *, split: str = "train", caption_column: str = "caption", dual_captions: bool = False
+) -> Iterator[RowReport]:
+    """Check every row of ``source`` with the same rules as :func:`load_preference_table` and yield one
+    :class:`RowReport` per row, ties included (for ``diffalign-data validate`` / ``stats``). Raises
+    :class:`MissingColumnError` if a file lacks a required column."""
+    yield from _row_reports(_open_checked(source, split, caption_column, dual_captions), caption_column, dual_captions)
+
+
+def _open_checked(source: str, split: str, caption_column: str, dual_captions: bool) -> list[_Part]:
+    parts = _open_source(source, split)
+    for part in parts:
+        missing = [c for c in _required_columns(caption_column, dual_captions) if c not in part.columns]
+        if missing:
+            raise MissingColumnError(
+                f"{part.name}: missing column(s) {missing}; columns present: {part.columns}"
+                + ("" if dual_captions else "; set data.caption_column if the captions have another name")
+            )
+    return parts
+
+
+def _required_columns(caption_column: str, dual_captions: bool) -> tuple[str, ...]:
+    return (*IMAGE_COLUMNS, *LABEL_COLUMNS, *(DUAL_CAPTION_COLUMNS if dual_captions else (caption_column,)))
+
+
+def _row_reports(parts: Sequence[_Part], caption_column: str, dual_captions: bool) -> Iterator[RowReport]:
+    required = _required_columns(caption_column, dual_captions)
+    for part, row, global_row, values in _iter_rows(parts, required, caption_column if dual_captions else None):
+        rec, reason, is_tie = _check_row(values, part.name, row, global_row, caption_column, dual_captions)
+        yield RowReport(file=part.name, row=row, problem=reason, is_tie=is_tie, record=rec)
 
 
 def _iter_rows(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffalign.eval.grid import labelled_grid
-from diffalign.toy.experiment import evaluate, first_per_prompt, prepare_world, train_method
+from diffalign.toy.experiment import check_overrides, evaluate, first_per_prompt, prepare_world, train_method
 from diffalign.toy.world import all_prompts
 
 
@@ -23,6 +23,7 @@ def run_demo(
     n_per_prompt: int = 16,
     overrides: Sequence[str] = (),
 ) -> dict:
+    check_overrides(["dpo"], overrides)
     started = time.perf_counter()
     output_dir = Path(output_dir)
     world = prepare_world(output_dir)

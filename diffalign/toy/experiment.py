@@ -17,7 +17,7 @@ from diffalign.toy.metrics import summarize
 from diffalign.toy.model import load_toy_model
 from diffalign.toy.pairs import make_preference_pairs
 from diffalign.toy.pretrain import ensure_base
-from diffalign.toy.sampling import evaluation_prompts, generate
+from diffalign.toy.sampling import EVAL_ETA, evaluation_prompts, generate
 
 PAIRS_VERSION = 2  # bump when make_preference_pairs changes what it writes (v2: DCPO-h loser captions)
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "toy"
@@ -64,6 +64,12 @@ def method_config(method: str, world: ToyWorld, overrides: Sequence[str] = ()) -
     )
 
 
+def check_overrides(methods: Sequence[str], overrides: Sequence[str]) -> None:
+    """Raise ``ConfigError`` now, before any data is built, if ``overrides`` do not apply to every method's config."""
+    for method in methods:
+        load_config(CONFIG_DIR / f"{method}.yaml", list(overrides))
+
+
 def train_method(method: str, world: ToyWorld, overrides: Sequence[str] = ()) -> tuple[Path, float]:
     """Train ``configs/toy/{method}.yaml`` from the base; return (run dir, seconds)."""
     from diffalign.trainers.offline import train
@@ -75,15 +81,21 @@ def train_method(method: str, world: ToyWorld, overrides: Sequence[str] = ()) ->
 
 
 def evaluate(
-    base: str | os.PathLike, run_dir: str | os.PathLike | None = None, *, n_per_prompt: int = 16, seed: int = 1234
+    base: str | os.PathLike,
+    run_dir: str | os.PathLike | None = None,
+    *,
+    n_per_prompt: int = 16,
+    seed: int = 1234,
+    eta: float = EVAL_ETA,
 ) -> Evaluation:
     """Gold metrics of the base (``run_dir=None``) or of a trained run, on ``n_per_prompt`` samples of each of the
-    12 prompts (DDIM 20 steps, CFG 3, fixed per-sample seeds so before/after compare the same noise)."""
+    12 prompts (the evaluation sampler of :mod:`diffalign.toy.sampling`: 20 steps, CFG 3, ``eta`` default 1; fixed
+    per-sample seeds so before/after compare the same noise)."""
     model = load_toy_model(base)
     if run_dir is not None:
         model.unet = load_trained_unet(base, run_dir).eval()
     prompts = evaluation_prompts(n_per_prompt)
-    images = generate(model.unet, model.text_encoder, model.tokenizer, model.scheduler, prompts, seed=seed)
+    images = generate(model.unet, model.text_encoder, model.tokenizer, model.scheduler, prompts, seed=seed, eta=eta)
     return Evaluation(summarize(images, prompts), images, prompts)
 
 
