@@ -51,7 +51,7 @@ def stats(reports: Iterable[RowReport]) -> dict:
         else:
             winners["jpg_1" if rec.swapped else "jpg_0"] += 1
         caption_words += [len(rec.prompt_chosen.split()), len(rec.prompt_rejected.split())]
-        for data in (rec.image_chosen, rec.image_rejected):
+        for data in report.images:
             with Image.open(io.BytesIO(data)) as img:
                 sizes[f"{img.width}x{img.height}"] += 1
     return {

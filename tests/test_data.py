@@ -57,17 +57,17 @@ def test_keep_ties_treats_jpg_0_as_winner(pairs_file: Path, rows: list[dict]) ->
     assert len(table) == 12 and table.num_ties_dropped == 0
     tie = table[3]
     assert tie.is_tie and not tie.swapped
-    assert tie.image_chosen == _png(rows, 3, "jpg_0") and tie.image_rejected == _png(rows, 3, "jpg_1")
+    assert table.image_bytes(3) == (_png(rows, 3, "jpg_0"), _png(rows, 3, "jpg_1"))
 
 
 def test_orientation_puts_winner_first(pairs_file: Path, rows: list[dict]) -> None:
     table = load_preference_table(str(pairs_file))
-    for rec in table.records:
+    for k, rec in enumerate(table.records):
         i = rec.original_index
         swapped = rows[i]["label_0"] == 0.0
         assert rec.swapped == swapped
         win, lose = ("jpg_1", "jpg_0") if swapped else ("jpg_0", "jpg_1")
-        assert rec.image_chosen == _png(rows, i, win) and rec.image_rejected == _png(rows, i, lose)
+        assert table.image_bytes(k) == (_png(rows, i, win), _png(rows, i, lose))
         assert rec.prompt_chosen == rec.prompt_rejected == f"prompt {i}"
         assert (rec.file, rec.row) == (str(pairs_file), i)
 
@@ -99,9 +99,9 @@ def test_max_samples_keeps_the_first_kept_pairs(pairs_file: Path) -> None:
 
 def test_image_structs_read_like_bytes(tmp_path: Path, rows: list[dict], pairs_file: Path) -> None:
     struct_file = write_pickapic_parquet(tmp_path / "struct.parquet", rows, image_struct=True)
-    a = load_preference_table(str(pairs_file)).records
-    b = load_preference_table(str(struct_file)).records
-    assert [(r.image_chosen, r.image_rejected) for r in a] == [(r.image_chosen, r.image_rejected) for r in b]
+    a = load_preference_table(str(pairs_file))
+    b = load_preference_table(str(struct_file))
+    assert len(a) == len(b) and all(a.image_bytes(i) == b.image_bytes(i) for i in range(len(a)))
 
 
 # -- bad rows --------------------------------------------------------------------------------------------------------
@@ -230,8 +230,8 @@ def test_hub_name_goes_through_datasets_load_dataset(
     hub = load_preference_table("someone/pickapic_tiny", split="validation")
     local = load_preference_table(str(pairs_file), split="validation")
     assert calls == [("someone/pickapic_tiny", "validation")]
-    assert [(r.image_chosen, r.prompt_chosen, r.original_index, r.row) for r in hub.records] == [
-        (r.image_chosen, r.prompt_chosen, r.original_index, r.row) for r in local.records
+    assert [(hub.image_bytes(i), r.prompt_chosen, r.original_index, r.row) for i, r in enumerate(hub.records)] == [
+        (local.image_bytes(i), r.prompt_chosen, r.original_index, r.row) for i, r in enumerate(local.records)
     ]
     assert hub.records[0].file == "someone/pickapic_tiny[validation]"
     assert hub.fingerprint != local.fingerprint
@@ -389,3 +389,15 @@ def test_collate_of_the_dataset(pairs_file: Path) -> None:
     batch = collate_preference_batch([ds[i] for i in (0, 2)])
     assert batch["pixels_rejected"].shape == (2, 3, 8, 8)
     assert batch["prompt_chosen"] == batch["prompt_rejected"] == ["prompt 0", "prompt 2"]
+
+
+def test_table_reads_images_on_demand_and_pickles_without_them(tmp_path: Path) -> None:
+    import pickle
+
+    rows = make_random_pairs(12, size=48, seed=1)
+    table = load_preference_table(str(write_pickapic_parquet(tmp_path / "big.parquet", rows)))
+    image_bytes = sum(len(a) + len(b) for a, b in (table.image_bytes(i) for i in range(len(table))))
+    blob = pickle.dumps(table)  # what a DataLoader worker receives
+    assert len(blob) < image_bytes / 10
+    clone = pickle.loads(blob)
+    assert [clone.image_bytes(i) for i in range(len(table))] == [table.image_bytes(i) for i in range(len(table))]

@@ -60,11 +60,10 @@ class PreferenceRecord:
     """One kept pair, winner first.
 
     ``original_index`` counts rows over the whole source (all files in sorted order); ``file`` and ``row`` locate
-    the row as a user would open it (``row`` is 0-based within ``file``).
+    the row as a user would open it (``row`` is 0-based within ``file``). Image bytes are not held: the table reads
+    them on demand (:meth:`PreferenceTable.image_bytes`), so memory does not grow with the data set.
     """
 
-    image_chosen: bytes
-    image_rejected: bytes
     prompt_chosen: str
     prompt_rejected: str
     caption: str
@@ -73,6 +72,7 @@ class PreferenceRecord:
     original_index: int
     file: str
     row: int
+    part: int = 0
 
     @property
     def is_tie(self) -> bool:
@@ -92,6 +92,7 @@ class PreferenceTable:
     skipped: dict[str, int] = field(default_factory=dict)
     source_fingerprint: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    image_columns: list[_ImageColumns] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -106,10 +107,23 @@ class PreferenceTable:
         blob = json.dumps({"source": self.source_fingerprint, "options": self.options}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def image_bytes(self, i: int) -> tuple[bytes, bytes]:
+        """The encoded (winner, loser) images of pair ``i``, read from the source now."""
+        rec = self.records[i]
+        cells = self.image_columns[rec.part].row(rec.row)
+        data = []
+        for col in IMAGE_COLUMNS:
+            value, problem = _image_bytes(cells[col], col, verify=False)
+            if problem is not None:
+                raise BadRowError(f"{rec.file}: row {rec.row}: {problem} (the source changed after loading?)")
+            data.append(value)
+        return (data[1], data[0]) if rec.swapped else (data[0], data[1])
+
     def decode_pair(self, i: int) -> tuple[Image.Image, Image.Image]:
         """The (winner, loser) images of pair ``i`` as RGB PIL images."""
         rec = self.records[i]
-        return _decode_rgb(rec.image_chosen, rec, "chosen"), _decode_rgb(rec.image_rejected, rec, "rejected")
+        chosen, rejected = self.image_bytes(i)
+        return _decode_rgb(chosen, rec, "chosen"), _decode_rgb(rejected, rec, "rejected")
 
 
 def _decode_rgb(data: bytes, rec: PreferenceRecord, side: str) -> Image.Image:
@@ -128,12 +142,39 @@ def _decode_rgb(data: bytes, rec: PreferenceRecord, side: str) -> Image.Image:
 
 @dataclass
 class _Part:
-    """One file (or hub split) of a source: its display name, its columns and an iterator over row batches."""
+    """One file (or hub split) of a source: its display name, its columns, an iterator over row batches (the
+    validation pass) and random access to its image cells (training)."""
 
     name: str
     columns: list[str]
     batches: Callable[[Sequence[str]], Iterator[list[dict[str, Any]]]]
     fingerprint: Any
+    image_columns: _ImageColumns
+
+
+class _ImageColumns:
+    """Random access to the ``jpg_0`` / ``jpg_1`` cells of one part through a memory-mapped ``datasets`` table.
+
+    A parquet file is converted once by ``datasets.Dataset.from_parquet`` (an Arrow copy in the ``datasets`` cache,
+    as diffusers' script does with ``load_dataset``), opened on first use and again in each DataLoader worker, so
+    resident memory holds only the pages read, not the data set.
+    """
+
+    def __init__(self, parquet_path: str | None = None, dataset: Any = None) -> None:
+        self._path, self._dataset, self._table = parquet_path, dataset, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_path": self._path, "_dataset": self._dataset, "_table": None}
+
+    def row(self, i: int) -> dict[str, Any]:
+        if self._table is None:
+            dataset = self._dataset
+            if dataset is None:
+                import datasets
+
+                dataset = datasets.Dataset.from_parquet(self._path, columns=list(IMAGE_COLUMNS))
+            self._table = dataset.select_columns(list(IMAGE_COLUMNS)).with_format("arrow")
+        return self._table[i].to_pylist()[0]
 
 
 def _belongs_to_split(rel: Path, split: str) -> bool:
@@ -178,7 +219,8 @@ def _parquet_part(path: Path) -> _Part:
         for batch in pf.iter_batches(batch_size=_READ_BATCH_ROWS, columns=list(columns)):
             yield batch.to_pylist()
 
-    return _Part(str(path), list(pf.schema_arrow.names), batches, [str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    fingerprint = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    return _Part(str(path), list(pf.schema_arrow.names), batches, fingerprint, _ImageColumns(parquet_path=str(path)))
 
 
 def _hub_part(name: str, split: str) -> _Part:
@@ -196,7 +238,8 @@ def _hub_part(name: str, split: str) -> _Part:
         for table in ds.select_columns(list(columns)).with_format("arrow").iter(batch_size=_READ_BATCH_ROWS):
             yield table.to_pylist()
 
-    return _Part(f"{name}[{split}]", list(ds.column_names), batches, [name, split, getattr(ds, "_fingerprint", None)])
+    fingerprint = [name, split, getattr(ds, "_fingerprint", None)]
+    return _Part(f"{name}[{split}]", list(ds.column_names), batches, fingerprint, _ImageColumns(dataset=ds))
 
 
 def _open_source(source: str, split: str) -> list[_Part]:
@@ -213,7 +256,7 @@ def _open_source(source: str, split: str) -> list[_Part]:
 # -- validation ------------------------------------------------------------------------------------------------------
 
 
-def _image_bytes(value: Any, column: str) -> tuple[bytes | None, str | None]:
+def _image_bytes(value: Any, column: str, verify: bool = True) -> tuple[bytes | None, str | None]:
     """Bytes of an image cell (raw bytes or a ``{"bytes", "path"}`` struct), or ``(None, skip reason)``."""
     if isinstance(value, dict):
         data = value.get("bytes")
@@ -227,6 +270,8 @@ def _image_bytes(value: Any, column: str) -> tuple[bytes | None, str | None]:
         return None, f"missing {column}"
     if not isinstance(value, bytes | bytearray):
         return None, f"{column} is not image bytes"
+    if not verify:
+        return bytes(value), None
     try:
         with Image.open(io.BytesIO(value)) as img:
             img.verify()
@@ -343,6 +388,7 @@ def load_preference_table(
         skipped=dict(skipped),
         source_fingerprint=json.dumps([p.fingerprint for p in parts]),
         options=options,
+        image_columns=[part.image_columns for part in parts],
     )
 
 
@@ -355,6 +401,7 @@ class RowReport:
     problem: str | None
     is_tie: bool
     record: PreferenceRecord | None
+    images: tuple[bytes, bytes] | None = None  # (winner, loser), verified; only while streaming
 
 
 def audit_rows(
@@ -384,47 +431,52 @@ def _required_columns(caption_column: str, dual_captions: bool) -> tuple[str, ..
 
 def _row_reports(parts: Sequence[_Part], caption_column: str, dual_captions: bool) -> Iterator[RowReport]:
     required = _required_columns(caption_column, dual_captions)
-    for part, row, global_row, values in _iter_rows(parts, required, caption_column if dual_captions else None):
-        rec, reason, is_tie = _check_row(values, part.name, row, global_row, caption_column, dual_captions)
-        yield RowReport(file=part.name, row=row, problem=reason, is_tie=is_tie, record=rec)
+    for part_index, row, global_row, values in _iter_rows(parts, required, caption_column if dual_captions else None):
+        name = parts[part_index].name
+        rec, images, reason, is_tie = _check_row(
+            values, name, part_index, row, global_row, caption_column, dual_captions
+        )
+        yield RowReport(file=name, row=row, problem=reason, is_tie=is_tie, record=rec, images=images)
 
 
 def _iter_rows(
     parts: Sequence[_Part], required: Sequence[str], optional_caption: str | None
-) -> Iterator[tuple[_Part, int, int, dict[str, Any]]]:
-    """Yield ``(part, row within part, row within source, values)`` for every row, reading only needed columns."""
+) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+    """Yield ``(part index, row within part, row within source, values)`` for every row, reading only needed
+    columns."""
     global_row = 0
-    for part in parts:
+    for part_index, part in enumerate(parts):
         columns = list(required)
         if optional_caption is not None and optional_caption in part.columns:
             columns.append(optional_caption)
         row = 0
         for batch in part.batches(columns):
             for values in batch:
-                yield part, row, global_row, values
+                yield part_index, row, global_row, values
                 row += 1
                 global_row += 1
 
 
 def _check_row(
-    values: dict[str, Any], file: str, row: int, global_row: int, caption_column: str, dual: bool
-) -> tuple[PreferenceRecord | None, str | None, bool]:
-    """Validate one row: ``(record, None, is_tie)`` if good, ``(None, reason, is_tie)`` if bad."""
+    values: dict[str, Any], file: str, part: int, row: int, global_row: int, caption_column: str, dual: bool
+) -> tuple[PreferenceRecord | None, tuple[bytes, bytes] | None, str | None, bool]:
+    """Validate one row: ``(record, (winner bytes, loser bytes), None, is_tie)`` if good, ``(None, None, reason,
+    is_tie)`` if bad."""
     label_0, label_1 = values["label_0"], values["label_1"]
     problem = _label_problem(label_0, label_1)
     if problem is not None:
-        return None, problem, False
+        return None, None, problem, False
     is_tie = float(label_0) == 0.5
     caption_cols = DUAL_CAPTION_COLUMNS if dual else (caption_column,)
     for col in caption_cols:
         problem = _caption_problem(values[col], col)
         if problem is not None:
-            return None, problem, is_tie
+            return None, None, problem, is_tie
     images = []
     for col in IMAGE_COLUMNS:
         data, problem = _image_bytes(values[col], col)
         if problem is not None:
-            return None, problem, is_tie
+            return None, None, problem, is_tie
         images.append(data)
     swap = float(label_0) == 0.0
     captions = [values[c] for c in DUAL_CAPTION_COLUMNS] if dual else [values[caption_column]] * 2
@@ -433,8 +485,6 @@ def _check_row(
         captions.reverse()
     caption = values.get(caption_column) if dual else values[caption_column]
     rec = PreferenceRecord(
-        image_chosen=images[0],
-        image_rejected=images[1],
         prompt_chosen=captions[0],
         prompt_rejected=captions[1],
         caption=caption if isinstance(caption, str) else captions[0],
@@ -443,5 +493,6 @@ def _check_row(
         original_index=global_row,
         file=file,
         row=row,
+        part=part,
     )
-    return rec, None, is_tie
+    return rec, (images[0], images[1]), None, is_tie
