@@ -24,7 +24,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +39,7 @@ LABEL_COLUMNS = ("label_0", "label_1")
 DUAL_CAPTION_COLUMNS = ("caption_0", "caption_1")
 VALID_LABELS = (0.0, 0.5, 1.0)
 KNOWN_SPLITS = ("train", "validation", "valid", "val", "dev", "test", "validation_unique", "test_unique")
-_READ_BATCH_ROWS = 256
+_READ_BATCH_ROWS = 16
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
@@ -92,7 +92,7 @@ class PreferenceTable:
     skipped: dict[str, int] = field(default_factory=dict)
     source_fingerprint: str = ""
     options: dict[str, Any] = field(default_factory=dict)
-    image_columns: list[_ImageColumns] = field(default_factory=list, repr=False)
+    row_sources: list[_ArrowRows] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -110,7 +110,7 @@ class PreferenceTable:
     def image_bytes(self, i: int) -> tuple[bytes, bytes]:
         """The encoded (winner, loser) images of pair ``i``, read from the source now."""
         rec = self.records[i]
-        cells = self.image_columns[rec.part].row(rec.row)
+        cells = self.row_sources[rec.part].row(rec.row)
         data = []
         for col in IMAGE_COLUMNS:
             value, problem = _image_bytes(cells[col], col, verify=False)
@@ -142,39 +142,46 @@ def _decode_rgb(data: bytes, rec: PreferenceRecord, side: str) -> Image.Image:
 
 @dataclass
 class _Part:
-    """One file (or hub split) of a source: its display name, its columns, an iterator over row batches (the
-    validation pass) and random access to its image cells (training)."""
+    """One file (or hub split) of a source: its display name, its columns and its rows."""
 
     name: str
     columns: list[str]
-    batches: Callable[[Sequence[str]], Iterator[list[dict[str, Any]]]]
     fingerprint: Any
-    image_columns: _ImageColumns
+    rows: _ArrowRows
 
 
-class _ImageColumns:
-    """Random access to the ``jpg_0`` / ``jpg_1`` cells of one part through a memory-mapped ``datasets`` table.
+class _ArrowRows:
+    """Rows of one part through a memory-mapped ``datasets`` table: streamed in batches (the validation pass) and
+    read one at a time (images during training).
 
     A parquet file is converted once by ``datasets.Dataset.from_parquet`` (an Arrow copy in the ``datasets`` cache,
-    as diffusers' script does with ``load_dataset``), opened on first use and again in each DataLoader worker, so
-    resident memory holds only the pages read, not the data set.
+    as diffusers' script gets from ``load_dataset``) and opened on first use, again in each DataLoader worker, so
+    resident memory holds the pages read, not decoded copies of the data set.
     """
 
     def __init__(self, parquet_path: str | None = None, dataset: Any = None) -> None:
-        self._path, self._dataset, self._table = parquet_path, dataset, None
+        self._path, self._dataset, self._images = parquet_path, dataset, None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_path": self._path, "_dataset": self._dataset, "_table": None}
+        return {"_path": self._path, "_dataset": self._dataset if self._path is None else None, "_images": None}
+
+    def dataset(self) -> Any:
+        if self._dataset is None:
+            import datasets
+
+            self._dataset = datasets.Dataset.from_parquet(self._path)
+        return self._dataset
+
+    def batches(self, columns: Sequence[str]) -> Iterator[list[dict[str, Any]]]:
+        table = self.dataset().select_columns(list(columns)).with_format("arrow")
+        for batch in table.iter(batch_size=_READ_BATCH_ROWS):
+            yield batch.to_pylist()
 
     def row(self, i: int) -> dict[str, Any]:
-        if self._table is None:
-            dataset = self._dataset
-            if dataset is None:
-                import datasets
-
-                dataset = datasets.Dataset.from_parquet(self._path, columns=list(IMAGE_COLUMNS))
-            self._table = dataset.select_columns(list(IMAGE_COLUMNS)).with_format("arrow")
-        return self._table[i].to_pylist()[0]
+        """The image cells of row ``i``."""
+        if self._images is None:
+            self._images = self.dataset().select_columns(list(IMAGE_COLUMNS)).with_format("arrow")
+        return self._images[i].to_pylist()[0]
 
 
 def _belongs_to_split(rel: Path, split: str) -> bool:
@@ -210,17 +217,12 @@ def resolve_parquet_files(folder: Path, split: str) -> list[Path]:
 
 def _parquet_part(path: Path) -> _Part:
     try:
-        pf = pq.ParquetFile(path)
+        columns = list(pq.ParquetFile(path).schema_arrow.names)  # reads the footer: a bad file fails here, by name
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         raise PreferenceDataError(f"{path}: not a readable parquet file ({err})") from err
     stat = path.stat()
-
-    def batches(columns: Sequence[str]) -> Iterator[list[dict]]:
-        for batch in pf.iter_batches(batch_size=_READ_BATCH_ROWS, columns=list(columns)):
-            yield batch.to_pylist()
-
     fingerprint = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-    return _Part(str(path), list(pf.schema_arrow.names), batches, fingerprint, _ImageColumns(parquet_path=str(path)))
+    return _Part(str(path), columns, fingerprint, _ArrowRows(parquet_path=str(path)))
 
 
 def _hub_part(name: str, split: str) -> _Part:
@@ -234,12 +236,8 @@ def _hub_part(name: str, split: str) -> _Part:
             f"{err}"
         ) from err
 
-    def batches(columns: Sequence[str]) -> Iterator[list[dict]]:
-        for table in ds.select_columns(list(columns)).with_format("arrow").iter(batch_size=_READ_BATCH_ROWS):
-            yield table.to_pylist()
-
     fingerprint = [name, split, getattr(ds, "_fingerprint", None)]
-    return _Part(f"{name}[{split}]", list(ds.column_names), batches, fingerprint, _ImageColumns(dataset=ds))
+    return _Part(f"{name}[{split}]", list(ds.column_names), fingerprint, _ArrowRows(dataset=ds))
 
 
 def _open_source(source: str, split: str) -> list[_Part]:
@@ -388,7 +386,7 @@ def load_preference_table(
         skipped=dict(skipped),
         source_fingerprint=json.dumps([p.fingerprint for p in parts]),
         options=options,
-        image_columns=[part.image_columns for part in parts],
+        row_sources=[part.rows for part in parts],
     )
 
 
@@ -450,7 +448,7 @@ def _iter_rows(
         if optional_caption is not None and optional_caption in part.columns:
             columns.append(optional_caption)
         row = 0
-        for batch in part.batches(columns):
+        for batch in part.rows.batches(columns):
             for values in batch:
                 yield part_index, row, global_row, values
                 row += 1
