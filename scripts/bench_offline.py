@@ -16,8 +16,9 @@ script's default); accelerate drops it silently when tensorboard is not installe
 logs to tensorboard too, so both pay the same tracker cost.
 
 Set-up (seeded, written under ``--work-dir``): one tiny SD pipeline WITH a VAE (``diffalign.models.tiny``; image side
-``--resolution``, latents at half of it), so "without the cache" runs the VAE and the text encoder every step as
-diffusers does, and a Pick-a-Pic-layout parquet of ``--pairs`` random-image pairs.
+``--resolution``; ``--vae-levels`` 2 gives latents at half of it, 4 at an eighth as SD's VAE), so "without the
+cache" runs the VAE and the text encoder every step as diffusers does, and a Pick-a-Pic-layout parquet of
+``--pairs`` random-image pairs.
 
 Contenders, all at the same batch, resolution, LoRA rank (alpha = rank, q/k/v/out, gaussian init), optimizer (AdamW,
 lr 1e-5, constant), fp32, beta (diffusers' 2500 = our 5000, its logit has no 1/2), hflip on, one process, no
@@ -98,6 +99,7 @@ class Settings:
     work_dir: Path
     resolution: int
     image_size: int
+    vae_levels: int
     pairs: int
     batch_size: int
     rank: int
@@ -142,7 +144,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", help="folder for model, data, caches and logs (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (always kept with --work-dir)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for every contender")
-    parser.add_argument("--resolution", type=int, default=32, help="training image side (latents are half of it)")
+    parser.add_argument("--resolution", type=int, default=32, help="training image side")
+    parser.add_argument(
+        "--vae-levels", type=int, default=2, choices=(2, 3, 4), help="VAE levels: latents at resolution / 2**(levels-1)"
+    )
     parser.add_argument("--image-size", type=int, help="side of the stored images (default: --resolution)")
     parser.add_argument("--pairs", type=int, default=256, help="preference pairs in the parquet")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per step")
@@ -163,8 +168,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.pairs, args.batch_size, args.short_steps, args.long_steps, args.repeats = 32, 2, 2, 12, 1
     if args.image_size is None:
         args.image_size = args.resolution
-    if args.resolution % 2 or args.resolution < 8:
-        parser.error(f"--resolution {args.resolution}: use an even side >= 8 (the tiny VAE downsamples by 2)")
+    factor = 2 ** (args.vae_levels - 1)
+    if args.resolution % factor or args.resolution // factor < 4:
+        parser.error(f"--resolution {args.resolution}: use a multiple of {factor} giving latents of at least 4 px")
     if args.image_size < args.resolution:
         parser.error(f"--image-size {args.image_size} is below --resolution {args.resolution}")
     if args.prime_steps < 1:
@@ -185,7 +191,10 @@ def prepare_assets(s: Settings) -> tuple[Path, Path]:
 
     model_dir, data_dir = s.work_dir / "model", s.work_dir / "data"
     if not (model_dir / "model_index.json").is_file():
-        save_tiny_sd_pipeline(model_dir, with_vae=True, sample_size=s.resolution, seed=s.seed)
+        vae_channels = (32, 64, 64, 64)[: s.vae_levels]
+        save_tiny_sd_pipeline(
+            model_dir, with_vae=True, sample_size=s.resolution, seed=s.seed, vae_block_out_channels=vae_channels
+        )
     parquet = data_dir / "train.parquet"
     if not parquet.is_file():
         write_pickapic_parquet(parquet, make_random_pairs(s.pairs, size=s.image_size, seed=s.seed))
@@ -446,7 +455,8 @@ def report(results: dict[str, Any], rat: dict[str, float], s: Settings) -> None:
     headers = ["contender", "pairs/s", "ms/step", "in-proc ms/step", "fixed s", "peak RSS MiB"]
     print()
     print(
-        f"batch {s.batch_size} pairs, resolution {s.resolution} (latent {s.resolution // 2}), LoRA rank {s.rank}, "
+        f"batch {s.batch_size} pairs, resolution {s.resolution} (latent {s.resolution // 2 ** (s.vae_levels - 1)}), "
+        f"LoRA rank {s.rank}, "
         f"{s.pairs} pairs, threads {s.threads}, device {s.device}, steps {s.short_steps}->{s.long_steps} "
         f"x{s.repeats}"
     )
@@ -477,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work_dir=work_dir,
         resolution=args.resolution,
         image_size=args.image_size,
+        vae_levels=args.vae_levels,
         pairs=args.pairs,
         batch_size=args.batch_size,
         rank=args.rank,

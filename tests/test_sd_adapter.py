@@ -319,3 +319,11 @@ def test_hub_ids_and_paths_are_told_apart(tmp_path, monkeypatch, tiny_sd_dirs):
     assert loading._hub_has_vae("me/latent", "main", True) is True
     assert loading._hub_has_vae("me/pixel", None, False) is False
     assert calls[0] == ("me/latent", "model_index.json", "main", True)
+
+
+def test_tiny_vae_levels_set_the_latent_size() -> None:
+    parts = tiny_sd_components(sample_size=32, vae_block_out_channels=(32, 64, 64, 64))  # SD's factor 8
+    latents = parts["vae"].encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+    assert latents.shape == (1, 4, 4, 4) and parts["unet"].config.sample_size == 4
+    with pytest.raises(ValueError, match="multiple of the VAE's downsampling factor 8"):
+        tiny_sd_components(sample_size=36, vae_block_out_channels=(32, 64, 64, 64))

@@ -1,8 +1,9 @@
 """Tiny, randomly initialised Stable-Diffusion-style components built from configs (no downloads).
 
 Used by tests, benchmarks and the toy world. The sizes follow diffusers' own pipeline tests (a two-level UNet with
-cross-attention at the lower level, a two-level VAE that downsamples by 2, a 5-layer CLIP text encoder of width 32)
-while the tokenizer is the real CLIP BPE tokenizer (vocabulary 49408), so token ids equal those of SD's tokenizer.
+cross-attention at the lower level, a two-level VAE that downsamples by 2 — four levels give SD's 8 — and a 5-layer
+CLIP text encoder of width 32) while the tokenizer is the real CLIP BPE tokenizer (vocabulary 49408), so token ids
+equal those of SD's tokenizer.
 """
 
 from __future__ import annotations
@@ -47,15 +48,18 @@ def tiny_sd_components(
     tokenizer_max_length: int = 77,
     block_out_channels: tuple[int, ...] = (32, 64),
     layers_per_block: int = 2,
+    vae_block_out_channels: tuple[int, ...] = (32, 64),
 ) -> dict[str, Any]:
     """Build ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler"}`` for a tiny SD model.
 
-    ``sample_size`` is the image side in pixels. With a VAE (2 levels, so a downsampling factor of 2 and 4 latent
-    channels) the UNet works on ``sample_size // 2`` latents; without one (``vae`` is ``None``) the UNet works
-    directly on 3-channel pixels. Weights depend only on ``seed`` (the global RNG state is left untouched).
+    ``sample_size`` is the image side in pixels. With a VAE (4 latent channels; ``len(vae_block_out_channels)``
+    levels, so a downsampling factor of 2 for the default two levels and 8, SD's, for four) the UNet works on
+    ``sample_size // factor`` latents; without one (``vae`` is ``None``) the UNet works directly on 3-channel pixels.
+    Weights depend only on ``seed`` (the global RNG state is left untouched).
     """
-    if sample_size % 2:
-        raise ValueError(f"sample_size must be even (the tiny VAE downsamples by 2), got {sample_size}")
+    factor = 2 ** (len(vae_block_out_channels) - 1) if with_vae else 1
+    if sample_size % factor or sample_size // factor < 2:
+        raise ValueError(f"sample_size {sample_size} must be a multiple of the VAE's downsampling factor {factor}")
     tokenizer = build_clip_tokenizer(model_max_length=tokenizer_max_length)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -64,9 +68,9 @@ def tiny_sd_components(
             vae = AutoencoderKL(
                 in_channels=3,
                 out_channels=3,
-                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                block_out_channels=(32, 64),
+                down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
+                up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
+                block_out_channels=tuple(vae_block_out_channels),
                 layers_per_block=1,
                 latent_channels=4,
                 norm_num_groups=32,
@@ -75,7 +79,7 @@ def tiny_sd_components(
         channels = 4 if with_vae else 3
         torch.manual_seed(seed + 1)
         unet = UNet2DConditionModel(
-            sample_size=sample_size // 2 if with_vae else sample_size,
+            sample_size=sample_size // factor,
             in_channels=channels,
             out_channels=channels,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
