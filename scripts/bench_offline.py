@@ -184,20 +184,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def prepare_assets(s: Settings) -> tuple[Path, Path]:
-    """Write the tiny SD pipeline (with VAE) and the parquet (``<work>/data/train.parquet``); return both folders."""
-    from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
-    from diffalign.models.tiny import save_tiny_sd_pipeline
+_PREPARE_CODE = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
+from diffalign.models.tiny import save_tiny_sd_pipeline
+a = json.loads(sys.argv[1])
+if a["model_dir"]:
+    save_tiny_sd_pipeline(a["model_dir"], with_vae=True, sample_size=a["resolution"], seed=a["seed"],
+                          vae_block_out_channels=tuple(a["vae_channels"]))
+if a["parquet"]:
+    write_pickapic_parquet(a["parquet"], make_random_pairs(a["pairs"], size=a["image_size"], seed=a["seed"]))
+"""
 
+
+def prepare_assets(s: Settings) -> tuple[Path, Path]:
+    """Write the tiny SD pipeline (with VAE) and the parquet (``<work>/data/train.parquet``); return both folders.
+
+    Built in a subprocess: on Linux a child's ``ru_maxrss`` includes the peak of the process it was forked from, so
+    the measuring process must stay small or every contender would report at least its size.
+    """
     model_dir, data_dir = s.work_dir / "model", s.work_dir / "data"
-    if not (model_dir / "model_index.json").is_file():
-        vae_channels = (32, 64, 64, 64)[: s.vae_levels]
-        save_tiny_sd_pipeline(
-            model_dir, with_vae=True, sample_size=s.resolution, seed=s.seed, vae_block_out_channels=vae_channels
-        )
     parquet = data_dir / "train.parquet"
-    if not parquet.is_file():
-        write_pickapic_parquet(parquet, make_random_pairs(s.pairs, size=s.image_size, seed=s.seed))
+    todo = {
+        "model_dir": None if (model_dir / "model_index.json").is_file() else str(model_dir),
+        "parquet": None if parquet.is_file() else str(parquet),
+        "resolution": s.resolution,
+        "image_size": s.image_size,
+        "pairs": s.pairs,
+        "seed": s.seed,
+        "vae_channels": [32, 64, 64, 64][: s.vae_levels],
+    }
+    if todo["model_dir"] or todo["parquet"]:
+        code = _PREPARE_CODE.format(repo=str(REPO_ROOT))
+        subprocess.run([s.python, "-c", code, json.dumps(todo)], check=True)
     return model_dir, data_dir
 
 

@@ -3,6 +3,8 @@ and turn wall times of runs with different step counts into a per-step time.
 
 Peak RSS is the kernel's high-water mark of resident memory (``VmHWM``) as ``wait4`` reports it for the finished
 child: ``ru_maxrss`` is the largest peak of the child and of any descendants it waited for (a maximum, not a sum).
+On Linux it also includes the peak of the process the child was forked from (kept across ``exec``), so the
+measuring process must stay small: build models and data in a subprocess, not in the caller.
 While the child runs, the summed RSS of its whole process tree is also sampled with psutil when it is installed (this
 catches memory held at the same time by DataLoader workers); the reported peak is the larger of the two.
 """
