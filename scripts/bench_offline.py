@@ -16,7 +16,8 @@ script's default); accelerate drops it silently when tensorboard is not installe
 logs to tensorboard too, so both pay the same tracker cost.
 
 Set-up (seeded, written under ``--work-dir``): one tiny SD pipeline WITH a VAE (``diffalign.models.tiny``; image side
-``--resolution``; ``--vae-levels`` 2 gives latents at half of it, 4 at an eighth as SD's VAE), so "without the
+``--resolution``; ``--vae-levels`` 2 gives latents at half of it; 4 gives SD's VAE shape: an eighth, two ResNet
+layers per level), so "without the
 cache" runs the VAE and the text encoder every step as diffusers does, and a Pick-a-Pic-layout parquet of
 ``--pairs`` random-image pairs.
 
@@ -146,7 +147,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--python", default=sys.executable, help="interpreter for every contender")
     parser.add_argument("--resolution", type=int, default=32, help="training image side")
     parser.add_argument(
-        "--vae-levels", type=int, default=2, choices=(2, 3, 4), help="VAE levels: latents at resolution / 2**(levels-1)"
+        "--vae-levels",
+        type=int,
+        default=2,
+        choices=(2, 3, 4),
+        help="VAE levels: latents at resolution / 2**(levels-1); 4 = SD-shaped (factor 8, 2 layers per level)",
     )
     parser.add_argument("--image-size", type=int, help="side of the stored images (default: --resolution)")
     parser.add_argument("--pairs", type=int, default=256, help="preference pairs in the parquet")
@@ -192,7 +197,7 @@ from diffalign.models.tiny import save_tiny_sd_pipeline
 a = json.loads(sys.argv[1])
 if a["model_dir"]:
     save_tiny_sd_pipeline(a["model_dir"], with_vae=True, sample_size=a["resolution"], seed=a["seed"],
-                          vae_block_out_channels=tuple(a["vae_channels"]))
+                          vae_block_out_channels=tuple(a["vae_channels"]), vae_layers_per_block=a["vae_layers"])
 if a["parquet"]:
     write_pickapic_parquet(a["parquet"], make_random_pairs(a["pairs"], size=a["image_size"], seed=a["seed"]))
 """
@@ -214,6 +219,7 @@ def prepare_assets(s: Settings) -> tuple[Path, Path]:
         "pairs": s.pairs,
         "seed": s.seed,
         "vae_channels": [32, 64, 64, 64][: s.vae_levels],
+        "vae_layers": 2 if s.vae_levels == 4 else 1,  # SD's VAE: layers_per_block 2
     }
     if todo["model_dir"] or todo["parquet"]:
         code = _PREPARE_CODE.format(repo=str(REPO_ROOT))

@@ -49,6 +49,7 @@ def tiny_sd_components(
     block_out_channels: tuple[int, ...] = (32, 64),
     layers_per_block: int = 2,
     vae_block_out_channels: tuple[int, ...] = (32, 64),
+    vae_layers_per_block: int = 1,
 ) -> dict[str, Any]:
     """Build ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler"}`` for a tiny SD model.
 
@@ -71,7 +72,7 @@ def tiny_sd_components(
                 down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
                 up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
                 block_out_channels=tuple(vae_block_out_channels),
-                layers_per_block=1,
+                layers_per_block=vae_layers_per_block,
                 latent_channels=4,
                 norm_num_groups=32,
                 sample_size=sample_size,
