@@ -240,9 +240,9 @@ class DiffusionAdapter(ABC):
     def reference_mode(self) -> Iterator[None]:
         """Within the block, :meth:`predict` evaluates the reference model.
 
-        Full fine-tuning (``reference_denoiser`` set): calls are routed to the frozen copy. LoRA: every peft LoRA
-        layer of the unwrapped denoiser is disabled, and on exit each layer's enabled state and each adapter
-        parameter's ``requires_grad`` are restored as they were (peft's re-enable would otherwise mark them trainable).
+        Full fine-tuning (``reference_denoiser`` set): calls are routed to the frozen copy. LoRA: every enabled peft
+        LoRA layer of the unwrapped denoiser is disabled and re-enabled on exit; ``requires_grad`` of the adapter
+        weights is never touched (peft's ``enable_adapters`` would mark them all trainable on re-enable).
         Nesting is allowed. No grad is switched off here; :meth:`predict` with ``reference=True`` does that.
         """
         if self.reference_denoiser is not None:
@@ -261,18 +261,17 @@ class DiffusionAdapter(ABC):
         if any(layer.merged for layer in layers):
             raise RuntimeError("LoRA weights are merged into the base weights; unmerge them before reference_mode")
         was_enabled = [layer for layer in layers if not layer.disable_adapters]
-        grad_flags = [(p, p.requires_grad) for layer in was_enabled for p in _adapter_parameters(layer)]
+        # peft's LoRA forward reads only this flag. Its enable_adapters(False/True) would also flip requires_grad on
+        # every adapter weight and re-run set_adapter: about 13 ms a step on a tiny UNet, a fifth of a cached step.
         for layer in was_enabled:
-            layer.enable_adapters(False)
+            layer._disable_adapters = True
         self._reference_depth += 1
         try:
             yield
         finally:
             self._reference_depth -= 1
             for layer in was_enabled:
-                layer.enable_adapters(True)
-            for param, flag in grad_flags:
-                param.requires_grad_(flag)
+                layer._disable_adapters = False
 
     def freeze_reference_copy(self) -> torch.nn.Module:
         """Set ``reference_denoiser`` to a frozen deep copy of the (unwrapped) denoiser, in eval mode; return it."""
@@ -281,11 +280,6 @@ class DiffusionAdapter(ABC):
         reference.eval()
         self.reference_denoiser = reference
         return reference
-
-
-def _adapter_parameters(layer: BaseTunerLayer) -> Iterator[torch.nn.Parameter]:
-    for name in layer.adapter_layer_names:
-        yield from getattr(layer, name).parameters()
 
 
 def _gather_per_sample(values: Tensor, timesteps: Tensor, like: Tensor) -> Tensor:

@@ -163,6 +163,7 @@ class Trainer(ABC):
         )
         self.model, optimizer, lr_scheduler = acc.prepare(self.model, optimizer, lr_scheduler)
         self.after_prepare()
+        trained = self.trainable_parameters()  # once: walking every parameter each step costs ~5 ms on a tiny UNet
         if tc.ema:
             self.ema = EMAModel(self.trainable_parameters(), decay=tc.ema_decay)
             self.ema.to(acc.device)
@@ -224,12 +225,12 @@ class Trainer(ABC):
                     )
             else:
                 consecutive_bad = 0
-                grad_norm = acc.clip_grad_norm_(self.trainable_parameters(), self.config.optim.max_grad_norm)
+                grad_norm = acc.clip_grad_norm_(trained, self.config.optim.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
-                    self.ema.step(self.trainable_parameters())
+                    self.ema.step(trained)
                 collected["grad_norm"].append(torch.as_tensor(grad_norm).reshape(1))
             bar.update(1)
             if global_step % tc.log_every == 0 or global_step == tc.max_steps:
