@@ -39,7 +39,7 @@ LABEL_COLUMNS = ("label_0", "label_1")
 DUAL_CAPTION_COLUMNS = ("caption_0", "caption_1")
 VALID_LABELS = (0.0, 0.5, 1.0)
 KNOWN_SPLITS = ("train", "validation", "valid", "val", "dev", "test", "validation_unique", "test_unique")
-_READ_BATCH_ROWS = 16
+_READ_BATCH_ROWS = 4  # rows of encoded images held at once by the validation pass (Pick-a-Pic images: ~1 MB each)
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
