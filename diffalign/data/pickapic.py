@@ -180,12 +180,10 @@ class _ArrowRows:
     def row(self, i: int) -> dict[str, Any]:
         """The image cells of row ``i``."""
         if self._images is None:
-            dataset = self.dataset()
-            if getattr(dataset, "_indices", None) is None:  # rows in storage order: read the Arrow columns directly
-                self._images = {c: dataset.data.table.column(c) for c in IMAGE_COLUMNS}
-            else:
-                self._images = dataset.select_columns(list(IMAGE_COLUMNS)).flatten_indices().data.table
-                self._images = {c: self._images.column(c) for c in IMAGE_COLUMNS}
+            dataset = self.dataset().select_columns(list(IMAGE_COLUMNS))
+            if getattr(dataset, "_indices", None) is not None:  # a selected or shuffled view: rows in logical order
+                dataset = dataset.flatten_indices()
+            self._images = {c: dataset.data.table.column(c) for c in IMAGE_COLUMNS}
         return {c: column[i].as_py() for c, column in self._images.items()}
 
 
