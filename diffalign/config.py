@@ -72,8 +72,21 @@ class ModelConfig:
     pretrained: str = ""  # diffusers folder or hub id
     revision: str | None = None
     variant: str | None = None
-    prediction_type: str | None = None  # override the scheduler's ("epsilon" | "v_prediction")
+    prediction_type: str | None = None  # override the scheduler's ("epsilon" | "v_prediction"); SD/SDXL only
     local_files_only: bool = False
+    backbone: str = "auto"  # "auto" (from the folder / model_index.json) | "sd" | "sdxl" | "sd3"
+    vae: str | None = None  # a separate VAE folder / hub id (diffusers' --pretrained_vae_model_name_or_path)
+    # SDXL added time ids: "constant" [R, R, 0, 0, R, R] (original Diffusion-DPO) | "from_data" (diffusers / MaPO:
+    # jpg_0's size and the crop offset, with the joint pair transform)
+    sdxl_time_ids: str = "constant"
+    # SD3: T5 text encoder (false = zeros in its place, as diffusers without text_encoder_3), its token length,
+    # and the training timestep density (diffusers' compute_density_for_timestep_sampling)
+    load_t5: bool = True
+    max_sequence_length: int = 77
+    timestep_density: str = "logit_normal"  # "logit_normal" | "mode" | "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
 
 
 @dataclass
@@ -115,11 +128,14 @@ class LoraSettings:
 
 @dataclass
 class OptimConfig:
+    # "adamw" (torch) | "adamw_8bit" (bitsandbytes AdamW8bit: needs `pip install 'diffalign[8bit]'`) | "adafactor"
+    # (transformers, DiffusionDPO's SDXL settings: clip_threshold 1, no relative step or parameter scaling; uses
+    # lr and weight_decay only). See diffalign/trainers/optimizers.py.
     optimizer: str = "adamw"
     lr: float = 1e-5
     scale_lr: bool = False  # lr *= batch * grad_accum * num_processes (original Diffusion-DPO script)
     weight_decay: float = 1e-2
-    adam_beta1: float = 0.9
+    adam_beta1: float = 0.9  # adam_* apply to adamw and adamw_8bit
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     lr_scheduler: str = "constant"  # diffusers.optimization.get_scheduler names
@@ -137,7 +153,12 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
-    reference: str = "auto"  # "auto" (LoRA -> adapters disabled, full -> frozen copy) | "frozen_copy"
+    # Reference model of dpo/dcpo: "auto" (LoRA -> adapters disabled, full -> frozen copy) | "frozen_copy" (full
+    # fine-tune) | "frozen_copy_offload" (full fine-tune; the copy stays in CPU memory, streamed per forward) |
+    # "precomputed" (values computed once before training for each sample's fixed (noise, t) draw, stored beside the
+    # latent cache: training holds only the policy; with LoRA it saves the reference forward). See
+    # diffalign/trainers/reference_store.py.
+    reference: str = "auto"
     ema: bool = False
     ema_decay: float = 0.9999
     checkpointing_steps: int = 500
@@ -167,9 +188,13 @@ METHODS = ("dpo", "dcpo", "mapo", "sft")
 LOSS_WEIGHTINGS = ("constant", "min_snr", "truncated_snr")
 ON_BAD_ROW = ("error", "skip")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-REFERENCE_MODES = ("auto", "frozen_copy")
-OPTIMIZERS = ("adamw",)  # extend when the trainer supports "adamw8bit" / "adafactor"
+REFERENCE_MODES = ("auto", "frozen_copy", "frozen_copy_offload", "precomputed")
+OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")  # built by diffalign.trainers.optimizers.build_optimizer
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# kept here (not imported from diffalign.models) so that reading a config never imports the model code
+BACKBONES = ("auto", "sd", "sdxl", "sd3")
+SDXL_TIME_IDS = ("constant", "from_data")
+TIMESTEP_DENSITIES = ("logit_normal", "mode", "uniform")
 # diffusers.optimization.SchedulerType minus "piecewise_constant" (it needs step_rules, which the schema lacks).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 METHOD_DEFAULT_LOSS = {"dpo": "dpo", "dcpo": "dpo", "mapo": "mapo", "sft": "sft"}
@@ -481,6 +506,11 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     if not m.pretrained:
         c.fail("model.pretrained", "'model.pretrained' is empty; set it to a diffusers folder or hub id")
     c.one_of("model.prediction_type", PREDICTION_TYPES, optional=True)
+    c.one_of("model.backbone", BACKBONES)
+    c.one_of("model.sdxl_time_ids", SDXL_TIME_IDS)
+    c.one_of("model.timestep_density", TIMESTEP_DENSITIES)
+    c.check("model.max_sequence_length", m.max_sequence_length >= 1, ">= 1")
+    c.check("model.logit_std", m.logit_std > 0, "> 0")
 
     if not d.path:
         c.fail("data.path", "'data.path' is empty; set it to a parquet file/folder or a datasets hub name")
@@ -528,6 +558,19 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     c.check("train.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, ">= 1")
     c.one_of("train.mixed_precision", MIXED_PRECISION)
     c.one_of("train.reference", REFERENCE_MODES)
+    if t.reference in ("frozen_copy", "frozen_copy_offload") and lr.enabled:
+        c.fail(
+            "train.reference",
+            f"train.reference '{t.reference}' is for full fine-tuning (lora.enabled=false); with LoRA the reference "
+            "is the same network with its adapters disabled and costs no memory: use 'auto' (or 'precomputed' to "
+            "also skip the reference forward)",
+        )
+    if t.reference != "auto" and t.method in ("mapo", "sft"):
+        c.fail(
+            "train.reference",
+            f"train.reference '{t.reference}' has no effect: train.method '{t.method}' uses no reference model; "
+            "leave train.reference=auto",
+        )
     c.check("train.ema_decay", 0 < t.ema_decay < 1, "in (0, 1)")
     c.check("train.checkpointing_steps", t.checkpointing_steps >= 1, ">= 1")
     c.check(

@@ -43,6 +43,18 @@ after ``--short-steps`` is printed as a cross-check of the difference.
 Output: a table, then ``key=value`` lines, among them ``cached_vs_diffusers_pairs_per_s_ratio``,
 ``uncached_vs_diffusers_pairs_per_s_ratio``, ``uncached_vs_diffusers_peak_rss_ratio`` and
 ``cached_vs_diffusers_peak_rss_ratio`` (targets: >= 3, >= 1, <= 1; cached peak RSS is reported too).
+
+``--full-ft`` measures something else: full-fine-tune Diffusion-DPO (cached latents, fp32, same seed) with the
+reference as a frozen copy of the UNet (``train.reference=frozen_copy``) vs precomputed reference log-likelihoods
+(``train.reference=precomputed``), on a tiny pipeline whose UNet is made big enough (``--unet-channels``, default
+256,512: 89M parameters) for the UNet and its optimizer state to dominate RSS. Each run of the precomputed contender
+starts from an empty reference store, so its precompute pass is inside the measured process. Same method as above
+(priming run, short and long runs in fresh subprocesses, peak RSS over the timed runs); ``--optimizers adamw
+adafactor`` measures each optimizer. It prints both peak RSS, per-step times (whole process, which includes the
+precompute pass, and in-process training steps), both loss curves and whether they match (max |difference| <= 1e-6;
+exit status 1 if not), and ends with ``precomputed_vs_copy_peak_rss_ratio=R`` (for the first optimizer)::
+
+    python scripts/bench_offline.py --full-ft --optimizers adamw adafactor
 """
 
 from __future__ import annotations
@@ -84,6 +96,9 @@ TARGETS = {  # the issue's targets, at equal batch, resolution and LoRA rank
     "uncached_vs_diffusers_pairs_per_s_ratio": (">=", 1.0),
     "uncached_vs_diffusers_peak_rss_ratio": ("<=", 1.0),
 }
+# --full-ft: unless given on the command line (a small model whose UNet + optimizer state dominate RSS)
+FULL_FT_DEFAULTS = {"pairs": 32, "batch_size": 2, "short_steps": 2, "long_steps": 6, "repeats": 1}
+FULL_FT_LOSS_ATOL = 1e-6
 WANDB_STUB = '''"""Stub written by diffalign's scripts/bench_offline.py: diffusers' train_diffusion_dpo.py
 imports wandb at the top but uses it only to log validation images, which the benchmark never runs.
 Any use fails loudly."""
@@ -126,6 +141,8 @@ class Contender:
     runs: dict[int, list[ProcessRun]] = field(default_factory=dict)
     in_process_step_s: list[float] = field(default_factory=list)
     prime_wall_s: float = float("nan")
+    before_run: Callable[[], None] | None = None  # called before every run (e.g. to wipe a reference store)
+    loss_curves: list[list[float]] = field(default_factory=list)  # per-step losses of each long run
 
 
 # -------------------------------------------------------------------------------------------------------- set-up
@@ -168,8 +185,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per contender and step count")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before one run is killed")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    full = parser.add_argument_group(
+        "full fine-tune reference memory (--full-ft)",
+        "Full-fine-tune Diffusion-DPO with a frozen reference copy vs precomputed reference log-likelihoods; "
+        f"unless given, --full-ft uses {FULL_FT_DEFAULTS} (--quick: UNet channels 128,256)",
+    )
+    full.add_argument("--full-ft", action="store_true", help="measure peak RSS: frozen copy vs precomputed reference")
+    full.add_argument(
+        "--unet-channels", default="256,512", help="UNet block_out_channels of the --full-ft model (two levels)"
+    )
+    full.add_argument("--unet-layers", type=int, default=2, help="UNet layers_per_block of the --full-ft model")
+    full.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=["adamw"],
+        choices=("adamw", "adafactor", "adamw_8bit"),
+        help="--full-ft: measure each; the last output line is the first one's ratio",
+    )
     args = parser.parse_args(argv)
-    if args.quick:
+    if args.full_ft:
+        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+        for name, value in FULL_FT_DEFAULTS.items():
+            if f"--{name.replace('_', '-')}" not in given:
+                setattr(args, name, value)
+        if args.quick:
+            args.unet_channels = "128,256"
+    if args.quick and not args.full_ft:
         args.pairs, args.batch_size, args.short_steps, args.long_steps, args.repeats = 32, 2, 2, 12, 1
     if args.image_size is None:
         args.image_size = args.resolution
@@ -196,20 +237,26 @@ from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
 from diffalign.models.tiny import save_tiny_sd_pipeline
 a = json.loads(sys.argv[1])
 if a["model_dir"]:
+    unet = dict(block_out_channels=tuple(a["unet_channels"]), layers_per_block=a["unet_layers"]) if a.get(
+        "unet_channels") else dict()
     save_tiny_sd_pipeline(a["model_dir"], with_vae=True, sample_size=a["resolution"], seed=a["seed"],
-                          vae_block_out_channels=tuple(a["vae_channels"]), vae_layers_per_block=a["vae_layers"])
+                          vae_block_out_channels=tuple(a["vae_channels"]), vae_layers_per_block=a["vae_layers"],
+                          **unet)
 if a["parquet"]:
     write_pickapic_parquet(a["parquet"], make_random_pairs(a["pairs"], size=a["image_size"], seed=a["seed"]))
 """
 
 
-def prepare_assets(s: Settings) -> tuple[Path, Path]:
+def prepare_assets(s: Settings, unet_channels: Sequence[int] | None = None, unet_layers: int = 2) -> tuple[Path, Path]:
     """Write the tiny SD pipeline (with VAE) and the parquet (``<work>/data/train.parquet``); return both folders.
 
+    ``unet_channels`` / ``unet_layers`` set a bigger UNet (``<work>/model_unet<channels>x<layers>``; --full-ft).
     Built in a subprocess: on Linux a child's ``ru_maxrss`` includes the peak of the process it was forked from, so
     the measuring process must stay small or every contender would report at least its size.
     """
     model_dir, data_dir = s.work_dir / "model", s.work_dir / "data"
+    if unet_channels:
+        model_dir = s.work_dir / f"model_unet{'-'.join(map(str, unet_channels))}x{unet_layers}"
     parquet = data_dir / "train.parquet"
     todo = {
         "model_dir": None if (model_dir / "model_index.json").is_file() else str(model_dir),
@@ -220,6 +267,8 @@ def prepare_assets(s: Settings) -> tuple[Path, Path]:
         "seed": s.seed,
         "vae_channels": [32, 64, 64, 64][: s.vae_levels],
         "vae_layers": 2 if s.vae_levels == 4 else 1,  # SD's VAE: layers_per_block 2
+        "unet_channels": list(unet_channels) if unet_channels else None,
+        "unet_layers": unet_layers,
     }
     if todo["model_dir"] or todo["parquet"]:
         code = _PREPARE_CODE.format(repo=str(REPO_ROOT))
@@ -407,6 +456,8 @@ def run_once(c: Contender, s: Settings, steps: int, tag: str) -> ProcessRun:
     out.parent.mkdir(parents=True, exist_ok=True)
     log = s.work_dir / "logs" / f"{c.name}-{tag}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    if c.before_run is not None:
+        c.before_run()
     run = run_measured(c.argv(steps, out), env=c.env, cwd=c.cwd, log_path=log, timeout_s=s.timeout_s)
     if run.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
@@ -417,6 +468,7 @@ def run_once(c: Contender, s: Settings, steps: int, tag: str) -> ProcessRun:
     if c.name.startswith("ours") and steps == s.long_steps:
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         c.in_process_step_s.append(statistics.fmean(r["step_time_s"] for r in records[s.short_steps :]))
+        c.loss_curves.append([r["loss"] for r in records])
     shutil.rmtree(out, ignore_errors=True)
     print(f"  {c.name:<14} {steps:>5} steps  {run.wall_s:8.2f} s  peak RSS {run.peak_rss_bytes / 2**20:8.1f} MiB")
     return run
@@ -499,6 +551,138 @@ def report(results: dict[str, Any], rat: dict[str, float], s: Settings) -> None:
             print(f"target {key} {op} {bound:g}: {'PASS' if ok else 'FAIL'} ({rat[key]:.3f})")
 
 
+# ------------------------------------------------------------------------------------- full fine-tune (--full-ft)
+
+
+def full_ft_config(
+    s: Settings, model_dir: Path, data_dir: Path, cache_dir: Path, reference: str, optimizer: str
+) -> dict[str, Any]:
+    """Full-fine-tune Diffusion-DPO on cached latents; only ``train.reference`` differs between the two contenders."""
+    config = ours_config(s, model_dir, data_dir, tensorboard=False)
+    config["data"]["cache_dir"] = str(cache_dir)
+    config["lora"] = {"enabled": False}
+    config["optim"]["optimizer"] = optimizer
+    config["train"]["reference"] = reference
+    return config
+
+
+def make_full_ft(s: Settings, config_path: Path, cache_dir: Path, name: str, precomputed: bool) -> Contender:
+    """A ``scripts/train.py`` run of ``config_path``. With ``precomputed`` every run starts from an empty reference
+    store, so its precompute pass (one no-grad forward per micro-batch) is inside the measured process."""
+
+    def argv(steps: int, out: Path) -> list[str]:
+        script = str(REPO_ROOT / "scripts" / "train.py")
+        return [s.python, script, "--config", str(config_path), f"train.max_steps={steps}", f"train.output_dir={out}"]
+
+    def wipe_reference_store() -> None:
+        for folder in cache_dir.glob("*/reference"):
+            shutil.rmtree(folder)
+
+    def check(out: Path, steps: int) -> None:
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+        if len(lines) != steps:
+            raise RuntimeError(f"{out}/metrics.jsonl: expected {steps} logged steps, found {len(lines)}")
+        if precomputed and not any(cache_dir.glob("*/reference/*/epoch-*.safetensors")):
+            raise RuntimeError(f"{cache_dir}: train.reference=precomputed wrote no reference store")
+
+    env = base_env(s)
+    _prepend_path(env, "PYTHONPATH", REPO_ROOT)
+    return Contender(name, argv, env, REPO_ROOT, check, before_run=wipe_reference_store if precomputed else None)
+
+
+def safetensors_numel(folder: Path) -> int:
+    """Number of elements in the safetensors files of ``folder``, from their JSON headers (no torch import: the
+    measuring process must stay small, see :func:`prepare_assets`)."""
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                n = 1
+                for dim in entry["shape"]:
+                    n *= dim
+                total += n
+    return total
+
+
+def main_full_ft(args: argparse.Namespace, s: Settings) -> int:
+    """Peak RSS, step time and loss curves of full-fine-tune DPO: frozen reference copy vs precomputed reference."""
+    channels = [int(c) for c in args.unet_channels.split(",")]
+    model_dir, data_dir = prepare_assets(s, channels, args.unet_layers)
+    params = safetensors_numel(model_dir / "unet")
+    cache_dir = s.work_dir / "latent_cache_full_ft"
+    contenders: dict[str, tuple[Contender, Contender]] = {}
+    for optimizer in args.optimizers:
+        pair = []
+        for reference in ("frozen_copy", "precomputed"):
+            name = f"ours_{optimizer}_{reference}"
+            path = s.work_dir / f"full_ft_{name}.yaml"
+            config = full_ft_config(s, model_dir, data_dir, cache_dir, reference, optimizer)
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            pair.append(make_full_ft(s, path, cache_dir, name, reference == "precomputed"))
+        contenders[optimizer] = (pair[0], pair[1])
+    everyone = [c for pair in contenders.values() for c in pair]
+    print(f"work folder: {s.work_dir}")
+    print(f"command: {' '.join(everyone[0].argv(s.long_steps, s.work_dir / 'runs' / 'OUT'))}")
+    measure(everyone, s)
+    results = summarize(everyone, s)
+
+    mib = params * 4 / 2**20
+    print()
+    print(
+        f"full fine-tune DPO, UNet block_out_channels {channels} x{args.unet_layers} layers: {params / 1e6:.1f}M "
+        f"parameters = {mib:.0f} MiB fp32; batch {s.batch_size} pairs, resolution {s.resolution}, cached latents, "
+        f"threads {s.threads}, steps {s.short_steps}->{s.long_steps} x{s.repeats}"
+    )
+    rows = []
+    for name, r in results.items():
+        in_proc = r["in_process_step_s"]
+        rows.append(
+            [
+                name,
+                f"{r['seconds_per_step'] * 1000:.0f}",
+                "-" if in_proc is None else f"{in_proc * 1000:.0f}",
+                f"{r['fixed_cost_s']:.1f}",
+                f"{r['peak_rss_mib']:.0f}",
+            ]
+        )
+    print(format_table(["contender", "ms/step (process)", "ms/step (in-proc)", "fixed s", "peak RSS MiB"], rows))
+    print("(process ms/step includes the precompute pass: one no-grad forward per micro-batch, before training)")
+    print()
+    ratios: dict[str, float] = {}
+    all_match = True
+    for optimizer, (copy_run, pre_run) in contenders.items():
+        curve_copy, curve_pre = copy_run.loss_curves[0], pre_run.loss_curves[0]
+        diff = max(abs(a - b) for a, b in zip(curve_copy, curve_pre, strict=True))
+        match = len(curve_copy) == len(curve_pre) and diff <= FULL_FT_LOSS_ATOL
+        all_match &= match
+        print(f"{optimizer} loss curve, frozen copy: {' '.join(f'{x:.6f}' for x in curve_copy)}")
+        print(f"{optimizer} loss curve, precomputed: {' '.join(f'{x:.6f}' for x in curve_pre)}")
+        verdict = "match" if match else "DIFFER"
+        print(f"{optimizer} loss curves {verdict}: max |difference| {diff:.3g} (tolerance {FULL_FT_LOSS_ATOL:g})")
+        copy_rss, pre_rss = results[copy_run.name]["peak_rss_mib"], results[pre_run.name]["peak_rss_mib"]
+        ratios[optimizer] = pre_rss / copy_rss
+        print(
+            f"{optimizer}: peak RSS {copy_rss:.0f} MiB (frozen copy) vs {pre_rss:.0f} MiB (precomputed): saved "
+            f"{copy_rss - pre_rss:.0f} MiB = {(copy_rss - pre_rss) / mib:.2f} x the UNet's {mib:.0f} MiB"
+        )
+    print()
+    print(f"denoiser_params={params}")
+    print(f"denoiser_fp32_mib={mib:.1f}")
+    for name, r in results.items():
+        print(f"{name}_peak_rss_mib={r['peak_rss_mib']:.1f}")
+        print(f"{name}_seconds_per_step={r['seconds_per_step']:.4g}")
+    print(f"loss_curves_match={str(all_match).lower()}")
+    for optimizer, ratio in ratios.items():
+        print(f"precomputed_vs_copy_peak_rss_ratio_{optimizer}={ratio:.3f}")
+    if args.json:
+        payload = {"settings": {k: str(v) for k, v in vars(s).items()}, "results": results, "ratios": ratios}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    print(f"precomputed_vs_copy_peak_rss_ratio={ratios[args.optimizers[0]]:.3f}")
+    return 0 if all_match else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     script = Path(args.diffusers_script).expanduser().resolve() if args.diffusers_script else None
@@ -527,6 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_s=args.timeout,
     )
     try:
+        if args.full_ft:
+            return main_full_ft(args, s)
         found = probe_python(s.python)
         model_dir, data_dir = prepare_assets(s)
         config_path = work_dir / "ours.yaml"

@@ -222,8 +222,11 @@ def test_wrong_type_in_file_names_file(tmp_path: Path) -> None:
         ),
         ("train.mixed_precision=fp32", "'train.mixed_precision' must be one of 'no', 'fp16', 'bf16'; got 'fp32'"),
         ("data.on_bad_row=ignore", "'data.on_bad_row' must be one of 'error', 'skip'; got 'ignore'"),
-        ("train.reference=copy", "'train.reference' must be one of 'auto', 'frozen_copy'; got 'copy'"),
-        ("optim.optimizer=sgd", "'optim.optimizer' must be one of 'adamw'; got 'sgd'"),
+        (
+            "train.reference=copy",
+            "'train.reference' must be one of 'auto', 'frozen_copy', 'frozen_copy_offload', 'precomputed'; got 'copy'",
+        ),
+        ("optim.optimizer=sgd", "'optim.optimizer' must be one of 'adamw', 'adamw_8bit', 'adafactor'; got 'sgd'"),
         ("model.prediction_type=eps", "'model.prediction_type' must be one of 'epsilon', 'v_prediction' or null"),
         ("optim.lr_scheduler=cosine_warmup", "'optim.lr_scheduler' must be one of 'linear', 'cosine',"),
     ],

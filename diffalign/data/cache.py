@@ -12,7 +12,7 @@ What is stored:
   as the uncached path flips pixels before encoding.
 * ``prompts-NNNNN.safetensors``: each tensor returned by ``encode_prompts`` for every UNIQUE prompt string, ``""``
   always included (it is what prompt dropout uses); ``prompts.json`` lists the strings, ``index.safetensors`` maps
-  each pair to its winner's and loser's prompt ids.
+  each pair to its winner's and loser's prompt ids and holds each pair's ``original_size`` / ``crop_top_left``.
 * ``manifest.json``: fingerprints, counts, shapes and dtypes.
 
 One encoding per image: if ``encode_images`` samples the VAE posterior, that sample is fixed at cache time, whereas
@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from diffalign.data.transforms import PreferencePairDataset, draw_sample
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # v2: pair geometry (SDXL size conditioning) in index.safetensors
 MANIFEST = "manifest.json"
 
 EncodeImages = Callable[[torch.Tensor], torch.Tensor]
@@ -117,7 +117,8 @@ class CachedPreferenceDataset(Dataset):
     """Cached encodings of a :class:`PreferencePairDataset`, with its flips and prompt dropout.
 
     ``__getitem__(i)`` returns ``{"index": i, "latents_chosen": (C, h, w), "latents_rejected": (C, h, w),
-    "cond_chosen": {name: tensor}, "cond_rejected": {name: tensor}}`` (cond tensors without batch dim), equal to
+    "cond_chosen": {name: tensor}, "cond_rejected": {name: tensor}, "original_size": (2,), "crop_top_left": (2,)}``
+    (cond tensors without batch dim), equal to
     encoding the uncached sample ``i`` of the same epoch with the same callables.
     """
 
@@ -132,12 +133,14 @@ class CachedPreferenceDataset(Dataset):
         self.seed = dataset.seed
         self.hflip = dataset.hflip
         self.proportion_empty_prompts = dataset.proportion_empty_prompts
+        self.joint = dataset.joint
         self.epoch = 0
         shard_rows = self.manifest["shard_rows"]
         self._latents = _ShardReader(self.folder, "latents", shard_rows)
         self._prompts = _ShardReader(self.folder, "prompts", shard_rows)
         index = _load_index(self.folder / "index.safetensors")
         self._prompt_chosen, self._prompt_rejected = index["prompt_id_chosen"], index["prompt_id_rejected"]
+        self._original_size, self._crop_top_left = index["original_size"], index["crop_top_left"]
         self.cond_keys: list[str] = list(self.manifest["prompt_tensors"])
 
     def set_epoch(self, epoch: int) -> None:
@@ -153,7 +156,12 @@ class CachedPreferenceDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"pair index {index} out of range for a cache of {len(self)} pairs")
         d = draw_sample(
-            self.seed, self.epoch, index, hflip=self.hflip, proportion_empty_prompts=self.proportion_empty_prompts
+            self.seed,
+            self.epoch,
+            index,
+            hflip=self.hflip,
+            proportion_empty_prompts=self.proportion_empty_prompts,
+            joint=self.joint,
         )
         empty = self.manifest["empty_prompt_id"]
         id_c = empty if d.drop_prompt else int(self._prompt_chosen[index])
@@ -164,6 +172,8 @@ class CachedPreferenceDataset(Dataset):
             "latents_rejected": self._latents.get("rejected_flipped" if d.flip_rejected else "rejected", index),
             "cond_chosen": self._cond(id_c),
             "cond_rejected": self._cond(id_r),
+            "original_size": self._original_size[index].clone(),
+            "crop_top_left": self._crop_top_left[index].clone(),
         }
 
 
@@ -248,11 +258,12 @@ def _unique_prompts(dataset: PreferencePairDataset) -> tuple[list[str], torch.Te
 
 
 def _encode_latents(
-    dataset: PreferencePairDataset, indices: Sequence[int], encode_images: EncodeImages
+    dataset: PreferencePairDataset, indices: Sequence[int], encode_images: EncodeImages, geometry: list
 ) -> dict[str, torch.Tensor]:
-    pairs = [dataset.unflipped_pixels(i) for i in indices]
-    chosen = torch.stack([c for c, _ in pairs])
-    rejected = torch.stack([r for _, r in pairs])
+    pairs = [dataset.unflipped_pair(i) for i in indices]
+    geometry.extend(g for _, _, g in pairs)
+    chosen = torch.stack([c for c, _, _ in pairs])
+    rejected = torch.stack([r for _, r, _ in pairs])
     groups = {"chosen": chosen, "rejected": rejected}
     if dataset.hflip:
         groups.update(chosen_flipped=chosen.flip(-1), rejected_flipped=rejected.flip(-1))
@@ -289,9 +300,10 @@ def _write_cache(
     prompts, prompt_chosen, prompt_rejected = _unique_prompts(dataset)
     latents = _ShardWriter(folder, "latents", shard_rows)
     conds = _ShardWriter(folder, "prompts", shard_rows)
+    geometry: list = []
     with torch.no_grad():
         for start in tqdm(range(0, n, batch_size), desc="caching latents", disable=not show_progress):
-            latents.add(_encode_latents(dataset, range(start, min(start + batch_size, n)), encode_images))
+            latents.add(_encode_latents(dataset, range(start, min(start + batch_size, n)), encode_images, geometry))
         for start in tqdm(range(0, len(prompts), batch_size), desc="caching prompts", disable=not show_progress):
             conds.add(_encode_prompt_batch(encode_prompts, prompts[start : start + batch_size]))
     manifest = {
@@ -310,8 +322,12 @@ def _write_cache(
         "latent_tensors": latents.specs,
         "prompt_tensors": conds.specs,
     }
-    save_file(
-        {"prompt_id_chosen": prompt_chosen, "prompt_id_rejected": prompt_rejected}, str(folder / "index.safetensors")
-    )
+    index = {
+        "prompt_id_chosen": prompt_chosen,
+        "prompt_id_rejected": prompt_rejected,
+        "original_size": torch.tensor([g.original_size for g in geometry], dtype=torch.long).reshape(n, 2),
+        "crop_top_left": torch.tensor([g.crop_top_left for g in geometry], dtype=torch.long).reshape(n, 2),
+    }
+    save_file(index, str(folder / "index.safetensors"))
     (folder / "prompts.json").write_text(json.dumps(prompts, ensure_ascii=False))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))

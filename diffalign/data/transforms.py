@@ -5,6 +5,12 @@ Per image (research/offline_diffusion.md §2.1): ``Resize(R)`` of the shorter si
 ``Normalize(0.5, 0.5)``, i.e. ``x = (u8 / 255 - 0.5) / 0.5 ∈ [-1, 1]``. The flip is drawn independently for winner
 and loser. Prompt dropout replaces the pair's prompt(s) by ``""`` with probability ``p`` (both halves together).
 
+``joint=True`` is the pair transform of diffusers' SDXL DPO script (and MaPO), whose size and crop feed SDXL's
+added time ids: the ``jpg_1`` image is first resized to ``jpg_0``'s size (PIL ``resize``, its default bicubic), then
+both are resized, flipped together by ONE draw (the winner's stream) and cropped at the same offset. Every item
+carries ``original_size`` = ``jpg_0``'s (height, width) before any resize and ``crop_top_left`` = (top, left) of the
+crop, as that script computes them (without ``joint`` they are the winner's own).
+
 Every draw comes from :mod:`diffalign.utils.randomness`, keyed by ``(seed, epoch, dataset index, stream)``:
 
 * flip: stream ``FLIP`` for the winner, ``FLIP + LOSER_STREAM_OFFSET`` for the loser (``flip`` iff ``U < 0.5``);
@@ -78,11 +84,30 @@ class SampleDraws:
     drop_prompt: bool
 
 
-def draw_sample(seed: int, epoch: int, index: int, *, hflip: bool, proportion_empty_prompts: float) -> SampleDraws:
-    """The flips and prompt dropout of pair ``index`` in ``epoch`` (streams in the module docstring)."""
+def draw_sample(
+    seed: int, epoch: int, index: int, *, hflip: bool, proportion_empty_prompts: float, joint: bool = False
+) -> SampleDraws:
+    """The flips and prompt dropout of pair ``index`` in ``epoch`` (streams in the module docstring); with ``joint``
+    the loser takes the winner's flip."""
     flips = [hflip and _uniform(seed, epoch, index, FLIP + offset) < 0.5 for offset in (0, LOSER_STREAM_OFFSET)]
+    if joint:
+        flips[1] = flips[0]
     drop = proportion_empty_prompts > 0 and _uniform(seed, epoch, index, PROMPT_DROPOUT) < proportion_empty_prompts
     return SampleDraws(flip_chosen=flips[0], flip_rejected=flips[1], drop_prompt=drop)
+
+
+@dataclass(frozen=True)
+class PairGeometry:
+    """SDXL's size conditioning of a pair: ``original_size`` (height, width) and ``crop_top_left`` (top, left)."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "original_size": torch.tensor(self.original_size, dtype=torch.long),
+            "crop_top_left": torch.tensor(self.crop_top_left, dtype=torch.long),
+        }
 
 
 def crop_streams() -> tuple[int, int]:
@@ -94,8 +119,10 @@ class PreferencePairDataset(Dataset):
     """Pixel pairs of a :class:`PreferenceTable`, transformed like the original Diffusion-DPO script.
 
     ``__getitem__(i)`` returns ``{"index": i, "pixels_chosen": (3, R, R), "pixels_rejected": (3, R, R),
-    "prompt_chosen": str, "prompt_rejected": str}`` with pixels in [-1, 1]. Single-caption data gives both halves
-    the same prompt; dual-caption (DCPO) data gives each image its own. Call :meth:`set_epoch` before each epoch.
+    "prompt_chosen": str, "prompt_rejected": str, "original_size": (2,), "crop_top_left": (2,)}`` with pixels in
+    [-1, 1] (sizes and offsets as int64 (height, width) / (top, left); see the module docstring). Single-caption
+    data gives both halves the same prompt; dual-caption (DCPO) data gives each image its own. Call
+    :meth:`set_epoch` before each epoch.
     """
 
     def __init__(
@@ -107,6 +134,7 @@ class PreferencePairDataset(Dataset):
         hflip: bool = True,
         proportion_empty_prompts: float = 0.0,
         seed: int = 0,
+        joint: bool = False,
     ) -> None:
         if resolution < 1:
             raise ValueError(f"resolution={resolution}: must be a positive number of pixels")
@@ -118,6 +146,7 @@ class PreferencePairDataset(Dataset):
         self.hflip = hflip
         self.proportion_empty_prompts = proportion_empty_prompts
         self.seed = seed
+        self.joint = joint
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -130,12 +159,17 @@ class PreferencePairDataset(Dataset):
     def fingerprint(self) -> str:
         """Hash of the table's fingerprint and the options that change what the cache stores (resolution, crop
         mode, flip on/off); the seed and the dropout rate only change the per-epoch draws, so they are left out."""
-        blob = json.dumps([self.table.fingerprint, self.resolution, self.random_crop, self.hflip])
+        blob = json.dumps([self.table.fingerprint, self.resolution, self.random_crop, self.hflip, self.joint])
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def draws(self, index: int) -> SampleDraws:
         return draw_sample(
-            self.seed, self.epoch, index, hflip=self.hflip, proportion_empty_prompts=self.proportion_empty_prompts
+            self.seed,
+            self.epoch,
+            index,
+            hflip=self.hflip,
+            proportion_empty_prompts=self.proportion_empty_prompts,
+            joint=self.joint,
         )
 
     def prompts(self, index: int) -> tuple[str, str]:
@@ -145,21 +179,36 @@ class PreferencePairDataset(Dataset):
 
     def unflipped_pixels(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(winner, loser) after resize and crop, before the flip."""
-        images = self.table.decode_pair(index)
-        out = []
-        for img, stream in zip(images, crop_streams(), strict=True):
+        chosen, rejected, _ = self.unflipped_pair(index)
+        return chosen, rejected
+
+    def unflipped_pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor, PairGeometry]:
+        """(winner, loser) after resize and crop, before the flip, and the pair's SDXL size/crop conditioning."""
+        chosen_img, rejected_img = self.table.decode_pair(index)
+        first = rejected_img if self.table[index].swapped else chosen_img  # the source's jpg_0
+        original = (first.height, first.width)
+        if self.joint:
+            chosen_img, rejected_img = (
+                img if img is first else img.resize(first.size) for img in (chosen_img, rejected_img)
+            )
+        out, offsets = [], []
+        for img, stream in zip((chosen_img, rejected_img), crop_streams(), strict=True):
             img = resize_shorter_side(img, self.resolution)
             if self.random_crop:
-                gen = sample_generator(self.seed, self.epoch, index, stream)
+                # joint: one crop for the pair, drawn from the winner's stream
+                gen = sample_generator(self.seed, self.epoch, index, crop_streams()[0] if self.joint else stream)
                 top, left = random_crop_offsets(img.width, img.height, self.resolution, gen)
             else:
                 top, left = center_crop_offsets(img.width, img.height, self.resolution)
             img = img.crop((left, top, left + self.resolution, top + self.resolution))
             out.append(to_signed_tensor(img))
-        return out[0], out[1]
+            offsets.append((top, left))
+        if not self.joint:
+            original = (chosen_img.height, chosen_img.width)
+        return out[0], out[1], PairGeometry(original_size=original, crop_top_left=offsets[0])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        chosen, rejected = self.unflipped_pixels(index)
+        chosen, rejected, geometry = self.unflipped_pair(index)
         d = self.draws(index)
         prompt_c, prompt_r = ("", "") if d.drop_prompt else self.prompts(index)
         return {
@@ -168,6 +217,7 @@ class PreferencePairDataset(Dataset):
             "pixels_rejected": rejected.flip(-1) if d.flip_rejected else rejected,
             "prompt_chosen": prompt_c,
             "prompt_rejected": prompt_r,
+            **geometry.as_tensors(),
         }
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -92,6 +92,19 @@ class DiffusionAdapter(ABC):
     @abstractmethod
     def _denoise(self, model: torch.nn.Module, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """One forward of ``model`` (the denoiser or the reference copy)."""
+
+    #: subfolder of the denoiser in a diffusers pipeline folder, and the pipeline class that loads its LoRA files
+    denoiser_subfolder = "unet"
+    pipeline_class_name = "StableDiffusionPipeline"
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """The frozen encoders the adapter holds (VAE, text encoders), for device / dtype placement."""
+        return []
+
+    def batch_conditioning(self, batch: Mapping[str, Any], resolution: int) -> dict[str, Tensor]:
+        """Per-sample conditioning that comes from the data rather than the prompt (SDXL's ``time_ids``), each
+        tensor (B, ...), shared by both images of a pair; empty for backbones without any."""
+        return {}
 
     def snr_weights(self, timesteps: Tensor, gamma: float, mode: str = "min_snr") -> Tensor:
         """Per-sample SNR-based weights ω(t) on the MSE (see :meth:`SDAdapter.snr_weights`); (N,)."""
@@ -350,6 +363,9 @@ class SDAdapter(DiffusionAdapter):
         if height % factor or width % factor:
             raise ValueError(f"image size {height}x{width} must be divisible by the VAE scale factor {factor}")
         return int(unwrap(self.denoiser).config.in_channels), height // factor, width // factor
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.vae, self.text_encoder) if m is not None]
 
     def to(self, device: torch.device | str) -> SDAdapter:
         """Move every held module (denoiser, reference, VAE, text encoder) to ``device``; dtypes are kept."""

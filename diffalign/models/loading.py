@@ -1,4 +1,8 @@
-"""Load an SD 1.x/2.x model (hub id or local diffusers folder) into an :class:`SDAdapter`.
+"""Load an SD 1.x/2.x, SDXL or SD3 model (hub id or local diffusers folder) into its backbone adapter.
+
+:func:`load_adapter` picks the backbone from the folder (or the hub repo's ``model_index.json``): a ``transformer``
+component means SD3 (:class:`SD3Adapter`), a ``text_encoder_2`` next to a ``unet`` means SDXL
+(:class:`SDXLAdapter`), anything else SD 1.x/2.x (:class:`SDAdapter`).
 
 Each component is loaded on its own with ``X.from_pretrained(pretrained, subfolder=...)``, as diffusers' training
 scripts do; the scheduler is always a ``DDPMScheduler`` built from the pipeline's scheduler config. Loading is safe:
@@ -18,12 +22,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-from diffalign.models.diffusion import SDAdapter
+from diffalign.models.diffusion import DiffusionAdapter, SDAdapter
+from diffalign.models.sd3 import SD3Adapter
+from diffalign.models.sdxl import SDXLAdapter
 
 _REQUIRED_SUBFOLDERS = ("unet", "scheduler", "text_encoder", "tokenizer")
+_REQUIRED = {
+    "sd": _REQUIRED_SUBFOLDERS,
+    "sdxl": (*_REQUIRED_SUBFOLDERS, "text_encoder_2", "tokenizer_2"),
+    "sd3": ("transformer", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+}
+BACKBONES = ("sd", "sdxl", "sd3")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -32,12 +50,13 @@ def _vae_is_null(model_index: dict[str, Any]) -> bool:
     return entry is None or (isinstance(entry, list) and all(item is None for item in entry))
 
 
-def _local_has_vae(folder: Path) -> bool:
-    missing = [name for name in _REQUIRED_SUBFOLDERS if not (folder / name).is_dir()]
+def _local_has_vae(folder: Path, backbone: str = "sd") -> bool:
+    required = _REQUIRED[backbone]
+    missing = [name for name in required if not (folder / name).is_dir()]
     if missing:
         raise FileNotFoundError(
-            f"{folder} is not an SD model folder: missing subfolder(s) {missing}; expected the diffusers layout "
-            f"{list(_REQUIRED_SUBFOLDERS)} (+ optional vae/), e.g. written by StableDiffusionPipeline.save_pretrained"
+            f"{folder} is not an {backbone.upper()} model folder: missing subfolder(s) {missing}; expected the "
+            f"diffusers layout {list(required)} (+ optional vae/), as a pipeline's save_pretrained writes it"
         )
     if (folder / "vae").is_dir():
         return True
@@ -50,11 +69,40 @@ def _local_has_vae(folder: Path) -> bool:
     return False
 
 
-def _hub_has_vae(repo_id: str, revision: str | None, local_files_only: bool) -> bool:
+def _hub_model_index(repo_id: str, revision: str | None, local_files_only: bool) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
 
     index_path = hf_hub_download(repo_id, "model_index.json", revision=revision, local_files_only=local_files_only)
-    return not _vae_is_null(json.loads(Path(index_path).read_text()))
+    return json.loads(Path(index_path).read_text())
+
+
+def _hub_has_vae(repo_id: str, revision: str | None, local_files_only: bool) -> bool:
+    return not _vae_is_null(_hub_model_index(repo_id, revision, local_files_only))
+
+
+def _present(entry: Any) -> bool:
+    return entry is not None and not (isinstance(entry, list) and all(item is None for item in entry))
+
+
+def backbone_of_index(model_index: dict[str, Any]) -> str:
+    """``"sd3"`` if the pipeline has a ``transformer``, ``"sdxl"`` if it has a ``text_encoder_2``, else ``"sd"``."""
+    if _present(model_index.get("transformer")):
+        return "sd3"
+    if _present(model_index.get("text_encoder_2")):
+        return "sdxl"
+    return "sd"
+
+
+def detect_backbone(
+    pretrained: str | os.PathLike, *, revision: str | None = None, local_files_only: bool = False
+) -> str:
+    """The backbone family of a diffusers folder or hub repo: ``"sd"``, ``"sdxl"`` or ``"sd3"``."""
+    location, is_local = resolve_pretrained(pretrained)
+    if not is_local:
+        return backbone_of_index(_hub_model_index(location, revision, local_files_only))
+    folder = Path(location)
+    present = {name: [True] for name in ("transformer", "text_encoder_2") if (folder / name).is_dir()}
+    return backbone_of_index(present)
 
 
 def resolve_pretrained(pretrained: str | os.PathLike) -> tuple[str, bool]:
@@ -112,3 +160,193 @@ def load_sd_adapter(
         tokenizer=tokenizer,
         prediction_type=prediction_type,
     )
+
+
+def _weights_kwargs(
+    location: str, is_local: bool, revision: str | None, variant: str | None, local_files_only: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    common: dict[str, Any] = {"revision": revision, "local_files_only": local_files_only or is_local}
+    return common, {**common, "variant": variant, "use_safetensors": True}
+
+
+def _dtype_kwargs(torch_dtype: torch.dtype | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    return ({} if torch_dtype is None else {"torch_dtype": torch_dtype}), (
+        {} if torch_dtype is None else {"dtype": torch_dtype}
+    )
+
+
+def _has_vae(location: str, is_local: bool, backbone: str, revision: str | None, local_files_only: bool) -> bool:
+    if is_local:
+        return _local_has_vae(Path(location), backbone)
+    return _hub_has_vae(location, revision, local_files_only)
+
+
+def load_sdxl_adapter(
+    pretrained: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    local_files_only: bool = False,
+    prediction_type: str | None = None,
+    time_ids: str = "constant",
+) -> SDXLAdapter:
+    """Load an SDXL pipeline's UNet, DDPM scheduler, both CLIP encoders and tokenizers (and VAE) into an
+    :class:`SDXLAdapter`; ``time_ids`` is ``"constant"`` or ``"from_data"`` (see :mod:`diffalign.models.sdxl`)."""
+    location, is_local = resolve_pretrained(pretrained)
+    common, weights = _weights_kwargs(location, is_local, revision, variant, local_files_only)
+    diffusers_dtype, transformers_dtype = _dtype_kwargs(torch_dtype)
+    has_vae = _has_vae(location, is_local, "sdxl", revision, local_files_only)
+    unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", **weights, **diffusers_dtype)
+    scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler", **common)
+    text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **weights, **transformers_dtype)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+        location, subfolder="text_encoder_2", **weights, **transformers_dtype
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **common)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", **common)
+    vae = AutoencoderKL.from_pretrained(location, subfolder="vae", **weights, **diffusers_dtype) if has_vae else None
+    for module in (unet, text_encoder, text_encoder_2, vae):
+        if module is not None:
+            module.eval()
+    return SDXLAdapter(
+        unet,
+        scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        prediction_type=prediction_type,
+        time_ids=time_ids,
+    )
+
+
+def load_sd3_adapter(
+    pretrained: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    local_files_only: bool = False,
+    load_t5: bool = True,
+    max_sequence_length: int = 77,
+    timestep_density: str = "logit_normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+) -> SD3Adapter:
+    """Load an SD3 / SD3.5 pipeline's transformer, flow-matching scheduler, CLIP-L, CLIP-G (and T5 unless
+    ``load_t5=False`` or the pipeline has none: zeros replace its embeddings, as in diffusers) and VAE."""
+    location, is_local = resolve_pretrained(pretrained)
+    common, weights = _weights_kwargs(location, is_local, revision, variant, local_files_only)
+    diffusers_dtype, transformers_dtype = _dtype_kwargs(torch_dtype)
+    has_vae = _has_vae(location, is_local, "sd3", revision, local_files_only)
+    if is_local:
+        has_t5 = (Path(location) / "text_encoder_3").is_dir()
+    else:
+        has_t5 = _present(_hub_model_index(location, revision, local_files_only).get("text_encoder_3"))
+    transformer = SD3Transformer2DModel.from_pretrained(location, subfolder="transformer", **weights, **diffusers_dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(location, subfolder="scheduler", **common)
+    encoders = [
+        CLIPTextModelWithProjection.from_pretrained(location, subfolder=sub, **weights, **transformers_dtype)
+        for sub in ("text_encoder", "text_encoder_2")
+    ]
+    tokenizers = [
+        CLIPTokenizer.from_pretrained(location, subfolder=sub, **common) for sub in ("tokenizer", "tokenizer_2")
+    ]
+    text_encoder_3 = tokenizer_3 = None
+    if load_t5 and has_t5:
+        text_encoder_3 = T5EncoderModel.from_pretrained(
+            location, subfolder="text_encoder_3", **weights, **transformers_dtype
+        )
+        tokenizer_3 = AutoTokenizer.from_pretrained(location, subfolder="tokenizer_3", **common)
+    vae = AutoencoderKL.from_pretrained(location, subfolder="vae", **weights, **diffusers_dtype) if has_vae else None
+    for module in (transformer, *encoders, text_encoder_3, vae):
+        if module is not None:
+            module.eval()
+    return SD3Adapter(
+        transformer,
+        scheduler,
+        vae=vae,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        text_encoder_3=text_encoder_3,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        tokenizer_3=tokenizer_3,
+        max_sequence_length=max_sequence_length,
+        timestep_density=timestep_density,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        mode_scale=mode_scale,
+    )
+
+
+def load_adapter(
+    pretrained: str | os.PathLike,
+    *,
+    backbone: str = "auto",
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    local_files_only: bool = False,
+    prediction_type: str | None = None,
+    sdxl_time_ids: str = "constant",
+    **sd3_options: Any,
+) -> DiffusionAdapter:
+    """Load ``pretrained`` into the adapter of its backbone (``backbone="auto"`` detects it; see the module
+    docstring). ``prediction_type`` applies to SD/SDXL (SD3 always predicts the flow velocity), ``sdxl_time_ids``
+    to SDXL, ``sd3_options`` (``load_t5``, ``max_sequence_length``, ``timestep_density``, ``logit_mean``,
+    ``logit_std``, ``mode_scale``) to SD3."""
+    if backbone not in ("auto", *BACKBONES):
+        raise ValueError(f"backbone={backbone!r}: expected 'auto' or one of {BACKBONES}")
+    if backbone == "auto":
+        backbone = detect_backbone(pretrained, revision=revision, local_files_only=local_files_only)
+    common: dict[str, Any] = {
+        "revision": revision,
+        "variant": variant,
+        "torch_dtype": torch_dtype,
+        "local_files_only": local_files_only,
+    }
+    if backbone == "sd3":
+        if prediction_type not in (None, "flow"):
+            raise ValueError(f"prediction_type={prediction_type!r} does not apply to SD3 (a flow-matching model)")
+        return load_sd3_adapter(pretrained, **common, **sd3_options)
+    if sd3_options:
+        raise ValueError(f"{sorted(sd3_options)} apply only to SD3 models; {pretrained} is {backbone.upper()}")
+    if backbone == "sdxl":
+        return load_sdxl_adapter(pretrained, **common, prediction_type=prediction_type, time_ids=sdxl_time_ids)
+    return load_sd_adapter(pretrained, **common, prediction_type=prediction_type)
+
+
+def adapter_from_config(model: Any) -> DiffusionAdapter:
+    """:func:`load_adapter` with the fields of a :class:`diffalign.config.ModelConfig`."""
+    backbone = model.backbone
+    if backbone == "auto":
+        backbone = detect_backbone(model.pretrained, revision=model.revision, local_files_only=model.local_files_only)
+    sd3_options: dict[str, Any] = {}
+    if backbone == "sd3":
+        sd3_options = {
+            "load_t5": model.load_t5,
+            "max_sequence_length": model.max_sequence_length,
+            "timestep_density": model.timestep_density,
+            "logit_mean": model.logit_mean,
+            "logit_std": model.logit_std,
+            "mode_scale": model.mode_scale,
+        }
+    adapter = load_adapter(
+        model.pretrained,
+        backbone=backbone,
+        revision=model.revision,
+        variant=model.variant,
+        local_files_only=model.local_files_only,
+        prediction_type=model.prediction_type,
+        sdxl_time_ids=model.sdxl_time_ids,
+        **sd3_options,
+    )
+    if getattr(model, "vae", None):
+        location, is_local = resolve_pretrained(model.vae)
+        vae = AutoencoderKL.from_pretrained(location, local_files_only=model.local_files_only or is_local)
+        adapter.vae = vae.eval().requires_grad_(False)
+    return adapter

@@ -1,4 +1,4 @@
-"""peft LoRA on a diffusers UNet: attach, save in the diffusers LoRA format, load back for resuming.
+"""peft LoRA on a diffusers denoiser (UNet or SD3 transformer): attach, save in the diffusers LoRA format, load back.
 
 Mirrors diffusers' ``train_diffusion_dpo.py``: ``LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
 target_modules=["to_k", "to_q", "to_v", "to_out.0"])`` attached with ``unet.add_adapter``, base weights frozen,
@@ -6,8 +6,12 @@ LoRA parameters kept in float32 whatever the base dtype. Since LoRA's B matrices
 equals the base at step 0, so the reference (adapters disabled) equals the policy exactly there.
 
 The saved ``pytorch_lora_weights.safetensors`` loads with
-``StableDiffusionPipeline.from_pretrained(base).load_lora_weights(output_dir)``; the peft config (rank, alpha,
-targets) is stored in the file's metadata, so an alpha different from the rank survives the round trip.
+``<Pipeline>.from_pretrained(base).load_lora_weights(output_dir)`` for the pipeline class given to :func:`save_lora`
+(``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` — keys prefixed ``unet.`` — or
+``StableDiffusion3Pipeline`` — keys prefixed ``transformer.``); the peft config (rank, alpha, targets) is stored in
+the file's metadata, so an alpha different from the rank survives the round trip. For SD3, target the
+joint-attention projections too: ``to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out``
+(diffusers' ``train_dreambooth_lora_sd3.py``).
 """
 
 from __future__ import annotations
@@ -65,25 +69,41 @@ def add_lora(
     return params
 
 
-def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike, *, adapter_name: str = "default") -> Path:
-    """Write ``output_dir/pytorch_lora_weights.safetensors`` in diffusers' LoRA format; returns the file path."""
+def save_lora(
+    unet: torch.nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    adapter_name: str = "default",
+    pipeline_cls: type = StableDiffusionPipeline,
+    component: str = "unet",
+) -> Path:
+    """Write ``output_dir/pytorch_lora_weights.safetensors`` in diffusers' LoRA format; returns the file path.
+
+    ``pipeline_cls.save_lora_weights`` writes it, with the layers passed as ``{component}_lora_layers``
+    (``"unet"`` for SD/SDXL, ``"transformer"`` for SD3).
+    """
     bare = unwrap(unet)
     if adapter_name not in getattr(bare, "peft_config", {}):
-        raise ValueError(f"the UNet has no LoRA adapter named {adapter_name!r}; call add_lora first")
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(bare, adapter_name=adapter_name))
-    StableDiffusionPipeline.save_lora_weights(
+        raise ValueError(f"the {component} has no LoRA adapter named {adapter_name!r}; call add_lora first")
+    layers = get_peft_model_state_dict(bare, adapter_name=adapter_name)
+    if component == "unet":  # diffusers' UNet scripts convert to its own key format; the SD3 script saves peft keys
+        layers = convert_state_dict_to_diffusers(layers)
+    pipeline_cls.save_lora_weights(
         os.fspath(output_dir),
-        unet_lora_layers=layers,
         weight_name=LORA_WEIGHT_NAME,
-        unet_lora_adapter_metadata=bare.peft_config[adapter_name].to_dict(),
+        **{
+            f"{component}_lora_layers": layers,
+            f"{component}_lora_adapter_metadata": bare.peft_config[adapter_name].to_dict(),
+        },
     )
     return Path(output_dir) / LORA_WEIGHT_NAME
 
 
-def lora_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The UNet LoRA weights of a file written by :func:`save_lora` (or its folder), in peft key format.
+def lora_state_dict(path: str | os.PathLike, component: str = "unet") -> dict[str, torch.Tensor]:
+    """The denoiser LoRA weights of a file written by :func:`save_lora` (or its folder), in peft key format.
 
-    Keys look like ``down_blocks.1.attentions.0....to_q.lora_A.weight`` (no ``unet.`` prefix, no adapter name).
+    Keys look like ``down_blocks.1.attentions.0....to_q.lora_A.weight`` (no ``unet.`` / ``transformer.`` prefix, no
+    adapter name).
     """
     path = Path(path)
     if path.is_dir():
@@ -91,13 +111,16 @@ def lora_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; expected a {LORA_WEIGHT_NAME} written by save_lora")
     state = load_file(path)
-    unet_state = {key.removeprefix("unet."): value for key, value in state.items() if key.startswith("unet.")}
+    prefix = f"{component}."
+    unet_state = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
     if not unet_state:
-        raise ValueError(f"{path} holds no 'unet.' LoRA weights; found keys like {sorted(state)[:3]}")
-    return convert_unet_state_dict_to_peft(unet_state)
+        raise ValueError(f"{path} holds no '{prefix}' LoRA weights; found keys like {sorted(state)[:3]}")
+    return convert_unet_state_dict_to_peft(unet_state) if component == "unet" else unet_state
 
 
-def load_lora_into_unet(unet: torch.nn.Module, path: str | os.PathLike, *, adapter_name: str = "default") -> None:
+def load_lora_into_unet(
+    unet: torch.nn.Module, path: str | os.PathLike, *, adapter_name: str = "default", component: str = "unet"
+) -> None:
     """Copy saved LoRA weights into the existing adapter ``adapter_name`` (created by :func:`add_lora`), in place.
 
     For resuming: the adapter's config must match the file's (same targets and rank); every LoRA tensor of the
@@ -106,7 +129,7 @@ def load_lora_into_unet(unet: torch.nn.Module, path: str | os.PathLike, *, adapt
     bare = unwrap(unet)
     if adapter_name not in getattr(bare, "peft_config", {}):
         raise ValueError(f"the UNet has no LoRA adapter named {adapter_name!r}; call add_lora with the saved config")
-    state = lora_state_dict(path)
+    state = lora_state_dict(path, component)
     expected = set(get_peft_model_state_dict(bare, adapter_name=adapter_name))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, extract_model_from_parallel, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, extract_model_from_parallel, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -27,6 +27,7 @@ from diffalign.config import Config, config_to_dict, save_config
 from diffalign.trainers.batching import EpochBatches
 from diffalign.trainers.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from diffalign.trainers.metrics import MetricsWriter
+from diffalign.trainers.optimizers import build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +121,22 @@ class Trainer(ABC):
         params = self.trainable_parameters()
         if not params:
             raise ValueError("no trainable parameters: check lora.target_modules or lora.enabled")
-        if oc.optimizer == "adamw":
-            return torch.optim.AdamW(
-                params, lr=lr, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_epsilon, weight_decay=oc.weight_decay
+        return build_optimizer(params, oc, lr)
+
+    def _configure_distributed(self) -> None:
+        """DeepSpeed: batch size and clipping from our config (no DataLoader goes through ``prepare``, and DeepSpeed
+        clips with its own value). FSDP: refused until checkpoints gather the shards (they are written from the main
+        process's parameters, which under FSDP are one shard)."""
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = self.config.train.train_batch_size
+            ds["gradient_clipping"] = self.config.optim.max_grad_norm
+        elif acc.distributed_type == DistributedType.FSDP:
+            raise NotImplementedError(
+                "FSDP is not supported yet: diffalign's checkpoints would hold only the main process's shard. Launch "
+                "with configs/accelerate/ddp.yaml or configs/accelerate/deepspeed_zero2.yaml instead"
             )
-        raise ValueError(f"optim.optimizer: {oc.optimizer!r} is not available yet; use 'adamw'")
 
     def _trainer_state(self, global_step: int, nonfinite: int) -> dict[str, Any]:
         return {"global_step": global_step, "nonfinite_steps": nonfinite, "config": config_to_dict(self.config)}
@@ -161,6 +173,7 @@ class Trainer(ABC):
             num_warmup_steps=self.config.optim.warmup_steps * acc.num_processes,
             num_training_steps=tc.max_steps * acc.num_processes,
         )
+        self._configure_distributed()
         self.model, optimizer, lr_scheduler = acc.prepare(self.model, optimizer, lr_scheduler)
         self.after_prepare()
         trained = self.trainable_parameters()  # once: walking every parameter each step costs ~5 ms on a tiny UNet

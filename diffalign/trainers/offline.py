@@ -8,16 +8,19 @@ one denoiser forward of 2B; the reference pass runs without grad, with LoRA adap
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 
-from diffalign.config import Config
+from diffalign.config import REFERENCE_MODES, Config
 from diffalign.data import (
     PreferencePairDataset,
     build_preference_cache,
@@ -25,19 +28,37 @@ from diffalign.data import (
     load_preference_table,
 )
 from diffalign.losses import get_loss
-from diffalign.models.loading import load_sd_adapter
+from diffalign.models.loading import adapter_from_config
 from diffalign.models.lora import add_lora, save_lora
 from diffalign.trainers.base import Trainer, TrainResult
+from diffalign.trainers.reference_store import (
+    MissingReferenceError,
+    ReferenceLogpStore,
+    offloaded_frozen_copy,
+    plan_micro_batches,
+    precompute_reference_logps,
+    reference_key,
+    weights_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def model_fingerprint(pretrained: str, revision: str | None, variant: str | None) -> str:
-    """Identity of the frozen encoders (VAE, text encoder) for the latent / text-embedding cache key."""
-    parts = [pretrained, str(revision), str(variant)]
+ENCODER_SUBFOLDERS = (
+    "vae",
+    *(f"{kind}{suffix}" for suffix in ("", "_2", "_3") for kind in ("text_encoder", "tokenizer")),
+)
+
+
+def model_fingerprint(
+    pretrained: str, revision: str | None, variant: str | None, vae: str | None = None, extra: str = ""
+) -> str:
+    """Identity of the frozen encoders (VAE, text encoders) and of what shapes their outputs (``extra``: e.g. SD3's
+    T5 choice and token length) for the latent / text-embedding cache key."""
+    parts = [pretrained, str(revision), str(variant), str(vae), extra]
     root = Path(pretrained)
     if root.is_dir():
-        for sub in ("vae", "text_encoder", "tokenizer"):
+        for sub in ENCODER_SUBFOLDERS:
             for f in sorted((root / sub).glob("*")) if (root / sub).is_dir() else []:
                 stat = f.stat()
                 parts.append(f"{sub}/{f.name}:{stat.st_size}:{int(stat.st_mtime)}")
@@ -48,18 +69,11 @@ class OfflinePreferenceTrainer(Trainer):
     def build(self) -> None:
         mc, dc, lc, tc = self.config.model, self.config.data, self.config.loss, self.config.train
         device = self.accelerator.device
-        adapter = load_sd_adapter(
-            mc.pretrained,
-            revision=mc.revision,
-            variant=mc.variant,
-            local_files_only=mc.local_files_only,
-            prediction_type=mc.prediction_type,
-        )
-        for frozen in (adapter.vae, adapter.text_encoder):
-            if frozen is not None:
-                frozen.requires_grad_(False).to(device)
-                if self.weight_dtype != torch.float32:
-                    frozen.to(dtype=self.weight_dtype)
+        adapter = adapter_from_config(mc)
+        for frozen in adapter.frozen_modules():
+            frozen.requires_grad_(False).to(device)
+            if self.weight_dtype != torch.float32:
+                frozen.to(dtype=self.weight_dtype)
         unet = adapter.denoiser
         self.loss_fn = get_loss(lc.name)
         accepted = inspect.signature(self.loss_fn).parameters
@@ -87,10 +101,10 @@ class OfflinePreferenceTrainer(Trainer):
             if needs_reference and tc.reference == "frozen_copy":
                 raise ValueError("train.reference: 'frozen_copy' is for full fine-tuning; LoRA uses adapters disabled")
         else:
+            if needs_reference:  # before unet.to(device): an offloaded copy is made on the CPU and stays there
+                self._set_up_full_ft_reference(adapter, unet)
             unet.to(device)
             unet.requires_grad_(True)
-            if needs_reference:
-                adapter.reference_denoiser = copy.deepcopy(unet).requires_grad_(False).to(dtype=self.weight_dtype)
         if tc.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.adapter = adapter
@@ -112,6 +126,7 @@ class OfflinePreferenceTrainer(Trainer):
             hflip=dc.hflip,
             proportion_empty_prompts=dc.proportion_empty_prompts,
             seed=tc.seed,
+            joint=getattr(adapter, "time_id_convention", None) == "from_data",
         )
         self.cached = dc.cache_dir is not None
         if self.cached:
@@ -120,7 +135,13 @@ class OfflinePreferenceTrainer(Trainer):
                     dataset,
                     encode_images=self._encode_images,
                     encode_prompts=adapter.encode_prompts,
-                    model_fingerprint=model_fingerprint(mc.pretrained, mc.revision, mc.variant),
+                    model_fingerprint=model_fingerprint(
+                        mc.pretrained,
+                        mc.revision,
+                        mc.variant,
+                        mc.vae,
+                        f"{mc.backbone}:{mc.load_t5}:{mc.max_sequence_length}",
+                    ),
                     cache_root=dc.cache_dir,
                     show_progress=self.accelerator.is_local_main_process,
                 )
@@ -133,12 +154,14 @@ class OfflinePreferenceTrainer(Trainer):
 
     def after_prepare(self) -> None:
         self.adapter.denoiser = self.model
+        self._prepare_reference_store()  # here: before a checkpoint is restored, the weights are the initial ones
 
     def _features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
         device = self.accelerator.device
         if self.cached:
             cond_c = {k: v.to(device) for k, v in batch["cond_chosen"].items()}
             cond_r = {k: v.to(device) for k, v in batch["cond_rejected"].items()}
+            cond_c, cond_r = self._with_batch_conditioning(batch, cond_c, cond_r)
             return batch["latents_chosen"].to(device), batch["latents_rejected"].to(device), cond_c, cond_r
         with torch.no_grad():
             x0_c = self._encode_images(batch["pixels_chosen"])
@@ -148,7 +171,16 @@ class OfflinePreferenceTrainer(Trainer):
                 cond_r = cond_c
             else:
                 cond_r = self.adapter.encode_prompts(batch["prompt_rejected"])
+        cond_c, cond_r = self._with_batch_conditioning(batch, cond_c, cond_r)
         return x0_c, x0_r, cond_c, cond_r
+
+    def _with_batch_conditioning(self, batch: dict[str, Any], cond_c: dict, cond_r: dict) -> tuple[dict, dict]:
+        """Add the pair's data-derived conditioning (SDXL time ids), the same for winner and loser."""
+        extra = self.adapter.batch_conditioning(batch, self.config.data.resolution)
+        if not extra:
+            return cond_c, cond_r
+        extra = {k: v.to(self.accelerator.device) for k, v in extra.items()}
+        return {**cond_c, **extra}, {**cond_r, **extra}
 
     def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         adapter, device, seed = self.adapter, self.accelerator.device, self.config.train.seed
@@ -173,8 +205,9 @@ class OfflinePreferenceTrainer(Trainer):
                 "policy_rejected_logps": _weighted(logp_r, weights),
             }
             if self.loss_fn.needs_reference:
-                with torch.no_grad():
-                    ref_c, ref_r = adapter.pair_logps(x0_c, x0_r, cond_c, cond_r, noise, timesteps, reference=True)
+                ref_c, ref_r = self._reference_pair_logps(
+                    batch, epoch, (x0_c, x0_r, cond_c, cond_r, noise, timesteps), (logp_c, logp_r)
+                )
                 metrics["mse_reference_chosen"] = -2 * ref_c
                 metrics["mse_reference_rejected"] = -2 * ref_r
                 logps.update(
@@ -194,11 +227,164 @@ class OfflinePreferenceTrainer(Trainer):
 
     def save_final(self) -> None:
         unet = self.accelerator.unwrap_model(self.model)
+        subfolder = self.adapter.denoiser_subfolder
         if self.config.lora.enabled:
-            save_lora(unet, self.output_dir)
+            pipeline_cls = getattr(diffusers, self.adapter.pipeline_class_name)
+            save_lora(unet, self.output_dir, pipeline_cls=pipeline_cls, component=subfolder)
         else:
-            unet.save_pretrained(self.output_dir / "unet")
+            unet.save_pretrained(self.output_dir / subfolder)
         logger.info("final weights written to %s", self.output_dir)
+
+    # -- the reference model: train.reference (see diffalign/trainers/reference_store.py) -------------------------
+    def _set_up_full_ft_reference(self, adapter: Any, denoiser: torch.nn.Module) -> None:
+        """Full fine-tuning: a frozen copy on the device (``auto``, ``frozen_copy``), a frozen copy kept on the CPU and
+        streamed per forward (``frozen_copy_offload``), or no second network (``precomputed``: the values come from a
+        :class:`ReferenceLogpStore` filled in :meth:`after_prepare`)."""
+        mode = self.config.train.reference
+        device = self.accelerator.device
+        if mode in ("auto", "frozen_copy"):
+            adapter.reference_denoiser = copy.deepcopy(denoiser).requires_grad_(False).to(device, self.weight_dtype)
+        elif mode == "frozen_copy_offload":
+            adapter.reference_denoiser = offloaded_frozen_copy(denoiser, device, self.weight_dtype)
+        elif mode == "precomputed":
+            adapter.reference_denoiser = None
+        else:
+            raise ValueError(f"train.reference: {mode!r} is not one of {REFERENCE_MODES}")
+
+    def _reference_pair_logps(
+        self,
+        batch: dict[str, Any],
+        epoch: int,
+        inputs: tuple[Any, ...],
+        policy: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference (chosen, rejected) log-likelihood surrogates of a micro-batch, unweighted, float32, (B,) each.
+
+        Live (frozen copy, offloaded copy or LoRA adapters disabled): one no-grad forward on ``inputs`` (the
+        arguments of ``adapter.pair_logps``). ``precomputed``: looked up by ``(epoch, batch["index"])``. During the
+        precompute pass itself the policy still holds the reference weights, so its own values ``policy`` are the
+        reference: they are recorded and returned (the loss of that pass is ln 2 and is discarded).
+        """
+        if getattr(self, "_capturing_reference", False):
+            captured = (policy[0].detach().float(), policy[1].detach().float())
+            self._captured_reference = captured
+            return captured
+        store = getattr(self, "reference_store", None)
+        if store is not None:
+            ref_c, ref_r = store.get(epoch, batch["index"].tolist())
+            device = self.accelerator.device
+            return ref_c.to(device), ref_r.to(device)
+        with torch.no_grad():
+            return self.adapter.pair_logps(*inputs, reference=True)
+
+    def _reference_key_parts(self) -> dict[str, Any]:
+        """Everything the stored reference values depend on (hashed into the store's folder name)."""
+        mc, dc, tc, lora = self.config.model, self.config.data, self.config.train, self.config.lora
+        data_fingerprint = getattr(self.dataset, "fingerprint", None)
+        if data_fingerprint is None:  # a CachedPreferenceDataset records its source's fingerprint in the manifest
+            data_fingerprint = self.dataset.manifest["data_fingerprint"]
+        return {
+            "weights": weights_fingerprint(mc.pretrained, mc.revision, mc.variant),
+            "vae_weights": weights_fingerprint(mc.vae) if getattr(mc, "vae", None) else None,  # a separate VAE
+            "model": {k: v for k, v in vars(mc).items() if k != "local_files_only"},
+            "backbone": type(self.adapter).__name__,
+            "prediction_type": self.adapter.prediction_type,
+            "data": data_fingerprint,
+            "cached": self.cached,
+            "resolution": dc.resolution,
+            "hflip": dc.hflip,
+            "random_crop": dc.random_crop,
+            "proportion_empty_prompts": dc.proportion_empty_prompts,
+            "seed": tc.seed,
+            "method": tc.method,
+            "mixed_precision": self.accelerator.mixed_precision,
+            # LoRA: the reference is the base with adapters disabled (its weights may differ from the pretrained
+            # ones for inits that rewrite them); full fine-tune: the initial weights
+            "source": ["lora_disabled", lora.init, lora.rank, list(lora.target_modules)] if lora.enabled else "initial",
+        }
+
+    def _prepare_reference_store(self) -> None:
+        """``train.reference=precomputed``: open the store and compute, on the main process and with the initial
+        weights, the values of every micro-batch this run will draw that the store lacks; other processes wait."""
+        tc, acc = self.config.train, self.accelerator
+        self.reference_store = None
+        if not getattr(self.loss_fn, "needs_reference", False):
+            return
+        if self.config.lora.enabled and tc.reference == "frozen_copy_offload":
+            raise ValueError(
+                "train.reference: 'frozen_copy_offload' is for full fine-tuning; LoRA uses adapters disabled"
+            )
+        if tc.reference != "precomputed":
+            return
+        parts = self._reference_key_parts()
+        root = Path(self.dataset.folder) / "reference" if self.cached else self.output_dir / "reference_logps"
+        plan = plan_micro_batches(
+            len(self.dataset),
+            tc.train_batch_size,
+            num_processes=acc.num_processes,
+            seed=tc.seed,
+            num_micro_batches=tc.max_steps * tc.gradient_accumulation_steps,
+        )
+        with acc.main_process_first():
+            store = ReferenceLogpStore(root / reference_key(parts), len(self.dataset), parts)
+            if acc.is_main_process:
+                with self._initial_policy_as_reference():
+                    computed = precompute_reference_logps(
+                        store,
+                        plan,
+                        self._precompute_reference_batch,
+                        show_progress=tc.progress_bar and acc.is_local_main_process,
+                        before_compute=self._refuse_trained_weights,
+                    )
+                logger.info(
+                    "reference log-likelihoods: %s (%d batches computed now, %d planned)",
+                    store.folder,
+                    computed,
+                    len(plan),
+                )
+        self.reference_store = store
+
+    @contextlib.contextmanager
+    def _initial_policy_as_reference(self) -> Iterator[None]:
+        """The unwrapped policy in eval mode (as a frozen copy runs), restored on exit; with LoRA, adapters off."""
+        wrapped = self.adapter.denoiser
+        bare = self.accelerator.unwrap_model(self.model)
+        was_training = bare.training
+        self.adapter.denoiser = bare  # one process computes: no DDP forward (its buffer sync would wait for peers)
+        bare.eval()
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.config.lora.enabled:
+                    stack.enter_context(self.adapter.reference_mode())
+                yield
+        finally:
+            self.adapter.denoiser = wrapped
+            bare.train(was_training)
+
+    def _precompute_reference_batch(self, epoch: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference values of one planned micro-batch: the training loss path, no grad, policy values captured."""
+        self.dataset.set_epoch(epoch)
+        batch = self.collate([self.dataset[i] for i in indices])
+        self._capturing_reference = True
+        try:
+            with torch.no_grad():
+                self.compute_loss(batch, epoch)
+            return self._captured_reference
+        finally:
+            self._capturing_reference = False
+
+    def _refuse_trained_weights(self, num_batches: int) -> None:
+        if getattr(self, "_policy_restored", False) and not self.config.lora.enabled:
+            raise MissingReferenceError(
+                f"train.reference=precomputed: {num_batches} planned micro-batches have no stored reference values, "
+                "and the policy was already restored from a checkpoint, so they cannot be computed from the initial "
+                "weights any more. Run from the initial weights once (the precompute pass fills the store), or use "
+                "train.reference=frozen_copy"
+            )
+
+    def _load_trainable_only(self, models: list[torch.nn.Module], input_dir: str) -> None:
+        self._policy_restored = True  # from here on the policy's weights are no longer the initial ones
+        super()._load_trainable_only(models, input_dir)
 
 
 def _weighted(logps: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

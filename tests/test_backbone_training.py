@@ -1,0 +1,164 @@
+"""The offline trainer on SDXL and SD3: every method runs through the same code, LoRA outputs load into diffusers'
+own pipelines, SDXL's data-derived time ids survive the cache, and 2 processes give the 1-process result."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+from diffalign.config import Config
+from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
+from diffalign.models.tiny_sd3 import SD3_LORA_TARGETS, save_tiny_sd3_pipeline
+from diffalign.models.tiny_sdxl import save_tiny_sdxl_pipeline
+from diffalign.trainers.checkpointing import list_checkpoints
+from diffalign.trainers.metrics import read_metrics
+from diffalign.trainers.offline import train
+
+REPO = Path(__file__).resolve().parents[1]
+BETA = {"sdxl": 5000.0, "sd3": 100.0}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("backbones")
+    return {"sdxl": str(save_tiny_sdxl_pipeline(root / "sdxl")), "sd3": str(save_tiny_sd3_pipeline(root / "sd3"))}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
+    rows = make_random_pairs(8, size=40, seed=0)  # 40 px: resized and centre-cropped to 32
+    for i, row in enumerate(rows):
+        row["caption_0"], row["caption_1"] = f"caption {i} a", f"caption {i} b"
+    write_pickapic_parquet(path, rows)
+    return str(path)
+
+
+def make_config(backbone: str, model: str, data: str, out: Path, method: str = "dpo", **train) -> Config:
+    cfg = Config()
+    cfg.model.pretrained = model
+    cfg.data.path = data
+    cfg.data.resolution = 32
+    cfg.data.dual_captions = method == "dcpo"
+    cfg.loss.name = {"dcpo": "dpo"}.get(method, method)
+    cfg.loss.beta = {"mapo": 0.1}.get(method, BETA[backbone])
+    cfg.lora.rank = 4
+    if backbone == "sd3":
+        cfg.lora.target_modules = list(SD3_LORA_TARGETS)
+    cfg.optim.lr = 1e-3
+    cfg.train.method = method
+    cfg.train.output_dir = str(out)
+    cfg.train.train_batch_size = 2
+    cfg.train.max_steps = 2
+    cfg.train.progress_bar = False
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize("backbone", ["sdxl", "sd3"])
+@pytest.mark.parametrize("method", ["dpo", "dcpo", "mapo", "sft"])
+def test_every_method_trains_on_every_backbone(backbone, method, models, pairs, tmp_path):
+    cfg = make_config(backbone, models[backbone], pairs, tmp_path / "run", method)
+    result = train(cfg)
+    records = read_metrics(tmp_path / "run")
+    assert result.global_step == 2 and all(math.isfinite(r["loss"]) for r in records)
+    if method in ("dpo", "dcpo"):
+        assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: policy == reference
+        assert records[1]["loss"] != pytest.approx(math.log(2), abs=1e-7)
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("backbone", ["sdxl", "sd3"])
+def test_lora_output_loads_into_the_diffusers_pipeline(backbone, models, pairs, tmp_path):
+    train(make_config(backbone, models[backbone], pairs, tmp_path / "run"))
+    pipeline_cls = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[backbone]
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if backbone == "sd3" else {}  # as diffusers documents
+    pipe = pipeline_cls.from_pretrained(models[backbone], **no_t5)
+    pipe.load_lora_weights(str(tmp_path / "run"))
+    denoiser = pipe.unet if backbone == "sdxl" else pipe.transformer
+    trained = load_file(str(list_checkpoints(tmp_path / "run")[-1] / "trainable_0.safetensors"))
+    loaded = {n.replace(".default_0", ".default"): p for n, p in denoiser.named_parameters() if "lora_" in n}
+    assert set(loaded) == set(trained)
+    for name, value in trained.items():
+        torch.testing.assert_close(loaded[name].float(), value, rtol=0, atol=0, msg=name)
+
+
+def test_sdxl_time_ids_from_data_are_cached_like_uncached(models, pairs, tmp_path):
+    from diffalign.data import PreferencePairDataset, build_preference_cache, load_preference_table
+
+    dataset = PreferencePairDataset(load_preference_table(pairs), resolution=32, seed=3, joint=True)
+    cached = build_preference_cache(
+        dataset,
+        encode_images=lambda x: x[:, :, ::8, ::8],
+        encode_prompts=lambda p: {"e": torch.zeros(len(p), 1)},
+        model_fingerprint="f",
+        cache_root=tmp_path / "c",
+        show_progress=False,
+    )
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(dataset)):
+            plain, stored = dataset[i], cached[i]
+            assert torch.equal(plain["original_size"], stored["original_size"])
+            assert torch.equal(plain["crop_top_left"], stored["crop_top_left"])
+            # one flip for the pair, the same in both paths
+            assert torch.equal(plain["pixels_chosen"][:, ::8, ::8], stored["latents_chosen"])
+            assert torch.equal(plain["pixels_rejected"][:, ::8, ::8], stored["latents_rejected"])
+    runs = {}
+    for use_cache in (False, True):
+        cfg = make_config("sdxl", models["sdxl"], pairs, tmp_path / f"run-{use_cache}", max_steps=3)
+        cfg.model.sdxl_time_ids = "from_data"
+        cfg.data.cache_dir = str(tmp_path / "cache") if use_cache else None
+        train(cfg)
+        runs[use_cache] = [r["loss"] for r in read_metrics(tmp_path / f"run-{use_cache}")]
+    # the VAE encodes 2 images per call uncached and 4B cached: float differences, times beta/2 = 2500
+    assert runs[True] == pytest.approx(runs[False], abs=1e-3)
+    assert runs[True][0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["sdxl", "sd3"])
+def test_two_processes_match_one_process(backbone, models, pairs, tmp_path):
+    common = [
+        f"model.pretrained={models[backbone]}",
+        f"data.path={pairs}",
+        "data.resolution=32",
+        "data.proportion_empty_prompts=0.25",
+        "lora.enabled=true",
+        "lora.rank=4",
+        f"loss.beta={BETA[backbone]}",
+        "optim.lr=0.05",
+        "optim.adam_epsilon=1.0",  # see test_offline_trainer.test_two_processes_match_one_process
+        "train.max_steps=2",
+        "train.progress_bar=false",
+    ]
+    if backbone == "sd3":
+        common.append(f"lora.target_modules=[{','.join(SD3_LORA_TARGETS)}]")
+    script = [str(REPO / "scripts" / "train.py"), "--config", str(REPO / "configs" / "toy" / "dpo.yaml"), *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    for name, cmd in (
+        ("one", [sys.executable, *script, "train.train_batch_size=4"]),
+        ("two", [*launch, *script, "train.train_batch_size=2"]),
+    ):
+        done = subprocess.run([*cmd, f"train.output_dir={tmp_path / name}"], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = load_file(str(list_checkpoints(tmp_path / "one")[-1] / "trainable_0.safetensors"))
+    two = load_file(str(list_checkpoints(tmp_path / "two")[-1] / "trainable_0.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], atol=1e-7, rtol=1e-5, msg=key)
+    assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 1e-4  # it trained
+    losses = [[r["loss"] for r in read_metrics(tmp_path / n)] for n in ("one", "two")]
+    # the VAE encodes 4 images per call on one process and 2 on each of two: float noise, times beta/2 in the logit
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
