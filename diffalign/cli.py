@@ -1,4 +1,4 @@
-"""The ``diffalign`` command: ``demo``, ``evidence offline``, ``toy pretrain``, ``toy pairs``, ``train``."""
+"""The ``diffalign`` command: ``demo``, ``evidence offline|flow``, ``toy pretrain``, ``toy pairs``, ``train``."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _run(argv: list[str] | None) -> int:
     demo.add_argument("overrides", nargs="*", help="config overrides for configs/toy/dpo.yaml (key=value)")
 
     evidence = sub.add_parser("evidence", help="train every method of a family on the toy world and report")
-    evidence.add_argument("family", choices=["offline"])
+    evidence.add_argument("family", choices=["offline", "flow"])
     evidence.add_argument("--output-dir", default=None)
     evidence.add_argument("--methods", default=None, help="comma-separated subset")
     evidence.add_argument("--n-per-prompt", type=int, default=16)
@@ -59,12 +59,12 @@ def _run(argv: list[str] | None) -> int:
 
         run_demo(args.output_dir, n_per_prompt=args.n_per_prompt, overrides=args.overrides)
     elif args.command == "evidence":
-        from diffalign.toy.evidence import OFFLINE_METHODS, format_report, run_offline_evidence
+        from diffalign.toy.evidence import format_report, run_evidence
 
-        methods = args.methods.split(",") if args.methods else OFFLINE_METHODS
-        report = run_offline_evidence(
-            args.output_dir or f"outputs/evidence/{args.family}",
-            methods=methods,
+        report = run_evidence(
+            args.family,
+            args.output_dir,
+            methods=args.methods.split(",") if args.methods else None,
             n_per_prompt=args.n_per_prompt,
             overrides=args.overrides,
         )

@@ -1,52 +1,111 @@
-"""``diffalign evidence offline``: every offline method trained from the same base with the same budget, judged on
-generated samples with the pixel-level gold metric (colour adherence) and the diversity metric.
+"""``diffalign evidence offline`` / ``flow``: every method of a family trained from the same base with the same
+budget, judged on generated samples with the pixel-level gold metric (colour adherence) and the diversity metric.
 
-Gold is measured with the evaluation sampler (``eta = 1``) and, as a robustness column, with the deterministic DDIM
-sampler (``eta = 0``, keys ``gold_*_eta0``) on the same noise; see :mod:`diffalign.toy.sampling` for why they differ."""
+* ``offline``: the UNet base; gold with the evaluation sampler (DDIM ``eta = 1``) and, as a robustness column, with
+  deterministic DDIM (``eta = 0``, keys ``gold_*_eta0``) on the same noise (see :mod:`diffalign.toy.sampling`).
+* ``flow``: the SD3-style flow base (:mod:`diffalign.toy.flow_experiment`); gold with the Euler ODE and, as the
+  robustness column, with the Flow-GRPO SDE (keys ``gold_*_sde``)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffalign.eval.grid import labelled_grid
-from diffalign.toy.experiment import check_overrides, evaluate, first_per_prompt, prepare_world, train_method
+from diffalign.toy.experiment import (
+    Evaluation,
+    ToyWorld,
+    check_overrides,
+    evaluate,
+    first_per_prompt,
+    prepare_world,
+    train_method,
+)
 from diffalign.toy.world import all_prompts
 
 OFFLINE_METHODS = ("dpo", "mapo", "dcpo", "sft")
 
 
-def run_offline_evidence(
-    output_dir: str | os.PathLike = "outputs/evidence/offline",
+@dataclass(frozen=True)
+class EvidenceFamily:
+    """What differs between families: the methods, the world, and the main and alternative evaluation samplers."""
+
+    methods: tuple[str, ...]
+    prepare: Callable[[Path], ToyWorld]
+    evaluate: Callable[..., Evaluation]  # (base, run_dir=None, *, n_per_prompt, alternative: bool)
+    alternative_key: str  # suffix of the gold keys measured with the alternative sampler
+    alternative_label: str
+
+
+def _offline_evaluate(base, run_dir=None, *, n_per_prompt: int, alternative: bool = False) -> Evaluation:
+    return evaluate(base, run_dir, n_per_prompt=n_per_prompt, **({"eta": 0.0} if alternative else {}))
+
+
+def _flow_prepare(workdir: Path) -> ToyWorld:
+    from diffalign.toy.flow_experiment import prepare_flow_world
+
+    return prepare_flow_world(workdir)
+
+
+def _flow_evaluate(base, run_dir=None, *, n_per_prompt: int, alternative: bool = False) -> Evaluation:
+    from diffalign.toy.flow_experiment import ALTERNATIVE_NOISE_LEVEL, evaluate_flow
+
+    return evaluate_flow(
+        base, run_dir, n_per_prompt=n_per_prompt, **({"noise_level": ALTERNATIVE_NOISE_LEVEL} if alternative else {})
+    )
+
+
+FAMILIES = {
+    "offline": EvidenceFamily(OFFLINE_METHODS, prepare_world, _offline_evaluate, "eta0", "DDIM η=0"),
+    "flow": EvidenceFamily(("flow_dpo", "flow_sft"), _flow_prepare, _flow_evaluate, "sde", "SDE a=0.7"),
+}
+
+
+def run_evidence(
+    family: str,
+    output_dir: str | os.PathLike | None = None,
     *,
-    methods: Sequence[str] = OFFLINE_METHODS,
+    methods: Sequence[str] | None = None,
     n_per_prompt: int = 16,
     overrides: Sequence[str] = (),
 ) -> dict:
+    """Train and judge ``methods`` (default: all of ``family``); write ``report.json``, ``report.md`` and a grid of
+    samples (one per prompt and method) to ``output_dir`` and return the report."""
+    spec = FAMILIES[family]
+    methods = tuple(methods or spec.methods)
     check_overrides(methods, overrides)
-    output_dir = Path(output_dir)
-    world = prepare_world(output_dir)
-    before = evaluate(world.base, n_per_prompt=n_per_prompt)
-    before_eta0 = evaluate(world.base, n_per_prompt=n_per_prompt, eta=0.0)
+    output_dir = Path(output_dir or f"outputs/evidence/{family}")
+    world = spec.prepare(output_dir)
+    before = spec.evaluate(world.base, n_per_prompt=n_per_prompt)
+    before_alt = spec.evaluate(world.base, n_per_prompt=n_per_prompt, alternative=True)
+    alt = spec.alternative_key
     report: dict = {
-        "world": {"base": str(world.base), "pairs": str(world.pairs), "samples_per_evaluation": len(before.prompts)},
+        "world": {
+            "family": family,
+            "base": str(world.base),
+            "pairs": str(world.pairs),
+            "samples_per_evaluation": len(before.prompts),
+            "alternative_sampler": spec.alternative_label,
+            "alternative_key": alt,
+        },
         "methods": {},
     }
     rows, labels = [first_per_prompt(before, 1)], ["base"]
     for method in methods:
         run_dir, seconds = train_method(method, world, overrides)
-        after = evaluate(world.base, run_dir, n_per_prompt=n_per_prompt)
-        after_eta0 = evaluate(world.base, run_dir, n_per_prompt=n_per_prompt, eta=0.0)
+        after = spec.evaluate(world.base, run_dir, n_per_prompt=n_per_prompt)
+        after_alt = spec.evaluate(world.base, run_dir, n_per_prompt=n_per_prompt, alternative=True)
         report["methods"][method] = {
             "gold_before": before.metrics["adherence"],
             "gold_after": after.metrics["adherence"],
             "diversity_before": before.metrics["diversity"],
             "diversity_after": after.metrics["diversity"],
             "shape_adherence_after": after.metrics["shape_adherence"],
-            "gold_before_eta0": before_eta0.metrics["adherence"],
-            "gold_after_eta0": after_eta0.metrics["adherence"],
+            f"gold_before_{alt}": before_alt.metrics["adherence"],
+            f"gold_after_{alt}": after_alt.metrics["adherence"],
             "seconds": seconds,
         }
         rows.append(first_per_prompt(after, 1))
@@ -56,6 +115,11 @@ def run_offline_evidence(
     return report
 
 
+def run_offline_evidence(output_dir: str | os.PathLike = "outputs/evidence/offline", **kwargs) -> dict:
+    """:func:`run_evidence` for the ``offline`` family."""
+    return run_evidence("offline", output_dir, **kwargs)
+
+
 def _write(output_dir: Path, report: dict) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -63,12 +127,14 @@ def _write(output_dir: Path, report: dict) -> None:
 
 
 def format_report(report: dict) -> str:
-    n = report["world"]["samples_per_evaluation"]
+    world = report["world"]
+    alt, label = world.get("alternative_key", "eta0"), world.get("alternative_sampler", "DDIM η=0")
     lines = [
-        f"Toy world, {n} generated samples per evaluation (gold = colour adherence).",
+        f"Toy world ({world.get('family', 'offline')}), {world['samples_per_evaluation']} generated samples per "
+        "evaluation (gold = colour adherence).",
         "",
-        "| method | gold before | gold after | change | diversity before | diversity after | gold after, DDIM η=0 "
-        "(before) | seconds |",
+        "| method | gold before | gold after | change | diversity before | diversity after | gold after, "
+        f"{label} (before) | seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["methods"].items():
@@ -76,6 +142,6 @@ def format_report(report: dict) -> str:
         lines.append(
             f"| {name} | {m['gold_before']:.3f} | {m['gold_after']:.3f} | {change:+.1f} pts | "
             f"{m['diversity_before']:.3f} | {m['diversity_after']:.3f} | "
-            f"{m['gold_after_eta0']:.3f} ({m['gold_before_eta0']:.3f}) | {m['seconds']:.0f} |"
+            f"{m[f'gold_after_{alt}']:.3f} ({m[f'gold_before_{alt}']:.3f}) | {m['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"

@@ -37,10 +37,18 @@ class Evaluation:
     prompts: list[str]
 
 
-def prepare_world(workdir: str | os.PathLike, *, n_pairs: int = 2000, seed: int = 0, kind: str = "colour") -> ToyWorld:
-    """The pretrained base (committed, cached or pretrained now) and the preference pairs (written once)."""
+def prepare_world(
+    workdir: str | os.PathLike,
+    *,
+    n_pairs: int = 2000,
+    seed: int = 0,
+    kind: str = "colour",
+    base: str | os.PathLike | None = None,
+) -> ToyWorld:
+    """The pretrained base (``base``, or the UNet base: committed, cached or pretrained now) and the preference
+    pairs (written once)."""
     workdir = Path(workdir)
-    base = ensure_base()
+    base = Path(base) if base is not None else ensure_base()
     pairs = workdir / "data" / f"pairs-{kind}-v{PAIRS_VERSION}-{n_pairs}-seed{seed}.parquet"
     if not pairs.is_file():
         make_preference_pairs(pairs, n_pairs, seed, kind=kind)
