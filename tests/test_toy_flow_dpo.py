@@ -32,7 +32,7 @@ def test_flow_dpo_smoke_raises_colour_adherence(tmp_path) -> None:
     run_dir, _ = train_method("flow_dpo", world, SMOKE_OVERRIDES)
     after = evaluate_flow(world.base, run_dir, n_per_prompt=8)
     assert len(after.prompts) == 96
-    assert after.metrics["adherence"] >= before.metrics["adherence"] + 0.05, (before.metrics, after.metrics)
+    assert after.metrics["adherence"] >= before.metrics["adherence"] + 0.15, (before.metrics, after.metrics)
 
 
 def test_flow_evidence_report_format(tmp_path) -> None:
