@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import inspect
 import math
 import os
 import re
@@ -585,6 +586,27 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     _validate_method_and_loss(c)
 
 
+_PAIR_INPUTS = {
+    "policy_chosen_logps",
+    "policy_rejected_logps",
+    "reference_chosen_logps",
+    "reference_rejected_logps",
+    "beta",
+}
+
+
+def _takes_only_pair_logps(fn: Any) -> bool:
+    """Whether the diffusion trainer can call ``fn``: every required tensor argument is one of the (B,)
+    log-likelihoods (scalar hyper-parameters come from ``loss.params``); LLM losses that need token tensors or
+    extra per-pair data are left out."""
+    required_tensors = {
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is inspect.Parameter.empty and "Tensor" in str(p.annotation)
+    }
+    return required_tensors <= _PAIR_INPUTS
+
+
 def _validate_method_and_loss(c: _Checker) -> None:
     config = c.config
     method, loss = config.train.method, config.loss
@@ -598,7 +620,9 @@ def _validate_method_and_loss(c: _Checker) -> None:
                 sorted(
                     name
                     for name, fn in registry.items()
-                    if getattr(fn, "needs_reference", False) and getattr(fn, "kind", None) == "paired"
+                    if getattr(fn, "needs_reference", False)
+                    and getattr(fn, "kind", None) == "paired"
+                    and _takes_only_pair_logps(fn)
                 )
             )
     else:

@@ -274,7 +274,10 @@ def test_method_loss_mismatch(minimal: Path) -> None:
         minimal, ("train.method=sft", "loss.name=dpo")
     )
     message = error_of(minimal, ("loss.name=mapo", "loss.beta=0.1"))
-    assert "train.method 'dpo' needs loss.name in 'dpo', 'hinge', 'ipo', 'poly_dpo', 'robust', got 'mapo'" in message
+    assert "train.method 'dpo' needs loss.name in 'constrained_po', 'dpo', 'dpo_mixture', 'hinge', 'ipo'," in message
+    assert "'trl_sigmoid'" in message and message.endswith("got 'mapo' (or leave loss.name out)")
+    # LLM losses that need more than (B,) log-likelihoods (here per-pair preference probabilities) are not offered
+    assert "'irepo'" not in message and "'pro'" not in message
 
 
 def test_non_dpo_losses_need_explicit_beta(minimal: Path) -> None:

@@ -14,9 +14,21 @@ C,H,W, computed in fp32). Then
 * ``kto`` uses ``r = logp_θ − logp_ref = ½(L_ref − L_θ)``, so Diffusion-KTO's β = 1000 is ``beta=2000`` here;
 * ``sft`` is ``−logp = ½·L`` (the original ``--sft`` minimises ``L``).
 
-LLM adapters pass summed completion-token log-probs (TRL's convention).
+LLM adapters pass summed completion-token log-probs (TRL's convention). LLM-side modules:
+
+* :mod:`~diffalign.losses.dpo_family`: every TRL 1.16 DPO ``loss_type`` as ``trl_<type>`` (f-divergences, LD-DPO,
+  WPO) and ``dpo_mixture``; parity with TRL in ``tests/test_trl_parity.py``;
+* :mod:`~diffalign.losses.llm_pairwise`: SimPO, AlphaPO, CPO, ORPO, RPO, iREPO, RSO, MADPO, constrained PO;
+* :mod:`~diffalign.losses.listwise`: PRO, DMPO, DynamicPO (``kind="listwise"``);
+* :mod:`~diffalign.losses.policy`, :mod:`~diffalign.losses.advantages`, :mod:`~diffalign.losses.reward_shaping`:
+  PPO/GRPO clipped objectives (TRL aggregations, GSPO, k3 KL, Flow-GRPO, GRPO-Guard), advantages (group, RLOO,
+  MC-GRPO, BNPO) and reward shaping (ensembles, LSC, PAR, CHES). Not in the registry: they are not preference losses.
 """
 
+from diffalign.losses import dpo_family, listwise, llm_pairwise  # noqa: F401  (registers their losses)
+from diffalign.losses.dpo_family import dpo_mixture, trl_reward_metrics
+from diffalign.losses.listwise import dynamicpo, pro
+from diffalign.losses.llm_pairwise import alphapo, cpo, orpo, simpo
 from diffalign.losses.pairwise import dpo, hinge, ipo, kto, poly_dpo, robust
 from diffalign.losses.reference_free import mapo, mapo_score, sft
 from diffalign.losses.registry import LOSSES, UnknownLossError, get_loss, register
@@ -26,7 +38,15 @@ __all__ = [
     "LOSSES",
     "LossOutput",
     "UnknownLossError",
+    "alphapo",
+    "cpo",
     "dpo",
+    "dpo_mixture",
+    "dynamicpo",
+    "orpo",
+    "pro",
+    "simpo",
+    "trl_reward_metrics",
     "get_loss",
     "hinge",
     "ipo",

@@ -8,8 +8,8 @@ from typing import Literal, TypeVar
 
 from diffalign.losses.types import LossOutput
 
-LossKind = Literal["paired", "unpaired", "chosen_only"]
-_KINDS: tuple[str, ...] = ("paired", "unpaired", "chosen_only")
+LossKind = Literal["paired", "unpaired", "chosen_only", "listwise"]
+_KINDS: tuple[str, ...] = ("paired", "unpaired", "chosen_only", "listwise")
 
 LossFn = Callable[..., LossOutput]
 F = TypeVar("F", bound=LossFn)
@@ -28,7 +28,8 @@ def register(name: str, *, needs_reference: bool, kind: LossKind) -> Callable[[F
     """Register a loss under ``name`` and tag it with ``loss_name``, ``needs_reference`` and ``kind``.
 
     ``kind`` tells a trainer which inputs to build: ``"paired"`` (chosen and rejected log-likelihoods per pair),
-    ``"unpaired"`` (one log-likelihood and a binary label per sample) or ``"chosen_only"`` (chosen side only).
+    ``"unpaired"`` (one log-likelihood and a binary label per sample), ``"chosen_only"`` (chosen side only) or
+    ``"listwise"`` (``(B, n)`` ranked lists, or one chosen and ``(B, K)`` negatives).
     ``needs_reference`` says whether the trainer must supply reference-model log-likelihoods.
     """
     if kind not in _KINDS:
