@@ -26,24 +26,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor
 
+from diffalign.models.reference import adapters_disabled, has_adapters, unwrap
 from diffalign.utils.randomness import NOISE, TIMESTEP, per_sample_normal, per_sample_randint
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model under accelerate / DDP / ``torch.compile`` wrappers."""
-    return extract_model_from_parallel(model)
-
-
-def _lora_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
-    return [m for m in unwrap(model).modules() if isinstance(m, BaseTunerLayer)]
 
 
 class DiffusionAdapter(ABC):
@@ -120,7 +110,7 @@ class DiffusionAdapter(ABC):
     @property
     def has_reference(self) -> bool:
         """Whether :meth:`reference_mode` can work: a frozen copy is set or the denoiser carries LoRA adapters."""
-        return self.reference_denoiser is not None or bool(_lora_layers(self.denoiser))
+        return self.reference_denoiser is not None or has_adapters(self.denoiser)
 
     def sample_timesteps(
         self, seed: int, epoch: int, indices: Sequence[int], *, device: torch.device | str | None = None
@@ -254,8 +244,8 @@ class DiffusionAdapter(ABC):
         """Within the block, :meth:`predict` evaluates the reference model.
 
         Full fine-tuning (``reference_denoiser`` set): calls are routed to the frozen copy. LoRA: every enabled peft
-        LoRA layer of the unwrapped denoiser is disabled and re-enabled on exit; ``requires_grad`` of the adapter
-        weights is never touched (peft's ``enable_adapters`` would mark them all trainable on re-enable).
+        LoRA layer of the unwrapped denoiser is disabled and re-enabled on exit
+        (:func:`diffalign.models.reference.adapters_disabled`; ``requires_grad`` is never touched).
         Nesting is allowed. No grad is switched off here; :meth:`predict` with ``reference=True`` does that.
         """
         if self.reference_denoiser is not None:
@@ -265,26 +255,17 @@ class DiffusionAdapter(ABC):
             finally:
                 self._reference_depth -= 1
             return
-        layers = _lora_layers(self.denoiser)
-        if not layers:
+        if not has_adapters(self.denoiser):
             raise RuntimeError(
                 "no reference model: the denoiser has no LoRA adapters and reference_denoiser is None; "
                 "add LoRA (diffalign.models.lora.add_lora) or set a frozen copy (adapter.freeze_reference_copy())"
             )
-        if any(layer.merged for layer in layers):
-            raise RuntimeError("LoRA weights are merged into the base weights; unmerge them before reference_mode")
-        was_enabled = [layer for layer in layers if not layer.disable_adapters]
-        # peft's LoRA forward reads only this flag. Its enable_adapters(False/True) would also flip requires_grad on
-        # every adapter weight and re-run set_adapter: about 13 ms a step on a tiny UNet, a fifth of a cached step.
-        for layer in was_enabled:
-            layer._disable_adapters = True
-        self._reference_depth += 1
-        try:
-            yield
-        finally:
-            self._reference_depth -= 1
-            for layer in was_enabled:
-                layer._disable_adapters = False
+        with adapters_disabled(self.denoiser):
+            self._reference_depth += 1
+            try:
+                yield
+            finally:
+                self._reference_depth -= 1
 
     def freeze_reference_copy(self) -> torch.nn.Module:
         """Set ``reference_denoiser`` to a frozen deep copy of the (unwrapped) denoiser, in eval mode; return it."""

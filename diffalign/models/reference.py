@@ -1,0 +1,48 @@
+"""The reference model as "the same network with its peft adapters disabled", shared by the diffusion and causal-LM
+adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under accelerate / DDP / ``torch.compile`` wrappers."""
+    return extract_model_from_parallel(model)
+
+
+def lora_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
+    """Every peft tuner layer of the unwrapped ``model``."""
+    return [m for m in unwrap(model).modules() if isinstance(m, BaseTunerLayer)]
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
+    return bool(lora_layers(model))
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block every enabled peft adapter layer of ``model`` is disabled; re-enabled on exit.
+
+    ``requires_grad`` of the adapter weights is never touched: peft's LoRA forward reads only the layer's disable
+    flag, while its ``enable_adapters(False/True)`` would also flip ``requires_grad`` on every adapter weight and
+    re-run ``set_adapter`` (about 13 ms a step on a tiny UNet, a fifth of a cached step).
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise RuntimeError("the model has no peft adapters to disable")
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("LoRA weights are merged into the base weights; unmerge them before reference_mode")
+    was_enabled = [layer for layer in layers if not layer.disable_adapters]
+    for layer in was_enabled:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer in was_enabled:
+            layer._disable_adapters = False
