@@ -8,6 +8,9 @@ originals rebuilds them with ``tiny_sd_components(**TINY_SD_VARIANTS[name])`` (s
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +40,25 @@ def tiny_sd_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def tiny_sd_variants() -> dict[str, dict[str, Any]]:
     """The keyword arguments each ``tiny_sd_dirs`` folder was built with."""
     return {name: dict(kwargs) for name, kwargs in TINY_SD_VARIANTS.items()}
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def run_train_script() -> Callable[..., subprocess.CompletedProcess]:
+    """``run(args, processes=1)``: ``scripts/train.py args`` as a subprocess, under accelerate's multi-process CPU
+    launch (torchrun-style workers on gloo, no MPI) when ``processes > 1``; one intra-op thread each."""
+
+    def run(args: Sequence[str], *, processes: int = 1) -> subprocess.CompletedProcess:
+        script = [str(REPO / "scripts" / "train.py"), *args]
+        if processes == 1:
+            command = [sys.executable, *script]
+        else:
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]
+            command += [str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+            command += script
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+
+    return run

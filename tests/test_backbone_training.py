@@ -4,9 +4,6 @@ own pipelines, SDXL's data-derived time ids survive the cache, and 2 processes g
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -127,7 +124,7 @@ def test_sdxl_time_ids_from_data_are_cached_like_uncached(models, pairs, tmp_pat
 
 
 @pytest.mark.parametrize("backbone", ["sdxl", "sd3"])
-def test_two_processes_match_one_process(backbone, models, pairs, tmp_path):
+def test_two_processes_match_one_process(backbone, models, pairs, tmp_path, run_train_script):
     common = [
         f"model.pretrained={models[backbone]}",
         f"data.path={pairs}",
@@ -143,15 +140,10 @@ def test_two_processes_match_one_process(backbone, models, pairs, tmp_path):
     ]
     if backbone == "sd3":
         common.append(f"lora.target_modules=[{','.join(SD3_LORA_TARGETS)}]")
-    script = [str(REPO / "scripts" / "train.py"), "--config", str(REPO / "configs" / "toy" / "dpo.yaml"), *common]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    for name, cmd in (
-        ("one", [sys.executable, *script, "train.train_batch_size=4"]),
-        ("two", [*launch, *script, "train.train_batch_size=2"]),
-    ):
-        done = subprocess.run([*cmd, f"train.output_dir={tmp_path / name}"], capture_output=True, text=True, env=env)
+    common = ["--config", str(REPO / "configs" / "toy" / "dpo.yaml"), *common]
+    for name, processes, batch in (("one", 1, 4), ("two", 2, 2)):
+        args = [*common, f"train.train_batch_size={batch}", f"train.output_dir={tmp_path / name}"]
+        done = run_train_script(args, processes=processes)
         assert done.returncode == 0, done.stderr[-3000:]
     one = load_file(str(list_checkpoints(tmp_path / "one")[-1] / "trainable_0.safetensors"))
     two = load_file(str(list_checkpoints(tmp_path / "two")[-1] / "trainable_0.safetensors"))

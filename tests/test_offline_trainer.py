@@ -4,9 +4,6 @@ cache parity, non-finite guards, metrics, and outputs that diffusers loads back.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -187,7 +184,7 @@ def test_repeated_nonfinite_losses_stop_with_a_checkpoint(pixel_pipeline, pairs,
     assert list_checkpoints(tmp_path / "o")[-1].name == "checkpoint-3"
 
 
-def test_two_processes_match_one_process(pixel_pipeline, pairs, tmp_path):
+def test_two_processes_match_one_process(pixel_pipeline, pairs, tmp_path, run_train_script):
     common = [
         f"model.pretrained={pixel_pipeline}",
         f"data.path={pairs}",
@@ -201,49 +198,10 @@ def test_two_processes_match_one_process(pixel_pipeline, pairs, tmp_path):
         "train.max_steps=2",
         "train.progress_bar=false",
     ]
-    config = REPO / "configs" / "toy" / "dpo.yaml"
-    # accelerate's multi-process CPU launch: torchrun-style workers that Accelerate puts on gloo (no MPI needed).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    one = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "train.py"),
-            "--config",
-            str(config),
-            *common,
-            "train.train_batch_size=4",
-            f"train.output_dir={tmp_path / 'one'}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    common = ["--config", str(REPO / "configs" / "toy" / "dpo.yaml"), *common]
+    one = run_train_script([*common, "train.train_batch_size=4", f"train.output_dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(REPO / "scripts" / "train.py"),
-            "--config",
-            str(config),
-            *common,
-            "train.train_batch_size=2",
-            f"train.output_dir={tmp_path / 'two'}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    two = run_train_script([*common, "train.train_batch_size=2", f"train.output_dir={tmp_path / 'two'}"], processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_states_equal(trainable_state(tmp_path / "one"), trainable_state(tmp_path / "two"), atol=1e-7)
     base = load_file(str(Path(pixel_pipeline) / "unet" / "diffusion_pytorch_model.safetensors"))

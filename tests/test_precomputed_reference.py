@@ -3,10 +3,7 @@ the live frozen copy, step for step; the store is atomic, complete for the plann
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -318,25 +315,11 @@ def test_store_is_keyed_by_what_the_values_depend_on(pixel_pipeline, pairs, tmp_
 
 
 @pytest.mark.slow  # two accelerate launches of 2 processes: about a minute on 2 cores
-def test_two_processes_precomputed_equals_frozen_copy(pixel_pipeline, pairs, tmp_path):
+def test_two_processes_precomputed_equals_frozen_copy(pixel_pipeline, pairs, tmp_path, run_train_script):
     """The main process computes every process's batches (the others wait); each then reads its own."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     for reference in ("frozen_copy", "precomputed"):
-        launched = subprocess.run(
+        launched = run_train_script(
             [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--multi_gpu",
-                "--num_processes",
-                "2",
-                "--num_machines",
-                "1",
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-                str(REPO / "scripts" / "train.py"),
                 "--config",
                 str(REPO / "configs" / "toy" / "dpo.yaml"),
                 f"model.pretrained={pixel_pipeline}",
@@ -350,9 +333,7 @@ def test_two_processes_precomputed_equals_frozen_copy(pixel_pipeline, pairs, tmp
                 f"train.reference={reference}",
                 f"train.output_dir={tmp_path / reference}",
             ],
-            capture_output=True,
-            text=True,
-            env=env,
+            processes=2,
         )
         assert launched.returncode == 0, launched.stderr[-3000:]
     (store,) = (tmp_path / "cache").glob("*/reference/*")

@@ -133,19 +133,17 @@ def simpo(
 
     Returns ``chosen_rewards = β·ā_w``, ``rejected_rewards = β·ā_l`` (TRL's convention), ``logits = z``.
     """
-    check_logps("simpo", policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
-    check_positive("simpo", beta=beta)
-    _check_real("simpo", gamma=gamma)
-    check_smoothing("simpo", label_smoothing, upper=0.5, inclusive=True)
-    x_w, x_l = _averaged(
-        "simpo", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, logps_are_averaged
-    )
-    z = beta * (x_w - x_l) - gamma
-    return LossOutput(
-        losses=_smoothed_sigmoid_loss(z, label_smoothing),
-        chosen_rewards=(beta * x_w).detach(),
-        rejected_rewards=(beta * x_l).detach(),
-        logits=z.detach(),
+    return _averaged_margin_loss(
+        "simpo",
+        policy_chosen_logps,
+        policy_rejected_logps,
+        beta=beta,
+        alpha=0.0,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        logps_are_averaged=logps_are_averaged,
     )
 
 
@@ -171,12 +169,40 @@ def alphapo(
 
     Returns ``chosen_rewards = β·r(ā_w)``, ``rejected_rewards = β·r(ā_l)`` (as TRL logs them), ``logits = z``.
     """
-    check_logps("alphapo", policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
-    check_positive("alphapo", beta=beta)
-    _check_real("alphapo", alpha=alpha, gamma=gamma)
-    check_smoothing("alphapo", label_smoothing, upper=0.5, inclusive=True)
+    return _averaged_margin_loss(
+        "alphapo",
+        policy_chosen_logps,
+        policy_rejected_logps,
+        beta=beta,
+        alpha=alpha,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        logps_are_averaged=logps_are_averaged,
+    )
+
+
+def _averaged_margin_loss(
+    name: str,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    alpha: float,
+    gamma: float,
+    label_smoothing: float,
+    chosen_lengths: torch.Tensor | None,
+    rejected_lengths: torch.Tensor | None,
+    logps_are_averaged: bool,
+) -> LossOutput:
+    """SimPO / AlphaPO: ``z = β·(r(ā_w) − r(ā_l)) − γ`` with AlphaPO's ``r`` (the identity at α = 0)."""
+    check_logps(name, policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    check_positive(name, beta=beta)
+    _check_real(name, alpha=alpha, gamma=gamma)
+    check_smoothing(name, label_smoothing, upper=0.5, inclusive=True)
     x_w, x_l = _averaged(
-        "alphapo", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, logps_are_averaged
+        name, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, logps_are_averaged
     )
     r_w, r_l = alphapo_reward(x_w, alpha), alphapo_reward(x_l, alpha)
     z = beta * (r_w - r_l) - gamma

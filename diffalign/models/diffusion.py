@@ -42,14 +42,24 @@ class DiffusionAdapter(ABC):
     Attributes:
         denoiser: the trained network. A trainer may replace it with an accelerate-wrapped one; the adapter always
             calls it as given and unwraps it only to toggle LoRA adapters or read its device/dtype.
+        vae: the ``AutoencoderKL`` between pixels and the denoiser's space, or ``None`` in pixel space.
         reference_denoiser: a frozen copy for full fine-tuning, or ``None``, in which case the reference is the
             denoiser with its LoRA adapters disabled.
     """
 
-    def __init__(self, denoiser: torch.nn.Module, *, reference_denoiser: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        denoiser: torch.nn.Module,
+        *,
+        vae: AutoencoderKL | None = None,
+        reference_denoiser: torch.nn.Module | None = None,
+    ) -> None:
         self.denoiser = denoiser
+        self.vae = vae
         self.reference_denoiser = reference_denoiser
         self._reference_depth = 0
+        if vae is not None:
+            vae.requires_grad_(False)
 
     # ----- backbone-specific parts -----
 
@@ -66,10 +76,6 @@ class DiffusionAdapter(ABC):
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         """Text conditioning for ``prompts``, every tensor with first dimension ``len(prompts)``; no grad."""
-
-    @abstractmethod
-    def encode_images(self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
-        """Map pixels in [-1, 1], shape (N, 3, H, W), to the denoiser's input space ``x0``; no grad."""
 
     @abstractmethod
     def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -99,6 +105,63 @@ class DiffusionAdapter(ABC):
     def snr_weights(self, timesteps: Tensor, gamma: float, mode: str = "min_snr") -> Tensor:
         """Per-sample SNR-based weights ω(t) on the MSE (see :meth:`SDAdapter.snr_weights`); (N,)."""
         raise NotImplementedError(f"{type(self).__name__} does not define SNR weights; set loss.weighting=constant")
+
+    # ----- the VAE (or pixel space) -----
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Spatial downsampling of the VAE, 2^(levels − 1); 1 in pixel space."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of ``x0`` for images of ``height`` × ``width`` pixels."""
+        factor = self.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(f"image size {height}x{width} must be divisible by the VAE scale factor {factor}")
+        return int(unwrap(self.denoiser).config.in_channels), height // factor, width // factor
+
+    def to(self, device: torch.device | str) -> DiffusionAdapter:
+        """Move every held module (denoiser, reference, VAE, text encoders) to ``device``; dtypes are kept."""
+        for module in (self.denoiser, self.reference_denoiser, *self.frozen_modules()):
+            if module is not None:
+                module.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """Latents ``(z − shift_factor) · scaling_factor`` of pixels in [-1, 1] (N, 3, H, W) (SD: no shift; SD3: its
+        VAE's shift); identity in pixel space.
+
+        With ``generator`` (one, or a list with one per image for addressable draws) ``z`` is a sample of the VAE
+        posterior, as every reference training script does (research §1). With ``generator=None`` ``z`` is the
+        posterior mean: deterministic, suited to a latent cache, but not what the scripts do.
+        Returned in the VAE's dtype on its device.
+        """
+        if pixels.ndim != 4:
+            raise ValueError(f"pixels must have shape (N, C, H, W), got {tuple(pixels.shape)}")
+        if self.vae is None:
+            return pixels
+        param = next(self.vae.parameters())
+        posterior = self.vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+        latents = posterior.mode() if generator is None else posterior.sample(generator)
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents - shift
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Inverse of :meth:`encode_images` (pixels in about [-1, 1]); identity in pixel space."""
+        if self.vae is None:
+            return latents
+        param = next(self.vae.parameters())
+        latents = latents.to(device=param.device, dtype=param.dtype) / self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents + shift
+        return self.vae.decode(latents).sample
 
     # ----- shared parts -----
 
@@ -309,19 +372,17 @@ class SDAdapter(DiffusionAdapter):
         reference_denoiser: torch.nn.Module | None = None,
         prediction_type: str | None = None,
     ) -> None:
-        super().__init__(unet, reference_denoiser=reference_denoiser)
+        super().__init__(unet, vae=vae, reference_denoiser=reference_denoiser)
         scheduler = DDPMScheduler.from_config(scheduler.config)  # a private copy: the override must not leak out
         if prediction_type is not None:
             _check_prediction_type(prediction_type)
             scheduler.register_to_config(prediction_type=prediction_type)
         _check_prediction_type(scheduler.config.prediction_type)
         self.scheduler = scheduler
-        self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        for frozen in (vae, text_encoder):
-            if frozen is not None:
-                frozen.requires_grad_(False)
+        if text_encoder is not None:
+            text_encoder.requires_grad_(False)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -331,29 +392,8 @@ class SDAdapter(DiffusionAdapter):
     def prediction_type(self) -> str:
         return str(self.scheduler.config.prediction_type)
 
-    @property
-    def vae_scale_factor(self) -> int:
-        """Spatial downsampling of the VAE, 2^(levels − 1); 1 in pixel space."""
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """(C, h, w) of ``x0`` for images of ``height`` × ``width`` pixels."""
-        factor = self.vae_scale_factor
-        if height % factor or width % factor:
-            raise ValueError(f"image size {height}x{width} must be divisible by the VAE scale factor {factor}")
-        return int(unwrap(self.denoiser).config.in_channels), height // factor, width // factor
-
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, self.text_encoder) if m is not None]
-
-    def to(self, device: torch.device | str) -> SDAdapter:
-        """Move every held module (denoiser, reference, VAE, text encoder) to ``device``; dtypes are kept."""
-        for module in (self.denoiser, self.reference_denoiser, self.vae, self.text_encoder):
-            if module is not None:
-                module.to(device)
-        return self
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         """CLIP token ids (N, model_max_length): padding "max_length", truncation, no attention mask."""
@@ -380,39 +420,6 @@ class SDAdapter(DiffusionAdapter):
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         """``{"encoder_hidden_states": (N, L, D)}`` for ``prompts``; no grad."""
         return self.encode_input_ids(self.tokenize(prompts))
-
-    @torch.no_grad()
-    def encode_images(self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
-        """Latents ``z · scaling_factor`` of pixels in [-1, 1] (N, 3, H, W); identity in pixel space.
-
-        With ``generator`` (one, or a list with one per image for addressable draws) ``z`` is a sample of the VAE
-        posterior, as every reference training script does (research §1). With ``generator=None`` ``z`` is the
-        posterior mean: deterministic, suited to a latent cache, but not what the scripts do.
-        Returned in the VAE's dtype on its device.
-        """
-        if pixels.ndim != 4:
-            raise ValueError(f"pixels must have shape (N, C, H, W), got {tuple(pixels.shape)}")
-        if self.vae is None:
-            return pixels
-        param = next(self.vae.parameters())
-        posterior = self.vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
-        latents = posterior.mode() if generator is None else posterior.sample(generator)
-        shift = getattr(self.vae.config, "shift_factor", None)
-        if shift is not None:
-            latents = latents - shift
-        return latents * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Inverse of :meth:`encode_images` (pixels in about [-1, 1]); identity in pixel space."""
-        if self.vae is None:
-            return latents
-        param = next(self.vae.parameters())
-        latents = latents.to(device=param.device, dtype=param.dtype) / self.vae.config.scaling_factor
-        shift = getattr(self.vae.config, "shift_factor", None)
-        if shift is not None:
-            latents = latents + shift
-        return self.vae.decode(latents).sample
 
     def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε in float32, with ᾱ = ``scheduler.alphas_cumprod``.

@@ -45,11 +45,6 @@ BACKBONES = ("sd", "sdxl", "sd3")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _vae_is_null(model_index: dict[str, Any]) -> bool:
-    entry = model_index.get("vae")
-    return entry is None or (isinstance(entry, list) and all(item is None for item in entry))
-
-
 def _local_has_vae(folder: Path, backbone: str = "sd") -> bool:
     required = _REQUIRED[backbone]
     missing = [name for name in required if not (folder / name).is_dir()]
@@ -61,7 +56,7 @@ def _local_has_vae(folder: Path, backbone: str = "sd") -> bool:
     if (folder / "vae").is_dir():
         return True
     index_path = folder / "model_index.json"
-    if index_path.is_file() and not _vae_is_null(json.loads(index_path.read_text())):
+    if index_path.is_file() and _present(json.loads(index_path.read_text()).get("vae")):
         raise FileNotFoundError(
             f"{index_path} names a VAE but {folder / 'vae'} is missing; restore the vae/ folder, or set "
             f'"vae": [null, null] in model_index.json for a pixel-space model'
@@ -77,7 +72,7 @@ def _hub_model_index(repo_id: str, revision: str | None, local_files_only: bool)
 
 
 def _hub_has_vae(repo_id: str, revision: str | None, local_files_only: bool) -> bool:
-    return not _vae_is_null(_hub_model_index(repo_id, revision, local_files_only))
+    return _present(_hub_model_index(repo_id, revision, local_files_only).get("vae"))
 
 
 def _present(entry: Any) -> bool:
@@ -121,6 +116,59 @@ def resolve_pretrained(pretrained: str | os.PathLike) -> tuple[str, bool]:
     return text, False
 
 
+class _Source:
+    """One pipeline to load components from: the shared ``from_pretrained`` keyword arguments, and which optional
+    components it has (a local folder's subfolders, or a hub repo's ``model_index.json``, read once)."""
+
+    def __init__(
+        self,
+        pretrained: str | os.PathLike,
+        backbone: str,
+        *,
+        revision: str | None,
+        variant: str | None,
+        torch_dtype: torch.dtype | None,
+        local_files_only: bool,
+    ) -> None:
+        self.location, self.is_local = resolve_pretrained(pretrained)
+        self.backbone = backbone
+        self.common: dict[str, Any] = {"revision": revision, "local_files_only": local_files_only or self.is_local}
+        self.weights: dict[str, Any] = {**self.common, "variant": variant, "use_safetensors": True}
+        self.diffusers_dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        self.transformers_dtype = {} if torch_dtype is None else {"dtype": torch_dtype}
+        self._index: dict[str, Any] | None = None
+
+    def has(self, component: str) -> bool:
+        """Whether the pipeline has ``component``. For a local ``"vae"`` the folder layout is checked first (the
+        loaders ask for the VAE before anything else) and a missing ``vae/`` that the index names is an error."""
+        if self.is_local:
+            if component == "vae":
+                return _local_has_vae(Path(self.location), self.backbone)
+            return (Path(self.location) / component).is_dir()
+        if self._index is None:
+            self._index = _hub_model_index(self.location, self.common["revision"], self.common["local_files_only"])
+        return _present(self._index.get(component))
+
+    def diffusers(self, cls: type, subfolder: str) -> Any:
+        return cls.from_pretrained(self.location, subfolder=subfolder, **self.weights, **self.diffusers_dtype)
+
+    def transformers(self, cls: type, subfolder: str) -> Any:
+        return cls.from_pretrained(self.location, subfolder=subfolder, **self.weights, **self.transformers_dtype)
+
+    def config_only(self, cls: type, subfolder: str) -> Any:
+        """A scheduler or tokenizer: no weights, so no variant / safetensors / dtype arguments."""
+        return cls.from_pretrained(self.location, subfolder=subfolder, **self.common)
+
+    def vae(self) -> AutoencoderKL | None:
+        return self.diffusers(AutoencoderKL, "vae") if self.has("vae") else None
+
+
+def _eval(*modules: torch.nn.Module | None) -> None:
+    for module in modules:
+        if module is not None:
+            module.eval()
+
+
 def load_sd_adapter(
     pretrained: str | os.PathLike,
     *,
@@ -135,50 +183,21 @@ def load_sd_adapter(
     ``torch_dtype`` applies to every model component (``None`` keeps the stored dtype); ``variant`` selects e.g.
     ``diffusion_pytorch_model.fp16.safetensors``; ``prediction_type`` overrides the scheduler config's.
     """
-    location, is_local = resolve_pretrained(pretrained)
-    common: dict[str, Any] = {"revision": revision, "local_files_only": local_files_only or is_local}
-    weights: dict[str, Any] = {**common, "variant": variant, "use_safetensors": True}
-    diffusers_dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-    transformers_dtype = {} if torch_dtype is None else {"dtype": torch_dtype}
-
-    has_vae = _local_has_vae(Path(location)) if is_local else _hub_has_vae(location, revision, local_files_only)
-    unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", **weights, **diffusers_dtype)
-    scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler", **common)
-    text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **weights, **transformers_dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **common)
-    vae = None
-    if has_vae:
-        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", **weights, **diffusers_dtype)
-    for module in (unet, text_encoder, vae):
-        if module is not None:
-            module.eval()
+    src = _Source(
+        pretrained, "sd", revision=revision, variant=variant, torch_dtype=torch_dtype, local_files_only=local_files_only
+    )
+    vae = src.vae()
+    unet = src.diffusers(UNet2DConditionModel, "unet")
+    text_encoder = src.transformers(CLIPTextModel, "text_encoder")
+    _eval(unet, text_encoder, vae)
     return SDAdapter(
         unet,
-        scheduler,
+        src.config_only(DDPMScheduler, "scheduler"),
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=src.config_only(CLIPTokenizer, "tokenizer"),
         prediction_type=prediction_type,
     )
-
-
-def _weights_kwargs(
-    location: str, is_local: bool, revision: str | None, variant: str | None, local_files_only: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    common: dict[str, Any] = {"revision": revision, "local_files_only": local_files_only or is_local}
-    return common, {**common, "variant": variant, "use_safetensors": True}
-
-
-def _dtype_kwargs(torch_dtype: torch.dtype | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    return ({} if torch_dtype is None else {"torch_dtype": torch_dtype}), (
-        {} if torch_dtype is None else {"dtype": torch_dtype}
-    )
-
-
-def _has_vae(location: str, is_local: bool, backbone: str, revision: str | None, local_files_only: bool) -> bool:
-    if is_local:
-        return _local_has_vae(Path(location), backbone)
-    return _hub_has_vae(location, revision, local_files_only)
 
 
 def load_sdxl_adapter(
@@ -193,30 +212,27 @@ def load_sdxl_adapter(
 ) -> SDXLAdapter:
     """Load an SDXL pipeline's UNet, DDPM scheduler, both CLIP encoders and tokenizers (and VAE) into an
     :class:`SDXLAdapter`; ``time_ids`` is ``"constant"`` or ``"from_data"`` (see :mod:`diffalign.models.sdxl`)."""
-    location, is_local = resolve_pretrained(pretrained)
-    common, weights = _weights_kwargs(location, is_local, revision, variant, local_files_only)
-    diffusers_dtype, transformers_dtype = _dtype_kwargs(torch_dtype)
-    has_vae = _has_vae(location, is_local, "sdxl", revision, local_files_only)
-    unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", **weights, **diffusers_dtype)
-    scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler", **common)
-    text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **weights, **transformers_dtype)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-        location, subfolder="text_encoder_2", **weights, **transformers_dtype
+    src = _Source(
+        pretrained,
+        "sdxl",
+        revision=revision,
+        variant=variant,
+        torch_dtype=torch_dtype,
+        local_files_only=local_files_only,
     )
-    tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **common)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", **common)
-    vae = AutoencoderKL.from_pretrained(location, subfolder="vae", **weights, **diffusers_dtype) if has_vae else None
-    for module in (unet, text_encoder, text_encoder_2, vae):
-        if module is not None:
-            module.eval()
+    vae = src.vae()
+    unet = src.diffusers(UNet2DConditionModel, "unet")
+    text_encoder = src.transformers(CLIPTextModel, "text_encoder")
+    text_encoder_2 = src.transformers(CLIPTextModelWithProjection, "text_encoder_2")
+    _eval(unet, text_encoder, text_encoder_2, vae)
     return SDXLAdapter(
         unet,
-        scheduler,
+        src.config_only(DDPMScheduler, "scheduler"),
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
+        tokenizer=src.config_only(CLIPTokenizer, "tokenizer"),
+        tokenizer_2=src.config_only(CLIPTokenizer, "tokenizer_2"),
         prediction_type=prediction_type,
         time_ids=time_ids,
     )
@@ -238,42 +254,32 @@ def load_sd3_adapter(
 ) -> SD3Adapter:
     """Load an SD3 / SD3.5 pipeline's transformer, flow-matching scheduler, CLIP-L, CLIP-G (and T5 unless
     ``load_t5=False`` or the pipeline has none: zeros replace its embeddings, as in diffusers) and VAE."""
-    location, is_local = resolve_pretrained(pretrained)
-    common, weights = _weights_kwargs(location, is_local, revision, variant, local_files_only)
-    diffusers_dtype, transformers_dtype = _dtype_kwargs(torch_dtype)
-    has_vae = _has_vae(location, is_local, "sd3", revision, local_files_only)
-    if is_local:
-        has_t5 = (Path(location) / "text_encoder_3").is_dir()
-    else:
-        has_t5 = _present(_hub_model_index(location, revision, local_files_only).get("text_encoder_3"))
-    transformer = SD3Transformer2DModel.from_pretrained(location, subfolder="transformer", **weights, **diffusers_dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(location, subfolder="scheduler", **common)
-    encoders = [
-        CLIPTextModelWithProjection.from_pretrained(location, subfolder=sub, **weights, **transformers_dtype)
-        for sub in ("text_encoder", "text_encoder_2")
-    ]
-    tokenizers = [
-        CLIPTokenizer.from_pretrained(location, subfolder=sub, **common) for sub in ("tokenizer", "tokenizer_2")
-    ]
+    src = _Source(
+        pretrained,
+        "sd3",
+        revision=revision,
+        variant=variant,
+        torch_dtype=torch_dtype,
+        local_files_only=local_files_only,
+    )
+    vae = src.vae()
+    transformer = src.diffusers(SD3Transformer2DModel, "transformer")
+    text_encoder = src.transformers(CLIPTextModelWithProjection, "text_encoder")
+    text_encoder_2 = src.transformers(CLIPTextModelWithProjection, "text_encoder_2")
     text_encoder_3 = tokenizer_3 = None
-    if load_t5 and has_t5:
-        text_encoder_3 = T5EncoderModel.from_pretrained(
-            location, subfolder="text_encoder_3", **weights, **transformers_dtype
-        )
-        tokenizer_3 = AutoTokenizer.from_pretrained(location, subfolder="tokenizer_3", **common)
-    vae = AutoencoderKL.from_pretrained(location, subfolder="vae", **weights, **diffusers_dtype) if has_vae else None
-    for module in (transformer, *encoders, text_encoder_3, vae):
-        if module is not None:
-            module.eval()
+    if load_t5 and src.has("text_encoder_3"):
+        text_encoder_3 = src.transformers(T5EncoderModel, "text_encoder_3")
+        tokenizer_3 = src.config_only(AutoTokenizer, "tokenizer_3")
+    _eval(transformer, text_encoder, text_encoder_2, text_encoder_3, vae)
     return SD3Adapter(
         transformer,
-        scheduler,
+        src.config_only(FlowMatchEulerDiscreteScheduler, "scheduler"),
         vae=vae,
-        text_encoder=encoders[0],
-        text_encoder_2=encoders[1],
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         text_encoder_3=text_encoder_3,
-        tokenizer=tokenizers[0],
-        tokenizer_2=tokenizers[1],
+        tokenizer=src.config_only(CLIPTokenizer, "tokenizer"),
+        tokenizer_2=src.config_only(CLIPTokenizer, "tokenizer_2"),
         tokenizer_3=tokenizer_3,
         max_sequence_length=max_sequence_length,
         timestep_density=timestep_density,

@@ -58,20 +58,19 @@ class SD3Adapter(DiffusionAdapter):
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
     ) -> None:
-        super().__init__(transformer, reference_denoiser=reference_denoiser)
+        super().__init__(transformer, vae=vae, reference_denoiser=reference_denoiser)
         if timestep_density not in TIMESTEP_DENSITIES:
             raise ValueError(f"timestep_density={timestep_density!r}: expected one of {TIMESTEP_DENSITIES}")
         if max_sequence_length < 1:
             raise ValueError(f"max_sequence_length={max_sequence_length}: must be positive")
         # a private copy: set_timesteps during sampling elsewhere must not change the training schedule
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
-        self.vae = vae
         self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoder, text_encoder_2, text_encoder_3
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
         self.max_sequence_length = max_sequence_length
         self.timestep_density = timestep_density
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
-        for frozen in (vae, text_encoder, text_encoder_2, text_encoder_3):
+        for frozen in (text_encoder, text_encoder_2, text_encoder_3):
             if frozen is not None:
                 frozen.requires_grad_(False)
 
@@ -88,26 +87,6 @@ class SD3Adapter(DiffusionAdapter):
     @property
     def prediction_type(self) -> str:
         return "flow"
-
-    @property
-    def vae_scale_factor(self) -> int:
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """(C, h, w) of ``x0`` for images of ``height`` × ``width`` pixels."""
-        factor = self.vae_scale_factor
-        if height % factor or width % factor:
-            raise ValueError(f"image size {height}x{width} must be divisible by the VAE scale factor {factor}")
-        return int(unwrap(self.denoiser).config.in_channels), height // factor, width // factor
-
-    def to(self, device: torch.device | str) -> SD3Adapter:
-        """Move every held module to ``device``; dtypes are kept."""
-        for module in (self.denoiser, self.reference_denoiser, self.vae, *self._text_modules()):
-            if module is not None:
-                module.to(device)
-        return self
 
     def _text_modules(self) -> tuple[torch.nn.Module | None, ...]:
         return self.text_encoder, self.text_encoder_2, self.text_encoder_3
@@ -154,66 +133,27 @@ class SD3Adapter(DiffusionAdapter):
 
     # ----- encoders -----
 
-    def _tokenize(self, tokenizer: Any, prompts: list[str], max_length: int) -> Tensor:
-        return tokenizer(
-            list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        """``{"encoder_hidden_states": (N, 77 + max_sequence_length, D), "pooled_projections": (N, P)}``."""
+        """``{"encoder_hidden_states": (N, 77 + max_sequence_length, D), "pooled_projections": (N, P)}``
+        (:func:`sd3_prompt_embeds`)."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
         clips = [(self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2)]
         if any(enc is None or tok is None for enc, tok in clips):
             raise RuntimeError("SD3Adapter needs text_encoder/tokenizer and text_encoder_2/tokenizer_2 (load_adapter)")
-        hidden, pooled = [], []
-        for encoder, tokenizer in clips:
-            ids = self._tokenize(tokenizer, prompts, tokenizer.model_max_length)
-            out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
-            pooled.append(out[0])
-            hidden.append(out.hidden_states[-2])
-        clip_embeds = torch.cat(hidden, dim=-1)
-        joint_dim = int(unwrap(self.denoiser).config.joint_attention_dim)
-        if self.text_encoder_3 is None:
-            t5 = torch.zeros(
-                len(prompts), self.max_sequence_length, joint_dim, dtype=clip_embeds.dtype, device=clip_embeds.device
-            )
-        else:
-            if self.tokenizer_3 is None:
-                raise RuntimeError("SD3Adapter has text_encoder_3 but no tokenizer_3")
-            ids = self._tokenize(self.tokenizer_3, prompts, self.max_sequence_length)
-            t5 = self.text_encoder_3(ids.to(next(self.text_encoder_3.parameters()).device))[0]
-            t5 = t5.to(device=clip_embeds.device, dtype=clip_embeds.dtype)
-        clip_embeds = F.pad(clip_embeds, (0, t5.shape[-1] - clip_embeds.shape[-1]))
-        return {
-            "encoder_hidden_states": torch.cat([clip_embeds, t5], dim=-2),
-            "pooled_projections": torch.cat(pooled, dim=-1),
-        }
-
-    @torch.no_grad()
-    def encode_images(self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
-        """``(z − shift_factor)·scaling_factor`` of pixels in [-1, 1] (posterior mean without ``generator``);
-        the identity in pixel space."""
-        if pixels.ndim != 4:
-            raise ValueError(f"pixels must have shape (N, C, H, W), got {tuple(pixels.shape)}")
-        if self.vae is None:
-            return pixels
-        param = next(self.vae.parameters())
-        posterior = self.vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
-        latents = posterior.mode() if generator is None else posterior.sample(generator)
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Inverse of :meth:`encode_images`."""
-        if self.vae is None:
-            return latents
-        param = next(self.vae.parameters())
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        latents = latents.to(device=param.device, dtype=param.dtype) / self.vae.config.scaling_factor + shift
-        return self.vae.decode(latents).sample
+        if self.text_encoder_3 is not None and self.tokenizer_3 is None:
+            raise RuntimeError("SD3Adapter has text_encoder_3 but no tokenizer_3")
+        embeds, pooled = sd3_prompt_embeds(
+            [enc for enc, _ in clips],
+            [tok for _, tok in clips],
+            prompts,
+            joint_attention_dim=int(unwrap(self.denoiser).config.joint_attention_dim),
+            max_sequence_length=self.max_sequence_length,
+            t5_encoder=self.text_encoder_3,
+            t5_tokenizer=self.tokenizer_3,
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def _denoise(self, model: torch.nn.Module, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         missing = {"encoder_hidden_states", "pooled_projections"} - set(cond)
@@ -230,3 +170,45 @@ class SD3Adapter(DiffusionAdapter):
             pooled_projections=cond["pooled_projections"].to(device=param.device, dtype=param.dtype),
             return_dict=False,
         )[0]
+
+
+def _token_ids(tokenizer: Any, prompts: Sequence[str], max_length: int) -> Tensor:
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def sd3_prompt_embeds(
+    clip_encoders: Sequence[torch.nn.Module],
+    clip_tokenizers: Sequence[Any],
+    prompts: Sequence[str],
+    *,
+    joint_attention_dim: int,
+    max_sequence_length: int,
+    t5_encoder: torch.nn.Module | None = None,
+    t5_tokenizer: Any | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(prompt_embeds, pooled_projections)`` exactly as ``StableDiffusion3Pipeline.encode_prompt`` (``clip_skip``
+    None, one image per prompt):
+
+        clip   = pad(cat([hidden_states[-2] of each CLIP], -1), T5 width)    (each CLIP padded to its max length)
+        embeds = cat([clip, T5(prompts)[0]  or  zeros(N, max_sequence_length, joint_attention_dim)], dim=1)
+        pooled = cat([out[0] of each CLIP], -1)                               (the projected pooled outputs)
+
+    Hidden states are cast to the first encoder's dtype and device, as the pipeline does. Shared by
+    :class:`SD3Adapter` and the toy flow model (:mod:`diffalign.toy.flow_model`)."""
+    dtype, device = next(clip_encoders[0].parameters()).dtype, next(clip_encoders[0].parameters()).device
+    hidden, pooled = [], []
+    for encoder, tokenizer in zip(clip_encoders, clip_tokenizers, strict=True):
+        ids = _token_ids(tokenizer, prompts, tokenizer.model_max_length)
+        out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2].to(device, dtype))
+        pooled.append(out[0].to(device))
+    clip = torch.cat(hidden, dim=-1)
+    if t5_encoder is None:
+        t5 = torch.zeros(len(prompts), max_sequence_length, joint_attention_dim, dtype=dtype, device=device)
+    else:
+        ids = _token_ids(t5_tokenizer, prompts, max_sequence_length)
+        t5 = t5_encoder(ids.to(next(t5_encoder.parameters()).device))[0].to(device=device, dtype=dtype)
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)

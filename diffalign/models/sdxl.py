@@ -78,12 +78,6 @@ class SDXLAdapter(SDAdapter):
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
 
-    def to(self, device: torch.device | str) -> SDXLAdapter:
-        super().to(device)
-        if self.text_encoder_2 is not None:
-            self.text_encoder_2.to(device)
-        return self
-
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
         return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]

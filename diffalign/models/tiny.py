@@ -38,6 +38,28 @@ def tiny_sd_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     )
 
 
+def tiny_vae(
+    sample_size: int,
+    block_out_channels: tuple[int, ...] = (32, 64),
+    layers_per_block: int = 1,
+    **config: Any,
+) -> AutoencoderKL:
+    """A tiny ``AutoencoderKL`` with 4 latent channels, ``len(block_out_channels)`` levels (downsampling by
+    2^(levels − 1)); ``config`` adds e.g. SD3's ``shift_factor`` / ``scaling_factor``. Uses the global RNG."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size,
+        **config,
+    )
+
+
 def tiny_sd_components(
     *,
     prediction_type: str = "epsilon",
@@ -66,17 +88,7 @@ def tiny_sd_components(
         torch.manual_seed(seed)
         vae = None
         if with_vae:
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
-                up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
-                block_out_channels=tuple(vae_block_out_channels),
-                layers_per_block=vae_layers_per_block,
-                latent_channels=4,
-                norm_num_groups=32,
-                sample_size=sample_size,
-            )
+            vae = tiny_vae(sample_size, vae_block_out_channels, vae_layers_per_block)
         channels = 4 if with_vae else 3
         torch.manual_seed(seed + 1)
         unet = UNet2DConditionModel(

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from diffalign.models.clip_tokenizer import build_clip_tokenizer
+from diffalign.models.tiny import tiny_vae
 from diffalign.models.tiny_sdxl import tiny_clip_config
 
 SD3_SHIFT = 3.0
@@ -45,19 +46,11 @@ def tiny_sd3_components(
         torch.manual_seed(seed)
         vae = None
         if with_vae:
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2,
-                block_out_channels=(32, 64),
-                layers_per_block=1,
-                latent_channels=4,
-                norm_num_groups=32,
-                sample_size=sample_size,
+            vae = tiny_vae(
+                sample_size,
                 use_quant_conv=False,
                 use_post_quant_conv=False,
-                shift_factor=0.0609,
+                shift_factor=0.0609,  # diffusers' SD3 pipeline tests
                 scaling_factor=1.5035,
             )
         channels = 4 if with_vae else 3

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffalign.models.clip_tokenizer import build_clip_tokenizer
-from diffalign.models.tiny import tiny_sd_scheduler
+from diffalign.models.tiny import tiny_sd_scheduler, tiny_vae
 
 #: SDXL's added conditions: 6 time ids, each embedded with ``addition_time_embed_dim`` sinusoids, + the pooled text.
 TIME_IDS = 6
@@ -51,17 +51,7 @@ def tiny_sdxl_components(
     hidden_1, hidden_2, addition_dim = 16, 32, 8
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=sample_size,
-        )
+        vae = tiny_vae(sample_size)
         torch.manual_seed(seed + 1)
         unet = UNet2DConditionModel(
             sample_size=sample_size // 2,

@@ -44,15 +44,15 @@ from pathlib import Path
 
 import diffusers
 import torch
-import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffalign.models.clip_tokenizer import build_clip_tokenizer
-from diffalign.toy.model import MAX_TOKENS, TEXT_HIDDEN, _write_tokenizer, tokenize
+from diffalign.models.sd3 import sd3_prompt_embeds
+from diffalign.toy.model import MAX_TOKENS, TEXT_HIDDEN, _write_tokenizer, text_encoder_config
 from diffalign.toy.world import RESOLUTION
 
-PROJECTION_DIM = 32
+PROJECTION_DIM = TEXT_HIDDEN  # each CLIP's projection: text_encoder_config() of the UNet toy, shared
 JOINT_ATTENTION_DIM = 128
 T5_TOKENS = 8
 PIPELINE_CLASS = "DiffalignToyFlowPipeline"
@@ -76,22 +76,6 @@ def transformer_config() -> dict:
         "pos_embed_max_size": RESOLUTION // 2,
         "qk_norm": "rms_norm",
     }
-
-
-def text_encoder_config() -> CLIPTextConfig:
-    """Config of each tiny ``CLIPTextModelWithProjection`` (SD's special-token ids: BOS 49406, EOS = pad 49407)."""
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=MAX_TOKENS,
-        projection_dim=PROJECTION_DIM,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
 
 
 def scheduler_config() -> dict:
@@ -155,20 +139,16 @@ def encode_prompts(
     """
     if len(text_encoders) != 2 or len(tokenizers) != 2:
         raise ValueError(f"encode_prompts: SD3 uses two CLIP encoders, got {len(text_encoders)} and {len(tokenizers)}")
-    hidden, pooled = [], []
-    dtype, device = text_encoders[0].dtype, text_encoders[0].device
-    for encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
-        out = encoder(tokenize(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2].to(device, dtype))
-        pooled.append(out[0].to(device))
-    clip = torch.cat(hidden, dim=-1)
-    if clip.shape[-1] > joint_attention_dim:
-        raise ValueError(
-            f"encode_prompts: CLIP width {clip.shape[-1]} exceeds joint_attention_dim={joint_attention_dim}"
-        )
-    clip = F.pad(clip, (0, joint_attention_dim - clip.shape[-1]))
-    t5 = torch.zeros(clip.shape[0], max_sequence_length, joint_attention_dim, device=device, dtype=dtype)
-    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+    clip_width = sum(encoder.config.hidden_size for encoder in text_encoders)
+    if clip_width > joint_attention_dim:
+        raise ValueError(f"encode_prompts: CLIP width {clip_width} exceeds joint_attention_dim={joint_attention_dim}")
+    return sd3_prompt_embeds(
+        text_encoders,
+        tokenizers,
+        prompts,
+        joint_attention_dim=joint_attention_dim,
+        max_sequence_length=max_sequence_length,
+    )
 
 
 def predict_velocity(

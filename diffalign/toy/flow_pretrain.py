@@ -43,8 +43,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,7 +60,7 @@ from diffalign.toy.flow_model import (
     transformer_config,
 )
 from diffalign.toy.flow_sampling import EVAL_GUIDANCE_SCALE, EVAL_STEPS, SDE_NOISE_LEVEL, evaluate_flow_model
-from diffalign.toy.pretrain import _batch_indices, _lr_factor, noisy_captions
+from diffalign.toy.pretrain import _batch_indices, _lr_factor, ensure_pretrained, noisy_captions
 from diffalign.toy.world import render_batch, sample_specs
 from diffalign.utils.randomness import NOISE, PROMPT_DROPOUT, TIMESTEP, per_sample_normal, per_sample_uniform
 
@@ -228,24 +226,12 @@ def ensure_flow_base(cache_dir: str | os.PathLike | None = None, progress: bool 
     """Path of a usable flow base model: the committed one if present, else a cached or freshly pretrained one in
     ``cache_dir`` (default ``~/.cache/diffalign/toy``, next to the UNet base) under ``flow-base-<config hash>``.
     Never downloads."""
-    committed = default_flow_base_path()
-    if (committed / "model_index.json").is_file():
-        return committed
-    root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "diffalign" / "toy"
-    target = root / f"flow-base-{FLOW_BASE_CONFIG.hash()}"
-    if (target / "model_index.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".flow-base-", dir=root))
-    try:
-        pretrain_flow(tmp, config=FLOW_BASE_CONFIG, progress=progress)
-        tmp.rename(target)
-    except OSError:
-        if not (target / "model_index.json").is_file():  # not a concurrent writer winning the rename
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return ensure_pretrained(
+        default_flow_base_path(),
+        f"flow-base-{FLOW_BASE_CONFIG.hash()}",
+        lambda folder: pretrain_flow(folder, config=FLOW_BASE_CONFIG, progress=progress),
+        cache_dir,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -214,17 +215,33 @@ def default_base_path() -> Path:
 def ensure_base(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Path of a usable base model: the committed one if present, else a cached or freshly pretrained one in
     ``cache_dir`` (default ``~/.cache/diffalign/toy``) under ``base-<config hash>``. Never downloads."""
-    committed = default_base_path()
+    return ensure_pretrained(
+        default_base_path(),
+        f"base-{BASE_CONFIG.hash()}",
+        lambda folder: pretrain(folder, config=BASE_CONFIG, progress=progress),
+        cache_dir,
+    )
+
+
+def ensure_pretrained(
+    committed: Path,
+    name: str,
+    pretrain_into: Callable[[Path], object],
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """``committed`` if it holds a model, else ``cache_dir/name`` (default ``~/.cache/diffalign/toy``), pretrained
+    there first by ``pretrain_into(folder)`` if missing: into a temporary folder renamed into place, so an
+    interrupted run leaves nothing half-written and concurrent writers do not clash."""
     if (committed / "model_index.json").is_file():
         return committed
     root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "diffalign" / "toy"
-    target = root / f"base-{BASE_CONFIG.hash()}"
+    target = root / name
     if (target / "model_index.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        pretrain(tmp, config=BASE_CONFIG, progress=progress)
+        pretrain_into(tmp)
         tmp.rename(target)
     except OSError:
         if not (target / "model_index.json").is_file():  # not a concurrent writer winning the rename
