@@ -1,4 +1,4 @@
-"""The ``diffalign`` command: ``demo``, ``evidence offline|flow``, ``toy pretrain``, ``toy pairs``, ``train``."""
+"""The ``diffalign`` command: ``demo``, ``evidence offline|flow|llm``, ``toy pretrain``, ``toy pairs``, ``train``."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _run(argv: list[str] | None) -> int:
     demo.add_argument("overrides", nargs="*", help="config overrides for configs/toy/dpo.yaml (key=value)")
 
     evidence = sub.add_parser("evidence", help="train every method of a family on the toy world and report")
-    evidence.add_argument("family", choices=["offline", "flow"])
+    evidence.add_argument("family", choices=["offline", "flow", "llm"])
     evidence.add_argument("--output-dir", default=None)
     evidence.add_argument("--methods", default=None, help="comma-separated subset")
     evidence.add_argument("--n-per-prompt", type=int, default=16)
@@ -58,6 +58,16 @@ def _run(argv: list[str] | None) -> int:
         from diffalign.toy.demo import run_demo
 
         run_demo(args.output_dir, n_per_prompt=args.n_per_prompt, overrides=args.overrides)
+    elif args.command == "evidence" and args.family == "llm":
+        from diffalign.toy.llm_evidence import format_llm_report, run_llm_evidence
+
+        report = run_llm_evidence(
+            args.output_dir,
+            methods=args.methods.split(",") if args.methods else None,
+            n_per_prompt=args.n_per_prompt,
+            overrides=args.overrides,
+        )
+        print(format_llm_report(report))
     elif args.command == "evidence":
         from diffalign.toy.evidence import format_report, run_evidence
 
@@ -79,7 +89,7 @@ def _run(argv: list[str] | None) -> int:
         print(make_preference_pairs(args.path, args.n_pairs, args.seed, kind=args.kind))
     elif args.command == "train":
         from diffalign.config import parse_cli
-        from diffalign.trainers.offline import train as run_train
+        from diffalign.trainers.run import train as run_train
 
         result = run_train(parse_cli(args.args))
         print(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step}))

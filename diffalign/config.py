@@ -26,6 +26,8 @@ only for optional keys), enumerations, obvious ranges, and consistency between `
   other than ``dpo`` (where that default means something) and ``sft`` (no beta) must set ``loss.beta`` explicitly:
   e.g. MaPO's authors use 0.1, which the Diffusion-DPO default would silently replace.
 * method ``dcpo`` needs ``data.dual_captions: true`` (each image is conditioned on its own caption).
+* causal LMs (``model.backbone: causal_lm``) train with method ``preference`` (any registered loss; its kind picks
+  the data layout; ``loss.beta`` must be explicit) or ``grpo`` (the ``online`` section; no ``loss`` keys).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = [
     "LoraSettings",
     "LossConfig",
     "ModelConfig",
+    "OnlineConfig",
     "OptimConfig",
     "TrainConfig",
     "build_arg_parser",
@@ -75,7 +78,9 @@ class ModelConfig:
     variant: str | None = None
     prediction_type: str | None = None  # override the scheduler's ("epsilon" | "v_prediction"); SD/SDXL only
     local_files_only: bool = False
-    backbone: str = "auto"  # "auto" (from the folder / model_index.json) | "sd" | "sdxl" | "sd3"
+    # "auto" (from the folder / model_index.json) | "sd" | "sdxl" | "sd3" | "causal_lm" (a transformers causal LM
+    # folder or hub id: train.method preference / grpo)
+    backbone: str = "auto"
     vae: str | None = None  # a separate VAE folder / hub id (diffusers' --pretrained_vae_model_name_or_path)
     # SDXL added time ids: "constant" [R, R, 0, 0, R, R] (original Diffusion-DPO) | "from_data" (diffusers / MaPO:
     # jpg_0's size and the crop offset, with the joint pair transform)
@@ -88,6 +93,10 @@ class ModelConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    # causal_lm: dtype of the loaded weights ("float32" | "bfloat16" | "float16"; trained parameters stay float32
+    # under LoRA) and whether the model's own code may run (never implied)
+    torch_dtype: str = "float32"
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -105,13 +114,17 @@ class DataConfig:
     max_samples: int | None = None
     cache_dir: str | None = None  # latent/text-embedding cache root; None = encode on the fly
     num_workers: int = 0
+    # causal_lm: prompt+completion tokens kept per sequence (truncation keeps the start, as TRL 1.16)
+    max_length: int | None = 1024
 
 
 @dataclass
 class LossConfig:
     name: str = "dpo"  # key of diffalign.losses.LOSSES
     beta: float = 5000.0
-    params: dict[str, float] = field(default_factory=dict)  # extra keyword hyper-parameters, e.g. {alpha: 1.0}
+    # extra keyword hyper-parameters of the loss function, e.g. {alpha: 1.0}, {use_weighting: true},
+    # {f_divergence_type: js_divergence}; checked against the function's defaults
+    params: dict[str, Any] = field(default_factory=dict)
     # Timestep weighting ω(t) of each sample's MSE (the ω(λ_t) of the Diffusion-DPO objective): "constant" (the
     # authors' code), "min_snr" (Hang et al., γ 5) or "truncated_snr" (Salimans & Ho, γ 1); see SDAdapter.snr_weights.
     weighting: str = "constant"
@@ -123,7 +136,8 @@ class LoraSettings:
     enabled: bool = True  # False = full fine-tune
     rank: int = 8
     alpha: float | None = None  # None = rank
-    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    # null = the backbone's default: [to_k, to_q, to_v, to_out.0] for UNets and SD3, "all-linear" for causal LMs
+    target_modules: list[str] | None = None
     init: str = "gaussian"  # peft LoraConfig.init_lora_weights
 
 
@@ -146,7 +160,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "dpo"  # "dpo" | "dcpo" | "mapo" | "sft"
+    # diffusion: "dpo" | "dcpo" | "mapo" | "sft"; causal LM (model.backbone causal_lm): "preference" (offline; the
+    # loss's kind picks the data: pairs, rankings or unpaired) | "grpo" (online, see the `online` section)
+    method: str = "dpo"
     output_dir: str = "outputs/run"
     seed: int = 0
     max_steps: int = 1000  # optimizer steps
@@ -172,6 +188,28 @@ class TrainConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """Online group RL (train.method grpo). Names and defaults follow TRL 1.16's GRPOConfig where one exists."""
+
+    # "module:function" or "path/to/file.py:function", called as fn(prompts=[...], completions=[...], **columns)
+    # -> list of floats (TRL's reward-function signature); several are summed with reward_weights
+    reward_functions: list[str] = field(default_factory=list)
+    reward_weights: list[float] | None = None
+    num_generations: int = 8  # completions per prompt (a group); MC-GRPO samples one more as its pivot
+    max_new_tokens: int = 64  # TRL max_completion_length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off: samples from the model's distribution
+    # "group" | "batch" | "none" (TRL scale_rewards) | "rloo" | "mc_grpo" | "bnpo" | "best_of_k" (RAFT)
+    advantage: str = "group"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # null = epsilon; DAPO uses 0.28
+    beta: float = 0.0  # k3 KL to the reference (TRL default 0: no reference forward)
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo (TRL aggregations)
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -179,13 +217,16 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
 
 class ConfigError(ValueError):
     """An invalid config file or override; the message names the source, the dotted key and what to do."""
 
 
-METHODS = ("dpo", "dcpo", "mapo", "sft")
+DIFFUSION_METHODS = ("dpo", "dcpo", "mapo", "sft")
+LLM_METHODS = ("preference", "grpo")
+METHODS = DIFFUSION_METHODS + LLM_METHODS
 LOSS_WEIGHTINGS = ("constant", "min_snr", "truncated_snr")
 ON_BAD_ROW = ("error", "skip")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -193,12 +234,16 @@ REFERENCE_MODES = ("auto", "frozen_copy", "frozen_copy_offload", "precomputed")
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")  # built by diffalign.trainers.optimizers.build_optimizer
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # kept here (not imported from diffalign.models) so that reading a config never imports the model code
-BACKBONES = ("auto", "sd", "sdxl", "sd3")
+BACKBONES = ("auto", "sd", "sdxl", "sd3", "causal_lm")
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+ADVANTAGES = ("group", "batch", "none", "rloo", "mc_grpo", "bnpo", "best_of_k")  # losses.advantages.ADVANTAGE_METHODS
+POLICY_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+IS_LEVELS = ("token", "sequence")
 SDXL_TIME_IDS = ("constant", "from_data")
 TIMESTEP_DENSITIES = ("logit_normal", "mode", "uniform")
 # diffusers.optimization.SchedulerType minus "piecewise_constant" (it needs step_rules, which the schema lacks).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-METHOD_DEFAULT_LOSS = {"dpo": "dpo", "dcpo": "dpo", "mapo": "mapo", "sft": "sft"}
+METHOD_DEFAULT_LOSS = {"dpo": "dpo", "dcpo": "dpo", "mapo": "mapo", "sft": "sft", "preference": "trl_sigmoid"}
 # Used when diffalign.losses is not importable; otherwise the registry's paired losses with needs_reference.
 PAIRED_REFERENCE_LOSSES = ("dpo", "hinge", "ipo", "poly_dpo", "robust")
 _BETA_DEFAULT_OK = ("dpo", "sft")
@@ -311,6 +356,10 @@ def _quote_hint(value: Any, tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Return ``value`` as type ``tp`` (int -> float widening only) or raise a ConfigError naming ``key``."""
+    if tp is Any:
+        return value
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
@@ -512,6 +561,16 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     c.one_of("model.timestep_density", TIMESTEP_DENSITIES)
     c.check("model.max_sequence_length", m.max_sequence_length >= 1, ">= 1")
     c.check("model.logit_std", m.logit_std > 0, "> 0")
+    c.one_of("model.torch_dtype", TORCH_DTYPES)
+    llm = m.backbone == "causal_lm"
+    if llm != (t.method in LLM_METHODS):
+        key = "train.method" if "train.method" in c.origins or not llm else "model.backbone"
+        c.fail(
+            key,
+            f"train.method '{t.method}' and model.backbone '{m.backbone}' do not go together: causal LMs "
+            f"(model.backbone=causal_lm) train with {' / '.join(LLM_METHODS)}, diffusion models with "
+            f"{' / '.join(DIFFUSION_METHODS)}",
+        )
 
     if not d.path:
         c.fail("data.path", "'data.path' is empty; set it to a parquet file/folder or a datasets hub name")
@@ -522,6 +581,7 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     c.check("data.proportion_empty_prompts", 0.0 <= d.proportion_empty_prompts < 1.0, "in [0, 1)")
     c.check("data.max_samples", d.max_samples is None or d.max_samples >= 1, ">= 1 or null")
     c.check("data.num_workers", d.num_workers >= 0, ">= 0")
+    c.check("data.max_length", d.max_length is None or d.max_length >= 2, ">= 2 or null")
     if d.random_crop and d.cache_dir is not None:
         c.fail(
             "data.random_crop",
@@ -533,7 +593,11 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     c.check("loss.weighting", lo.weighting in LOSS_WEIGHTINGS, f"one of {LOSS_WEIGHTINGS}")
     c.check("lora.rank", lr.rank >= 1, ">= 1")
     c.check("lora.alpha", lr.alpha is None or lr.alpha > 0, "> 0 or null (= rank)")
-    c.check("lora.target_modules", bool(lr.target_modules) or not lr.enabled, "a non-empty list when LoRA is enabled")
+    c.check(
+        "lora.target_modules",
+        lr.target_modules is None or bool(lr.target_modules) or not lr.enabled,
+        "a non-empty list, or null for the backbone's default",
+    )
     c.check("lora.init", bool(lr.init), "a non-empty peft init_lora_weights name")
 
     c.one_of("optim.optimizer", OPTIMIZERS)
@@ -583,7 +647,10 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     c.check("train.log_every", t.log_every >= 1, ">= 1")
     c.check("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, ">= 1")
 
-    _validate_method_and_loss(c)
+    if t.method == "grpo":
+        _validate_online(c)
+    else:
+        _validate_method_and_loss(c)
 
 
 _PAIR_INPUTS = {
@@ -607,13 +674,46 @@ def _takes_only_pair_logps(fn: Any) -> bool:
     return required_tensors <= _PAIR_INPUTS
 
 
+def _validate_online(c: _Checker) -> None:
+    o = c.config.online
+    for key in ("loss.name", "loss.beta"):
+        if key in c.origins:
+            c.fail(key, f"train.method 'grpo' takes its objective from the 'online' section; remove '{key}'")
+    c.check("online.reward_functions", bool(o.reward_functions), "at least one 'module:function' reward")
+    if o.reward_weights is not None and len(o.reward_weights) != len(o.reward_functions):
+        c.fail(
+            "online.reward_weights",
+            f"{len(o.reward_weights)} weights for {len(o.reward_functions)} reward functions; give one per function "
+            "or null (all 1)",
+        )
+    c.check("online.num_generations", o.num_generations >= 2, ">= 2 (advantages compare completions of a prompt)")
+    c.check("online.max_new_tokens", o.max_new_tokens >= 1, ">= 1")
+    c.check("online.temperature", o.temperature > 0, "> 0")
+    c.check("online.top_p", 0 < o.top_p <= 1, "in (0, 1]")
+    c.check("online.top_k", o.top_k >= 0, ">= 0 (0 = off)")
+    c.one_of("online.advantage", ADVANTAGES)
+    c.check("online.epsilon", o.epsilon >= 0, ">= 0")
+    c.check("online.epsilon_high", o.epsilon_high is None or o.epsilon_high >= 0, ">= 0 or null")
+    c.check("online.beta", o.beta >= 0, ">= 0")
+    c.one_of("online.loss_type", POLICY_AGGREGATIONS)
+    c.one_of("online.importance_sampling_level", IS_LEVELS)
+
+
+def _llm_allowed_losses(registry: Mapping[str, Any] | None) -> tuple[str, ...]:
+    if registry is None:
+        return ("trl_sigmoid",)
+    return tuple(sorted(n for n, fn in registry.items() if getattr(fn, "kind", None) != "chosen_only" or n == "sft"))
+
+
 def _validate_method_and_loss(c: _Checker) -> None:
     config = c.config
     method, loss = config.train.method, config.loss
     registry = _registry()
     if registry is not None and loss.name not in registry:
         c.one_of("loss.name", sorted(registry))
-    if method in ("dpo", "dcpo"):
+    if method == "preference":
+        allowed = _llm_allowed_losses(registry)
+    elif method in ("dpo", "dcpo"):
         allowed = PAIRED_REFERENCE_LOSSES
         if registry is not None:
             allowed = tuple(
@@ -631,7 +731,15 @@ def _validate_method_and_loss(c: _Checker) -> None:
         key = "loss.name" if "loss.name" in c.origins else "train.method"
         listed = ", ".join(f"'{a}'" for a in allowed)
         c.fail(key, f"train.method '{method}' needs loss.name in {listed}, got '{loss.name}' (or leave loss.name out)")
-    if loss.name not in _BETA_DEFAULT_OK and "loss.beta" not in c.origins:
+    fn = registry.get(loss.name) if registry is not None else None
+    takes_beta = fn is None or "beta" in inspect.signature(fn).parameters
+    if method == "preference" and takes_beta and "loss.beta" not in c.origins:
+        c.fail(
+            "loss.name",
+            f"loss '{loss.name}' needs an explicit 'loss.beta' (TRL's DPO default is 0.1); the default "
+            f"{LossConfig.beta} is Diffusion-DPO's",
+        )
+    elif method != "preference" and loss.name not in _BETA_DEFAULT_OK and "loss.beta" not in c.origins:
         hint = " (MaPO's authors use 0.1)" if loss.name == "mapo" else ""
         c.fail(
             "loss.name",
@@ -654,8 +762,6 @@ def _loss_hyperparameters(fn: Any) -> dict[str, bool]:
     Tensor inputs (annotation mentions ``Tensor`` and no scalar type, e.g. ``policy_chosen_logps``,
     ``chosen_lengths``) and ``beta`` (it has its own key) are not hyper-parameters.
     """
-    import inspect
-
     out = {}
     for name, p in inspect.signature(fn).parameters.items():
         note = "" if p.annotation is inspect.Parameter.empty else str(p.annotation)
@@ -677,9 +783,28 @@ def _validate_loss_params(c: _Checker, fn: Any) -> None:
             close = difflib.get_close_matches(param, list(hyper), n=1)
             hint = f"did you mean 'loss.params.{close[0]}'?" if close else f"valid: {', '.join(hyper) or 'none'}"
             c.fail(key, f"unknown key '{key}': not a hyper-parameter of loss '{name}'; {hint}")
+        elif param in hyper:
+            _check_param_type(c, key, c.config.loss.params[param], fn, param)
     for param, required in hyper.items():
         if required and param not in c.config.loss.params:
             c.fail("loss.name", f"loss '{name}' needs 'loss.params.{param}' (e.g. loss.params.{param}=1.0)")
+
+
+def _check_param_type(c: _Checker, key: str, value: Any, fn: Any, param: str) -> None:
+    """A value of the kind the parameter's default has (bool, number, string); no check for ``None`` defaults."""
+    default = inspect.signature(fn).parameters[param].default
+    if default is inspect.Parameter.empty or default is None:
+        return
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, (int, float)):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, kind = isinstance(value, str), "a string"
+    else:
+        return
+    if not ok:
+        c.fail(key, f"'{key}' must be {kind} (the default is {default!r}), got {_describe(value)}")
 
 
 # ------------------------------------------------------------------------------------------------ saving and CLI

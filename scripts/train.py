@@ -1,4 +1,4 @@
-"""Offline preference training (Diffusion-DPO, DCPO, MaPO, SFT) from a YAML config.
+"""Preference training from a YAML config: Diffusion-DPO, DCPO, MaPO, SFT (diffusion) or causal-LM preference / GRPO.
 
 Usage::
 
@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from diffalign.trainers.offline import train  # imported late: --print-config and config errors stay fast
+    from diffalign.trainers.run import train  # imported late: --print-config and config errors stay fast
 
     train(config)
     return 0

@@ -192,7 +192,10 @@ def test_override_key_errors(minimal: Path, override: str, expected: str) -> Non
             "'lora.target_modules[1]' must be str, got int 3 (quote it to keep it a string, e.g. key='123')",
         ),
         ("lora.target_modules=to_q", "'lora.target_modules' must be list[str], got str 'to_q'"),
-        ("loss.params.alpha=x", "'loss.params.alpha' must be float, got str 'x'"),
+        (
+            "loss.params.label_smoothing=x",
+            "'loss.params.label_smoothing' must be a number (the default is 0.0), got str 'x'",
+        ),
         ("train=5", "'train' must be a mapping of keys, got int 5"),
         (
             "model.revision=123",
@@ -218,7 +221,8 @@ def test_wrong_type_in_file_names_file(tmp_path: Path) -> None:
     [
         (
             "train.method=dp0",
-            "'train.method' must be one of 'dpo', 'dcpo', 'mapo', 'sft'; got 'dp0'; did you mean 'dpo'?",
+            "'train.method' must be one of 'dpo', 'dcpo', 'mapo', 'sft', 'preference', 'grpo'; got 'dp0'; "
+            "did you mean 'dpo'?",
         ),
         ("train.mixed_precision=fp32", "'train.mixed_precision' must be one of 'no', 'fp16', 'bf16'; got 'fp32'"),
         ("data.on_bad_row=ignore", "'data.on_bad_row' must be one of 'error', 'skip'; got 'ignore'"),

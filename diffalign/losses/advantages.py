@@ -227,7 +227,40 @@ def best_worst_advantages(rewards: torch.Tensor, num_generations: int) -> torch.
     return adv.reshape(-1)
 
 
+ADVANTAGE_METHODS: tuple[str, ...] = ("group", "batch", "none", "rloo", "mc_grpo", "bnpo", "best_of_k")
+
+
+def samples_per_prompt(method: str, num_generations: int) -> int:
+    """Rollouts to draw per prompt: MC-GRPO draws one more (its median pivot, dropped from training)."""
+    return num_generations + 1 if method == "mc_grpo" else num_generations
+
+
+def compute_advantages(rewards: torch.Tensor, method: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(advantages, keep)`` for a config's advantage name, over groups of ``group_size`` contiguous rollouts.
+
+    ``group`` / ``batch`` / ``none``: :func:`group_advantages` with that ``scale_rewards``; ``rloo``:
+    :func:`rloo_advantages`; ``mc_grpo``: :func:`mc_grpo_advantages` (``keep`` drops the pivots); ``bnpo``:
+    :func:`bnpo_advantages` on rewards in [0, 1]; ``best_of_k``: 1 at each group's best rollout and 0 elsewhere
+    (RAFT / online SFT on the best of K through the policy loss). ``keep`` is all True except for MC-GRPO. Call it
+    on the rewards of the whole (gathered) batch: ``batch`` and ``bnpo`` use batch statistics."""
+    keep = torch.ones_like(rewards, dtype=torch.bool)
+    if method in _SCALE:
+        return group_advantages(rewards, group_size, scale_rewards=method), keep  # type: ignore[arg-type]
+    if method == "rloo":
+        return rloo_advantages(rewards, group_size), keep
+    if method == "mc_grpo":
+        return mc_grpo_advantages(rewards, group_size)
+    if method == "bnpo":
+        return bnpo_advantages(rewards, group_size), keep
+    if method == "best_of_k":
+        return best_of_k_mask(rewards, group_size).to(rewards.dtype), keep
+    raise ValueError(f"advantages.compute_advantages: method must be one of {ADVANTAGE_METHODS}, got {method!r}.")
+
+
 __all__ = [
+    "ADVANTAGE_METHODS",
+    "compute_advantages",
+    "samples_per_prompt",
     "best_of_k_mask",
     "best_worst_advantages",
     "bnpo_advantages",

@@ -149,6 +149,21 @@ def _ld_sum(tokens: torch.Tensor, mask: torch.Tensor, shared: torch.Tensor, ld_a
     return (tokens * shared_mask).sum(dim=1) + ld_alpha * (tokens * tail_mask).sum(dim=1)
 
 
+def ld_adjusted_logps(
+    chosen_token_logps: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_token_logps: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    ld_alpha: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) sums of ``(B, T)`` per-token log-probs as the LD-DPO losses here take them: tokens past the
+    shorter completion's length count ``ld_alpha``× (plain sums for ``None``). This is what precomputed reference
+    columns must hold when a loss uses ``ld_alpha`` (TRL's ``ref_chosen_logps`` likewise)."""
+    mw, ml = chosen_mask.to(chosen_token_logps.dtype), rejected_mask.to(rejected_token_logps.dtype)
+    shared = torch.minimum(mw.sum(dim=1), ml.sum(dim=1))
+    return _ld_sum(chosen_token_logps, mw, shared, ld_alpha), _ld_sum(rejected_token_logps, ml, shared, ld_alpha)
+
+
 def _prepare(name: str, t: dict[str, torch.Tensor | None], *, ld_alpha: float | None, use_weighting: bool) -> _Prepared:
     token_mode = t["policy_chosen_token_logps"] is not None or t["policy_rejected_token_logps"] is not None
     if token_mode:

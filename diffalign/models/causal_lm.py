@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,41 +51,56 @@ def _ids(tokenizer: Any, text_or_messages: Any, **chat_kwargs: Any) -> list[int]
     return list(tokenizer(text_or_messages, add_special_tokens=True)["input_ids"])
 
 
-def tokenize_preference(tokenizer: Any, prompt: Any, chosen: Any, rejected: Any) -> dict[str, list[int]]:
-    """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` of one example (see the module docstring)."""
+def tokenize_completions(tokenizer: Any, prompt: Any, completions: Sequence[Any]) -> dict[str, Any]:
+    """``{"prompt_ids", "completion_ids": [ids per completion]}`` of one prompt and its completions (see the module
+    docstring); the prompt is cut where the first completion's tokens diverge from it."""
     conversational = is_conversational(prompt)
-    if conversational != is_conversational(chosen) or conversational != is_conversational(rejected):
-        raise ValueError("prompt, chosen and rejected must all be strings or all be lists of chat messages")
+    if any(is_conversational(c) != conversational for c in completions):
+        raise ValueError("the prompt and its completions must all be strings or all be lists of chat messages")
     if conversational:
         prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
-        full = [_ids(tokenizer, prompt + completion) for completion in (chosen, rejected)]
+        full = [_ids(tokenizer, list(prompt) + list(completion)) for completion in completions]
     else:
         eos = tokenizer.eos_token
         if eos is None:
             raise ValueError("the tokenizer has no eos_token; set one (TRL appends it to standard completions)")
-        completions = [c if c.endswith(eos) else c + eos for c in (chosen, rejected)]
         prompt_ids = _ids(tokenizer, prompt)
-        full = [_ids(tokenizer, prompt + completion) for completion in completions]
+        full = [_ids(tokenizer, prompt + (c if c.endswith(eos) else c + eos)) for c in completions]
     start = min(common_prefix_length(prompt_ids, ids) for ids in full)
-    return {"prompt_ids": prompt_ids[:start], "chosen_ids": full[0][start:], "rejected_ids": full[1][start:]}
+    return {"prompt_ids": prompt_ids[:start], "completion_ids": [ids[start:] for ids in full]}
 
 
-def collate_preference(
-    examples: Sequence[Mapping[str, Sequence[int]]], *, pad_token_id: int, max_length: int | None = None
+def tokenize_preference(tokenizer: Any, prompt: Any, chosen: Any, rejected: Any) -> dict[str, list[int]]:
+    """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` of one example (see the module docstring)."""
+    out = tokenize_completions(tokenizer, prompt, [chosen, rejected])
+    return {
+        "prompt_ids": out["prompt_ids"],
+        "chosen_ids": out["completion_ids"][0],
+        "rejected_ids": out["completion_ids"][1],
+    }
+
+
+def collate_completions(
+    examples: Sequence[Mapping[str, Any]], *, pad_token_id: int, max_length: int | None = None
 ) -> dict[str, Tensor]:
-    """``input_ids``, ``attention_mask``, ``completion_mask`` of shape (2B, T): rows 0..B−1 prompt+chosen, rows
-    B..2B−1 prompt+rejected, right-padded, each truncated to ``max_length`` keeping the start."""
+    """``input_ids``, ``attention_mask``, ``completion_mask`` of shape (n·B, T) for B examples with n completions
+    each (``{"prompt_ids", "completion_ids"}``): rows ``j·B .. (j+1)·B − 1`` hold every example's completion ``j``
+    (pairs: chosen first, then rejected, as TRL), right-padded, each truncated to ``max_length`` keeping the start."""
     if not examples:
-        raise ValueError("collate_preference: got no examples")
+        raise ValueError("collate_completions: got no examples")
+    n = len(examples[0]["completion_ids"])
+    if any(len(ex["completion_ids"]) != n for ex in examples):
+        raise ValueError("collate_completions: every example of a batch needs the same number of completions")
     rows, masks = [], []
-    for side in ("chosen_ids", "rejected_ids"):
+    for j in range(n):
         for ex in examples:
-            ids = list(ex["prompt_ids"]) + list(ex[side])
-            completion = [0] * len(ex["prompt_ids"]) + [1] * len(ex[side])
+            completion = list(ex["completion_ids"][j])
+            ids = list(ex["prompt_ids"]) + completion
+            comp = [0] * len(ex["prompt_ids"]) + [1] * len(completion)
             if max_length is not None:
-                ids, completion = ids[:max_length], completion[:max_length]
+                ids, comp = ids[:max_length], comp[:max_length]
             rows.append(ids)
-            masks.append(completion)
+            masks.append(comp)
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -96,15 +112,60 @@ def collate_preference(
     return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion_mask}
 
 
+def collate_preference(
+    examples: Sequence[Mapping[str, Sequence[int]]], *, pad_token_id: int, max_length: int | None = None
+) -> dict[str, Tensor]:
+    """:func:`collate_completions` of ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` examples: (2B, T), rows
+    0..B−1 prompt+chosen, rows B..2B−1 prompt+rejected."""
+    pairs = [
+        {"prompt_ids": ex["prompt_ids"], "completion_ids": [ex["chosen_ids"], ex["rejected_ids"]]} for ex in examples
+    ]
+    return collate_completions(pairs, pad_token_id=pad_token_id, max_length=max_length)
+
+
+@dataclass
+class TokenStats:
+    """One forward's per-token results over (N, T−1) next-token positions, float32."""
+
+    logps: Tensor  # log p(x_t), zero outside the completion
+    mask: Tensor  # bool, completion tokens
+    mean_logits: Tensor  # (N,) mean over completion tokens of the vocabulary-mean logit (TRL logits/chosen|rejected)
+    top1_correct: Tensor  # bool, argmax == target (TRL mean_token_accuracy)
+    log_sum_sq_probs: Tensor | None = None  # log Σ_v p_v² per position (WPO weights), when asked for
+
+
+def completion_token_stats(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    with_sum_sq: bool = False,
+    temperature: float = 1.0,
+) -> TokenStats:
+    """Per-token log-probs of each next token and the statistics TRL logs, from one forward; ``temperature`` divides
+    the logits first (GRPO scores completions under the distribution they were sampled from, as TRL)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, 1:]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    token_logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mask = (completion_mask[:, 1:] * attention_mask[:, 1:]).bool()
+    with torch.no_grad():
+        counts = mask.sum(-1).clamp(min=1)
+        mean_logits = (logits.mean(-1) * mask).sum(-1) / counts
+        top1 = (logits.argmax(-1) == targets) & mask
+        sum_sq = torch.logsumexp(2 * log_probs, dim=-1) if with_sum_sq else None
+    return TokenStats(token_logps.masked_fill(~mask, 0.0), mask, mean_logits, top1, sum_sq)
+
+
 def completion_token_logps(
     model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-probs of each next token, float32 (N, T−1), zero outside the completion, and that mask."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    mask = (completion_mask[:, 1:] * attention_mask[:, 1:]).bool()
-    return token_logps.masked_fill(~mask, 0.0), mask
+    stats = completion_token_stats(model, input_ids, attention_mask, completion_mask)
+    return stats.logps, stats.mask
 
 
 def sequence_logps(token_logps: Tensor, mask: Tensor, *, average: bool = False) -> Tensor:
@@ -159,3 +220,35 @@ class CausalLMAdapter:
         logps = sequence_logps(token_logps, mask, average=average)
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
+
+
+def load_causal_lm(
+    pretrained: str,
+    *,
+    revision: str | None = None,
+    torch_dtype: str = "float32",
+    trust_remote_code: bool = False,
+    local_files_only: bool = False,
+) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a transformers folder or hub id; a missing pad token becomes the EOS token (TRL)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    options = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(pretrained, **options)
+        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=getattr(torch, torch_dtype), **options)
+    except OSError as err:
+        raise OSError(
+            f"model.pretrained '{pretrained}': could not load a causal LM and its tokenizer ({err}). Give a folder "
+            "written by save_pretrained (config.json, weights, tokenizer files) or a hub id"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (TRL's ``disable_dropout=True``: policy and reference then agree)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

@@ -155,7 +155,7 @@ class Trainer(ABC):
         for name, values in sums.items():
             local = torch.cat([v.detach().float().reshape(-1) for v in values]).to(self.accelerator.device)
             gathered = self.accelerator.gather_for_metrics(local)
-            out[name] = gathered.mean().item()
+            out[name] = gathered.nanmean().item()  # NaN marks "not applicable to this sample" (e.g. KTO's classes)
         return out
 
     def train(self) -> TrainResult:

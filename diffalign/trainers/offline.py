@@ -29,7 +29,7 @@ from diffalign.data import (
 )
 from diffalign.losses import get_loss
 from diffalign.models.loading import adapter_from_config
-from diffalign.models.lora import add_lora, save_lora
+from diffalign.models.lora import DEFAULT_TARGET_MODULES, add_lora, save_lora
 from diffalign.trainers.base import Trainer, TrainResult
 from diffalign.trainers.reference_store import (
     MissingReferenceError,
@@ -92,7 +92,7 @@ class OfflinePreferenceTrainer(Trainer):
                 unet,
                 rank=self.config.lora.rank,
                 alpha=self.config.lora.alpha,
-                target_modules=tuple(self.config.lora.target_modules),
+                target_modules=tuple(self.config.lora.target_modules or DEFAULT_TARGET_MODULES),
                 init=self.config.lora.init,
             )
             for p in unet.parameters():
@@ -300,7 +300,11 @@ class OfflinePreferenceTrainer(Trainer):
             "mixed_precision": self.accelerator.mixed_precision,
             # LoRA: the reference is the base with adapters disabled (its weights may differ from the pretrained
             # ones for inits that rewrite them); full fine-tune: the initial weights
-            "source": ["lora_disabled", lora.init, lora.rank, list(lora.target_modules)] if lora.enabled else "initial",
+            "source": (
+                ["lora_disabled", lora.init, lora.rank, list(lora.target_modules or DEFAULT_TARGET_MODULES)]
+                if lora.enabled
+                else "initial"
+            ),
         }
 
     def _prepare_reference_store(self) -> None:

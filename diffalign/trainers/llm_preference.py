@@ -1,0 +1,291 @@
+"""Offline preference training of causal LMs (``train.method: preference``) on the shared trainer base.
+
+Any registered loss trains here; its registry kind picks the data layout (:mod:`diffalign.data.llm`): ``paired``
+losses read ``prompt, chosen, rejected``, ``listwise`` ones ``prompt, responses, scores`` and ``unpaired`` ones
+``prompt, completion, label``. One forward over all completions of a micro-batch gives per-token log-probs; the loss
+gets exactly the inputs its signature names:
+
+* TRL-style losses (``trl_*``, ``dpo_mixture``) per-token log-probs and masks (so LD-DPO and WPO work), the others
+  summed log-likelihoods and, where they take them, completion lengths;
+* listwise losses ``(B, n)`` lists (PRO) or the best response against ``(B, n−1)`` negatives (DMPO, DynamicPO);
+* KTO its log-ratios, labels and a reference point ``z₀ = max(0, mean r)`` averaged over every process's batch
+  (Diffusion-KTO's estimate; TRL's KTOTrainer estimates z from mismatched prompt/completion pairs instead);
+* any other tensor a loss requires (``preference_probs`` for iREPO, ``reward_margins`` for MADPO) from the data
+  column of that name. An optional ``weight`` column weights each example's loss.
+
+The reference (``train.reference``): LoRA → the same model with its adapters disabled; full fine-tune → a frozen copy
+(``frozen_copy_offload``: kept in CPU memory); ``precomputed`` → one no-grad pass over the data before training
+(TRL's ``precompute_ref_log_probs``), stored in ``<output_dir>/reference_logps/<key>.safetensors`` and reused on
+resume, so training holds one network. Logged with TRL's names: ``rewards/chosen|rejected|accuracies|margins``,
+``logps/chosen|rejected`` (summed), ``logits/chosen|rejected``, ``mean_token_accuracy``, ``kl`` (KTO), plus the
+loss's own metrics. The final model is written with ``save_pretrained`` (a peft adapter folder under LoRA).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from diffalign.config import Config
+from diffalign.data.llm import LAYOUT_OF_KIND, TextCollator, TextPreferenceDataset, load_text_rows
+from diffalign.losses import get_loss
+from diffalign.losses.dpo_family import ld_adjusted_logps
+from diffalign.models.causal_lm import (
+    CausalLMAdapter,
+    TokenStats,
+    completion_token_stats,
+    sequence_logps,
+)
+from diffalign.models.reference import unwrap
+from diffalign.trainers.base import TrainResult
+from diffalign.trainers.llm_policy import CausalLMTrainer
+from diffalign.trainers.reference_store import reference_key, weights_fingerprint
+
+logger = logging.getLogger(__name__)
+
+# Tensor inputs the trainer builds itself; any other required tensor argument of a loss comes from the data.
+_BUILT_INPUTS = frozenset(
+    {
+        "policy_chosen_logps",
+        "policy_rejected_logps",
+        "reference_chosen_logps",
+        "reference_rejected_logps",
+        "policy_chosen_token_logps",
+        "policy_rejected_token_logps",
+        "chosen_mask",
+        "rejected_mask",
+        "reference_chosen_token_logps",
+        "reference_rejected_token_logps",
+        "chosen_lengths",
+        "rejected_lengths",
+        "chosen_log_sum_sq_probs",
+        "rejected_log_sum_sq_probs",
+        "policy_logps",
+        "reference_logps",
+        "lengths",
+        "rewards",
+        "labels",
+        "reference_point",
+        "chosen_nll",
+    }
+)
+
+
+def loss_data_columns(fn: Any) -> tuple[str, ...]:
+    """Required tensor arguments of a loss that the trainer cannot build, i.e. data columns (e.g. iREPO's
+    ``preference_probs``)."""
+    return tuple(
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is inspect.Parameter.empty and "Tensor" in str(p.annotation) and name not in _BUILT_INPUTS
+    )
+
+
+class LLMPreferenceTrainer(CausalLMTrainer):
+    def build(self) -> None:
+        dc, lc = self.config.data, self.config.loss
+        self.loss_fn = get_loss(lc.name)
+        self.layout = LAYOUT_OF_KIND[self.loss_fn.kind]
+        accepted = inspect.signature(self.loss_fn).parameters
+        self.accepted = set(accepted)
+        self.loss_params = {k: v for k, v in {"beta": lc.beta, **lc.params}.items() if k in accepted}
+        self.token_inputs = "policy_chosen_token_logps" in accepted
+        self.data_columns = loss_data_columns(self.loss_fn)
+        self.needs_reference = bool(getattr(self.loss_fn, "needs_reference", False))
+        self.build_policy(self.needs_reference)
+        tokenizer = self.tokenizer
+
+        rows = load_text_rows(
+            dc.path,
+            self.layout,
+            split=dc.split,
+            extra_columns=self.data_columns,
+            on_bad_row=dc.on_bad_row,
+            max_samples=dc.max_samples,
+        )
+        self.dataset = TextPreferenceDataset(rows, tokenizer, self.layout, extra_columns=self.data_columns)
+        self.collate = TextCollator(tokenizer.pad_token_id, dc.max_length, self.data_columns)
+        self.reference_values: torch.Tensor | None = None
+
+    def after_prepare(self) -> None:
+        super().after_prepare()
+        if self.needs_reference and self.config.train.reference == "precomputed":
+            self.reference_values = self._load_or_precompute_reference()
+
+    # -- one micro-batch ----------------------------------------------------------------------------------------
+    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TokenStats:
+        device = self.accelerator.device
+        ids, attention, completion = (batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
+        with_sum_sq = bool(self.loss_params.get("use_weighting", False))
+        return completion_token_stats(model, ids, attention, completion, with_sum_sq=with_sum_sq)
+
+    def _reference_stats(self, batch: dict[str, torch.Tensor]) -> TokenStats | None:
+        with self.adapter.reference_mode() as reference, torch.no_grad():
+            return self._forward(reference, batch)
+
+    def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        device = self.accelerator.device
+        stats = self._forward(self.model, batch)
+        size = batch["index"].numel()
+        reference: TokenStats | torch.Tensor | None = None
+        if self.needs_reference:
+            if self.reference_values is not None:
+                reference = self.reference_values[batch["index"]].to(device)  # (B, n) stored sums
+            else:
+                reference = self._reference_stats(batch)
+        kwargs = self._loss_inputs(stats, reference, batch, size)
+        out = self.loss_fn(**kwargs, **self.loss_params)
+        weight = batch["weight"].to(device)
+        loss = (out.losses * weight).mean()
+        return loss, self._metrics(out, stats, batch, size)
+
+    def _loss_inputs(
+        self, stats: TokenStats, reference: TokenStats | torch.Tensor | None, batch: dict[str, Any], size: int
+    ) -> dict[str, Any]:
+        device = self.accelerator.device
+        n = stats.logps.shape[0] // size
+        sums = sequence_logps(stats.logps, stats.mask).view(n, size).T  # (B, n)
+        lengths = stats.mask.sum(-1).float().view(n, size).T
+        if isinstance(reference, TokenStats):
+            ref_sums = sequence_logps(reference.logps, reference.mask).view(n, size).T
+        else:
+            ref_sums = reference
+        kw: dict[str, Any] = {}
+        if self.layout == "pairs" and self.token_inputs:
+            kw["policy_chosen_token_logps"], kw["policy_rejected_token_logps"] = stats.logps[:size], stats.logps[size:]
+            kw["chosen_mask"], kw["rejected_mask"] = stats.mask[:size], stats.mask[size:]
+            if isinstance(reference, TokenStats):
+                kw["reference_chosen_token_logps"] = reference.logps[:size]
+                kw["reference_rejected_token_logps"] = reference.logps[size:]
+            elif ref_sums is not None:
+                kw["reference_chosen_logps"], kw["reference_rejected_logps"] = ref_sums[:, 0], ref_sums[:, 1]
+            if stats.log_sum_sq_probs is not None:
+                kw["chosen_log_sum_sq_probs"] = stats.log_sum_sq_probs[:size]
+                kw["rejected_log_sum_sq_probs"] = stats.log_sum_sq_probs[size:]
+        elif self.layout == "pairs":
+            kw["policy_chosen_logps"], kw["policy_rejected_logps"] = sums[:, 0], sums[:, 1]
+            kw["chosen_lengths"], kw["rejected_lengths"] = lengths[:, 0], lengths[:, 1]
+            if ref_sums is not None:
+                kw["reference_chosen_logps"], kw["reference_rejected_logps"] = ref_sums[:, 0], ref_sums[:, 1]
+        elif self.layout == "rankings":
+            if "policy_logps" in self.accepted:  # PRO: the whole ranked list
+                kw.update(policy_logps=sums, lengths=lengths, rewards=batch["scores"].to(device))
+            else:  # DMPO / DynamicPO: the best response against the others
+                kw.update(policy_chosen_logps=sums[:, 0], policy_rejected_logps=sums[:, 1:])
+                if ref_sums is not None:
+                    kw.update(reference_chosen_logps=ref_sums[:, 0], reference_rejected_logps=ref_sums[:, 1:])
+        else:  # unpaired
+            kw.update(policy_logps=sums[:, 0], labels=batch["label"].to(device).float())
+            if ref_sums is not None:
+                kw["reference_logps"] = ref_sums[:, 0]
+                if "reference_point" in self.accepted:
+                    kw["reference_point"] = self._global_mean((sums[:, 0] - ref_sums[:, 0]).detach())
+        for key in self.data_columns:
+            kw[key] = batch[key].to(device)
+        return {k: v for k, v in kw.items() if k in self.accepted}
+
+    def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
+        total = self.accelerator.reduce(torch.stack([values.sum(), torch.tensor(float(values.numel()))]), "sum")
+        return (total[0] / total[1]).clamp(min=0.0)
+
+    def _metrics(self, out: Any, stats: TokenStats, batch: dict[str, Any], size: int) -> dict[str, torch.Tensor]:
+        n = stats.logps.shape[0] // size
+        sums = sequence_logps(stats.logps, stats.mask).detach().view(n, size).T
+        mean_logits = stats.mean_logits.view(n, size).T
+        m: dict[str, torch.Tensor] = {}
+        chosen, rejected = out.chosen_rewards, out.rejected_rewards
+        if self.layout == "unpaired":
+            label = batch["label"].to(chosen.device)
+            nan = torch.full_like(chosen, float("nan"))
+            m["rewards/chosen"] = torch.where(label, chosen, nan)
+            m["rewards/rejected"] = torch.where(label, nan, chosen)
+            m["logps/chosen"] = torch.where(label, sums[:, 0], nan)
+            m["logps/rejected"] = torch.where(label, nan, sums[:, 0])
+        else:
+            if chosen is not None and rejected is not None:
+                m["rewards/chosen"], m["rewards/rejected"] = chosen, rejected
+                m["rewards/accuracies"] = (chosen > rejected).float()
+                m["rewards/margins"] = chosen - rejected
+            m["logps/chosen"], m["logps/rejected"] = sums[:, 0], sums[:, 1:].mean(-1)
+            m["logits/chosen"], m["logits/rejected"] = mean_logits[:, 0], mean_logits[:, 1:].mean(-1)
+        chosen_mask = stats.mask[:size]
+        m["mean_token_accuracy"] = (stats.top1_correct[:size].sum() / chosen_mask.sum().clamp(min=1)).reshape(1)
+        for name, value in out.metrics.items():
+            m[name] = value.detach()
+        return m
+
+    # -- precomputed reference ----------------------------------------------------------------------------------
+    def _reference_file(self) -> Path:
+        mc, dc = self.config.model, self.config.data
+        parts = {
+            "kind": "causal_lm",
+            "weights": weights_fingerprint(mc.pretrained, mc.revision),
+            "dtype": mc.torch_dtype,
+            "data": self.dataset.fingerprint,
+            "max_length": dc.max_length,
+            "tokenizer": type(self.tokenizer).__name__,
+            "ld_alpha": self.loss_params.get("ld_alpha"),
+            "lora": [self.config.lora.init, self.config.lora.rank] if self.config.lora.enabled else None,
+            "mixed_precision": self.accelerator.mixed_precision,
+        }
+        return self.output_dir / "reference_logps" / f"{reference_key(parts)}.safetensors"
+
+    def _load_or_precompute_reference(self) -> torch.Tensor:
+        """(N, n) reference sums for every example, computed once on the main process (others wait) with the
+        initial weights; LD-adjusted when the loss uses ``ld_alpha``."""
+        path, acc = self._reference_file(), self.accelerator
+        if acc.is_main_process and not path.is_file():
+            values = self._precompute_reference()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            save_file({"reference": values}, str(tmp), metadata={"examples": str(len(self.dataset))})
+            os.replace(tmp, path)
+            (path.with_suffix(".json")).write_text(json.dumps({"data": self.config.data.path}) + "\n")
+        acc.wait_for_everyone()
+        values = load_file(str(path))["reference"]
+        if values.shape[0] != len(self.dataset):
+            raise RuntimeError(f"{path}: holds {values.shape[0]} examples, the data has {len(self.dataset)}")
+        return values
+
+    def _precompute_reference(self) -> torch.Tensor:
+        bare = unwrap(self.model)
+        # full fine-tune: before training (and before any checkpoint is restored) the policy IS the reference
+        adapter = CausalLMAdapter(bare, reference_model=None if self.config.lora.enabled else bare)
+        was_training = bare.training
+        bare.eval()
+        batch_size = self.config.train.train_batch_size
+        chunks = []
+        indices = list(range(len(self.dataset)))
+        show = self.config.train.progress_bar and self.accelerator.is_local_main_process
+        try:
+            for start in tqdm(range(0, len(indices), batch_size), desc="reference log-probs", disable=not show):
+                batch = self.collate([self.dataset[i] for i in indices[start : start + batch_size]])
+                with adapter.reference_mode() as reference, torch.no_grad():
+                    stats = self._forward(reference, batch)
+                size = batch["index"].numel()
+                n = stats.logps.shape[0] // size
+                ld_alpha = self.loss_params.get("ld_alpha")
+                if self.layout == "pairs" and ld_alpha is not None:
+                    c, r = ld_adjusted_logps(
+                        stats.logps[:size], stats.mask[:size], stats.logps[size:], stats.mask[size:], ld_alpha
+                    )
+                    chunks.append(torch.stack([c, r], dim=1).cpu())
+                else:
+                    chunks.append(sequence_logps(stats.logps, stats.mask).view(n, size).T.cpu())
+        finally:
+            bare.train(was_training)
+        return torch.cat(chunks).float().contiguous()
+
+
+def train(config: Config) -> TrainResult:
+    """Run the causal-LM preference trainer described by ``config``."""
+    return LLMPreferenceTrainer(config).train()
