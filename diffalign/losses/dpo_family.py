@@ -88,7 +88,7 @@ F_DIVERGENCE_LOSS_TYPES = frozenset(
 _SMOOTHING_LOSS_TYPES = frozenset({"exo_pair", "robust", "aot", "aot_unpaired"})
 _SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 
-_TENSOR_KEYS: tuple[str, ...] = (
+TENSOR_INPUTS: tuple[str, ...] = (  # every tensor keyword of the trl_* losses
     "policy_chosen_logps",
     "policy_rejected_logps",
     "reference_chosen_logps",
@@ -488,7 +488,7 @@ def _hparams_for(loss_types: Sequence[str]) -> list[str]:
 def _signature(hparams: list[str], defaults: dict[str, object], leading: list[inspect.Parameter]) -> inspect.Signature:
     kw = inspect.Parameter.KEYWORD_ONLY
     params = list(leading)
-    params += [inspect.Parameter(k, kw, default=None, annotation="torch.Tensor | None") for k in _TENSOR_KEYS]
+    params += [inspect.Parameter(k, kw, default=None, annotation="torch.Tensor | None") for k in TENSOR_INPUTS]
     for h in hparams:
         default = inspect.Parameter.empty if h == "beta" else defaults.get(h, _HP_DEFAULTS[h])
         params.append(inspect.Parameter(h, kw, default=default))
@@ -507,7 +507,7 @@ def _make(loss_type: str) -> Callable[..., LossOutput]:
         bound = sig.bind(**kwargs)  # TypeError on an unexpected keyword or a missing beta
         bound.apply_defaults()
         values = dict(bound.arguments)
-        tensors = {k: values.pop(k) for k in _TENSOR_KEYS}
+        tensors = {k: values.pop(k) for k in TENSOR_INPUTS}
         hp = {**_HP_DEFAULTS, **values}
         return _run(name, [loss_type], [1.0], tensors, hp)
 
@@ -583,7 +583,7 @@ def dpo_mixture(*args: object, **kwargs: object) -> LossOutput:
         raise ValueError(
             f"losses.dpo_mixture: {len(loss_weights)} loss_weights for {len(loss_types)} loss_types; they must match."
         )
-    tensors = {k: values.pop(k) for k in _TENSOR_KEYS}
+    tensors = {k: values.pop(k) for k in TENSOR_INPUTS}
     hp = {**_HP_DEFAULTS, **values}
     return _run("dpo_mixture", loss_types, loss_weights, tensors, hp)
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from diffalign.config import Config
 from diffalign.data.llm import LAYOUT_OF_KIND, TextCollator, TextPreferenceDataset, load_text_rows
 from diffalign.losses import get_loss
-from diffalign.losses.dpo_family import ld_adjusted_logps
+from diffalign.losses.dpo_family import TENSOR_INPUTS, ld_adjusted_logps
 from diffalign.models.causal_lm import (
     CausalLMAdapter,
     TokenStats,
@@ -53,31 +53,15 @@ from diffalign.trainers.reference_store import reference_key, weights_fingerprin
 logger = logging.getLogger(__name__)
 
 # Tensor inputs the trainer builds itself; any other required tensor argument of a loss comes from the data.
-_BUILT_INPUTS = frozenset(
-    {
-        "policy_chosen_logps",
-        "policy_rejected_logps",
-        "reference_chosen_logps",
-        "reference_rejected_logps",
-        "policy_chosen_token_logps",
-        "policy_rejected_token_logps",
-        "chosen_mask",
-        "rejected_mask",
-        "reference_chosen_token_logps",
-        "reference_rejected_token_logps",
-        "chosen_lengths",
-        "rejected_lengths",
-        "chosen_log_sum_sq_probs",
-        "rejected_log_sum_sq_probs",
-        "policy_logps",
-        "reference_logps",
-        "lengths",
-        "rewards",
-        "labels",
-        "reference_point",
-        "chosen_nll",
-    }
-)
+_BUILT_INPUTS = frozenset(TENSOR_INPUTS) | {
+    "policy_logps",
+    "reference_logps",
+    "lengths",
+    "rewards",
+    "labels",
+    "reference_point",
+    "chosen_nll",
+}
 
 
 def loss_data_columns(fn: Any) -> tuple[str, ...]:
