@@ -676,8 +676,8 @@ def _takes_only_pair_logps(fn: Any) -> bool:
 
 def _validate_online(c: _Checker) -> None:
     o = c.config.online
-    for key in ("loss.name", "loss.beta"):
-        if key in c.origins:
+    for key in ("loss.name", "loss.beta"):  # a saved config repeats the defaults: only a changed value is an error
+        if key in c.origins and c.value(key) != getattr(LossConfig, key.split(".")[1]):
             c.fail(key, f"train.method 'grpo' takes its objective from the 'online' section; remove '{key}'")
     c.check("online.reward_functions", bool(o.reward_functions), "at least one 'module:function' reward")
     if o.reward_weights is not None and len(o.reward_weights) != len(o.reward_functions):
