@@ -118,8 +118,8 @@ def row_problem(row: Any, layout: str, extra_columns: Sequence[str] = ()) -> str
             responses = row.get("responses")
             if not isinstance(responses, list) or len(responses) < 2:
                 return "'responses' must be a list of at least 2 completions"
-            for i, _ in enumerate(responses):
-                problem = _text_problem({f"responses[{i}]": responses[i]}, f"responses[{i}]")
+            for i, response in enumerate(responses):
+                problem = _text_problem({f"responses[{i}]": response}, f"responses[{i}]")
                 if problem:
                     return problem
         else:

@@ -51,6 +51,61 @@ def _ids(tokenizer: Any, text_or_messages: Any, **chat_kwargs: Any) -> list[int]
     return list(tokenizer(text_or_messages, add_special_tokens=True)["input_ids"])
 
 
+def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
+    """Token ids generation starts from: a string with the tokenizer's special tokens, or chat messages through the
+    chat template with ``add_generation_prompt=True``."""
+    if is_conversational(prompt):
+        return _ids(tokenizer, prompt, add_generation_prompt=True)
+    return _ids(tokenizer, prompt)
+
+
+@torch.no_grad()
+def sample_completion_ids(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    eos_token_id: int,
+    seed: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> list[list[int]]:
+    """One sampled completion per prompt (token ids), ``generate`` on the left-padded batch in eval mode under
+    ``torch.manual_seed(seed)`` in a forked RNG (the caller's random state is untouched). Each completion ends after
+    its first EOS (kept) or after ``max_new_tokens``."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left-padded: every completion starts at column `width`
+        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        attention[i, width - len(p) :] = 1
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attention.to(device),
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_token_id,
+                eos_token_id=eos_token_id,
+            )
+    finally:
+        model.train(was_training)
+    completions = []
+    for row in out[:, width:].tolist():
+        completions.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
+    return completions
+
+
 def tokenize_completions(tokenizer: Any, prompt: Any, completions: Sequence[Any]) -> dict[str, Any]:
     """``{"prompt_ids", "completion_ids": [ids per completion]}`` of one prompt and its completions (see the module
     docstring); the prompt is cut where the first completion's tokens diverge from it."""
@@ -129,8 +184,9 @@ class TokenStats:
 
     logps: Tensor  # log p(x_t), zero outside the completion
     mask: Tensor  # bool, completion tokens
-    mean_logits: Tensor  # (N,) mean over completion tokens of the vocabulary-mean logit (TRL logits/chosen|rejected)
-    top1_correct: Tensor  # bool, argmax == target (TRL mean_token_accuracy)
+    # (N,) mean over completion tokens of the vocabulary-mean logit (TRL logits/chosen|rejected); with_details only
+    mean_logits: Tensor | None
+    top1_correct: Tensor | None  # bool, argmax == target (TRL mean_token_accuracy); with_details only
     log_sum_sq_probs: Tensor | None = None  # log Σ_v p_v² per position (WPO weights), when asked for
 
 
@@ -142,9 +198,11 @@ def completion_token_stats(
     *,
     with_sum_sq: bool = False,
     temperature: float = 1.0,
+    with_details: bool = True,
 ) -> TokenStats:
-    """Per-token log-probs of each next token and the statistics TRL logs, from one forward; ``temperature`` divides
-    the logits first (GRPO scores completions under the distribution they were sampled from, as TRL)."""
+    """Per-token log-probs of each next token and (``with_details``) the statistics TRL logs, from one forward;
+    ``temperature`` divides the logits first (GRPO scores completions under the distribution they were sampled from,
+    as TRL). Reference forwards need only the log-probs."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -152,10 +210,11 @@ def completion_token_stats(
     log_probs = torch.log_softmax(logits, dim=-1)
     token_logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     mask = (completion_mask[:, 1:] * attention_mask[:, 1:]).bool()
+    mean_logits = top1 = None
     with torch.no_grad():
-        counts = mask.sum(-1).clamp(min=1)
-        mean_logits = (logits.mean(-1) * mask).sum(-1) / counts
-        top1 = (logits.argmax(-1) == targets) & mask
+        if with_details:
+            mean_logits = (logits.mean(-1) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            top1 = (logits.argmax(-1) == targets) & mask
         sum_sq = torch.logsumexp(2 * log_probs, dim=-1) if with_sum_sq else None
     return TokenStats(token_logps.masked_fill(~mask, 0.0), mask, mean_logits, top1, sum_sq)
 
@@ -164,7 +223,7 @@ def completion_token_logps(
     model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-probs of each next token, float32 (N, T−1), zero outside the completion, and that mask."""
-    stats = completion_token_stats(model, input_ids, attention_mask, completion_mask)
+    stats = completion_token_stats(model, input_ids, attention_mask, completion_mask, with_details=False)
     return stats.logps, stats.mask
 
 

@@ -28,6 +28,7 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from diffalign.models.causal_lm import prompt_ids, sample_completion_ids
 from diffalign.toy.llm_world import (
     VOCABULARY,
     all_prompts,
@@ -116,13 +117,6 @@ def load_toy_lm(path: str | os.PathLike) -> tuple[LlamaForCausalLM, PreTrainedTo
     return model.eval(), tokenizer
 
 
-def _encode_prompt(tokenizer: PreTrainedTokenizerFast, prompt: Any) -> list[int]:
-    if isinstance(prompt, str):
-        return list(tokenizer(prompt)["input_ids"])
-    out = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
 @torch.no_grad()
 def generate_completions(
     model: torch.nn.Module,
@@ -141,37 +135,19 @@ def generate_completions(
     given ``seed``, prompt list and ``batch_size``."""
     if n_per_prompt < 1 or batch_size < 1 or temperature <= 0:
         raise ValueError(f"n_per_prompt={n_per_prompt}, batch_size={batch_size}, temperature={temperature}")
-    encoded = [ids for p in prompts for ids in [_encode_prompt(tokenizer, p)] * n_per_prompt]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    encoded = [ids for p in prompts for ids in [prompt_ids(tokenizer, p)] * n_per_prompt]
     out: list[str] = []
     for b, start in enumerate(range(0, len(encoded), batch_size)):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, ids in enumerate(chunk):  # left padding
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[i, width - len(ids) :] = 1
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(sample_key(seed, 0, b, _GENERATION_STREAM))
-            sequences = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        for row in sequences[:, width:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            out.append(tokenizer.decode(row, skip_special_tokens=True))
-    model.train(was_training)
+        completions = sample_completion_ids(
+            model,
+            encoded[start : start + batch_size],
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            seed=sample_key(seed, 0, b, _GENERATION_STREAM),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
+        out += tokenizer.batch_decode(completions, skip_special_tokens=True)
     return out
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,12 @@ import torch
 from diffalign.data.llm import load_text_rows
 from diffalign.losses.advantages import compute_advantages, samples_per_prompt
 from diffalign.losses.policy import clipped_policy_loss
-from diffalign.models.causal_lm import completion_token_stats, is_conversational
+from diffalign.models.causal_lm import (
+    collate_completions,
+    completion_token_stats,
+    prompt_ids,
+    sample_completion_ids,
+)
 from diffalign.models.reference import unwrap
 from diffalign.trainers.llm_policy import CausalLMTrainer
 from diffalign.utils.randomness import sample_key
@@ -103,51 +108,23 @@ class LLMGRPOTrainer(CausalLMTrainer):
         self.collate = collate_prompts
 
     # -- rollouts -----------------------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt: Any) -> list[int]:
-        if is_conversational(prompt):
-            out = self.tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-            return list(out["input_ids"] if isinstance(out, Mapping) else out)
-        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-
-    @torch.no_grad()
     def generate(self, prompts: Sequence[Any], seed: int) -> tuple[list[list[int]], list[list[int]]]:
         """(prompt ids, completion ids) of ``group_size`` samples per prompt (contiguous per prompt); each completion
         ends at its first EOS (kept) or after ``max_new_tokens``."""
-        oc, device = self.config.online, self.accelerator.device
-        prompt_ids = [self._prompt_ids(p) for p in prompts for _ in range(self.group_size)]
-        width = max(len(p) for p in prompt_ids)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for i, p in enumerate(prompt_ids):  # left-padded: every completion starts at column `width`
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attention[i, width - len(p) :] = 1
-        model = unwrap(self.model)
-        was_training = model.training
-        model.eval()
-        devices = [device.index or 0] if device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
-                out = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=attention.to(device),
-                    do_sample=True,
-                    temperature=oc.temperature,
-                    top_p=oc.top_p,
-                    top_k=oc.top_k,
-                    max_new_tokens=oc.max_new_tokens,
-                    pad_token_id=pad,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                )
-        finally:
-            model.train(was_training)
-        completions = []
-        eos = self.tokenizer.eos_token_id
-        for row in out[:, width:].tolist():
-            end = row.index(eos) + 1 if eos in row else len(row)
-            completions.append(row[:end])
-        return prompt_ids, completions
+        oc = self.config.online
+        prompts_ids = [prompt_ids(self.tokenizer, p) for p in prompts for _ in range(self.group_size)]
+        completions = sample_completion_ids(
+            unwrap(self.model),
+            prompts_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            seed=seed,
+            max_new_tokens=oc.max_new_tokens,
+            temperature=oc.temperature,
+            top_p=oc.top_p,
+            top_k=oc.top_k,
+        )
+        return prompts_ids, completions
 
     def score(self, rows: Sequence[dict[str, Any]], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted total (N,), per-function rewards (N, K)); ``None`` from a function becomes NaN."""
@@ -170,7 +147,7 @@ class LLMGRPOTrainer(CausalLMTrainer):
         oc, acc, device = self.config.online, self.accelerator, self.accelerator.device
         rows = batch["rows"]
         seed = sample_key(self.config.train.seed, epoch, int(batch["index"][0]), ROLLOUT_STREAM)
-        prompt_ids, completion_ids = self.generate([r["prompt"] for r in rows], seed)
+        prompts_ids, completion_ids = self.generate([r["prompt"] for r in rows], seed)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         rewards, per_fn = self.score(rows, texts)
 
@@ -180,22 +157,19 @@ class LLMGRPOTrainer(CausalLMTrainer):
         start = acc.process_index * local
         advantages, keep = advantages[start : start + local], keep[start : start + local]
 
-        sequences = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
-        width = max(len(s) for s in sequences)
-        ids = torch.full((local, width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention, completion = torch.zeros_like(ids), torch.zeros_like(ids)
-        for i, (p, s) in enumerate(zip(prompt_ids, sequences, strict=True)):
-            ids[i, : len(s)] = torch.tensor(s)
-            attention[i, : len(s)] = 1
-            completion[i, len(p) : len(s)] = 1
+        sequences = collate_completions(
+            [{"prompt_ids": p, "completion_ids": [c]} for p, c in zip(prompts_ids, completion_ids, strict=True)],
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        ids, attention, completion = (sequences[k] for k in ("input_ids", "attention_mask", "completion_mask"))
         kept = keep.nonzero().squeeze(1)
         ids, attention, completion = ids[kept].to(device), attention[kept].to(device), completion[kept].to(device)
-        stats = completion_token_stats(self.model, ids, attention, completion, temperature=oc.temperature)
+        options = {"temperature": oc.temperature, "with_details": False}
+        stats = completion_token_stats(self.model, ids, attention, completion, **options)
         ref_logps = None
         if oc.beta > 0:
             with self.adapter.reference_mode() as reference, torch.no_grad():
-                ref_logps = completion_token_stats(reference, ids, attention, completion, temperature=oc.temperature)
-                ref_logps = ref_logps.logps
+                ref_logps = completion_token_stats(reference, ids, attention, completion, **options).logps
         out = clipped_policy_loss(
             stats.logps,
             None,

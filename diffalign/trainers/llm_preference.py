@@ -74,6 +74,11 @@ def loss_data_columns(fn: Any) -> tuple[str, ...]:
     )
 
 
+def per_example(values: torch.Tensor, size: int) -> torch.Tensor:
+    """(n·B, ...) values of a collated batch (completion-major rows) as (B, n, ...): one row per example."""
+    return values.view(-1, size, *values.shape[1:]).transpose(0, 1)
+
+
 class LLMPreferenceTrainer(CausalLMTrainer):
     def build(self) -> None:
         dc, lc = self.config.data, self.config.loss
@@ -106,41 +111,46 @@ class LLMPreferenceTrainer(CausalLMTrainer):
             self.reference_values = self._load_or_precompute_reference()
 
     # -- one micro-batch ----------------------------------------------------------------------------------------
-    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TokenStats:
+    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, policy: bool) -> TokenStats:
+        """Token statistics of every completion; the reference (``policy=False``) needs only its log-probs."""
         device = self.accelerator.device
         ids, attention, completion = (batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
-        with_sum_sq = bool(self.loss_params.get("use_weighting", False))
-        return completion_token_stats(model, ids, attention, completion, with_sum_sq=with_sum_sq)
+        with_sum_sq = policy and bool(self.loss_params.get("use_weighting", False))
+        return completion_token_stats(model, ids, attention, completion, with_sum_sq=with_sum_sq, with_details=policy)
 
-    def _reference_stats(self, batch: dict[str, torch.Tensor]) -> TokenStats | None:
+    def _reference_stats(self, batch: dict[str, torch.Tensor]) -> TokenStats:
         with self.adapter.reference_mode() as reference, torch.no_grad():
-            return self._forward(reference, batch)
+            return self._forward(reference, batch, policy=False)
 
     def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         device = self.accelerator.device
-        stats = self._forward(self.model, batch)
+        stats = self._forward(self.model, batch, policy=True)
         size = batch["index"].numel()
+        sums = per_example(sequence_logps(stats.logps, stats.mask), size)  # (B, n)
         reference: TokenStats | torch.Tensor | None = None
         if self.needs_reference:
             if self.reference_values is not None:
                 reference = self.reference_values[batch["index"]].to(device)  # (B, n) stored sums
             else:
                 reference = self._reference_stats(batch)
-        kwargs = self._loss_inputs(stats, reference, batch, size)
+        kwargs = self._loss_inputs(stats, sums, reference, batch, size)
         out = self.loss_fn(**kwargs, **self.loss_params)
         weight = batch["weight"].to(device)
         loss = (out.losses * weight).mean()
-        return loss, self._metrics(out, stats, batch, size)
+        return loss, self._metrics(out, stats, sums.detach(), batch, size)
 
     def _loss_inputs(
-        self, stats: TokenStats, reference: TokenStats | torch.Tensor | None, batch: dict[str, Any], size: int
+        self,
+        stats: TokenStats,
+        sums: torch.Tensor,
+        reference: TokenStats | torch.Tensor | None,
+        batch: dict[str, Any],
+        size: int,
     ) -> dict[str, Any]:
         device = self.accelerator.device
-        n = stats.logps.shape[0] // size
-        sums = sequence_logps(stats.logps, stats.mask).view(n, size).T  # (B, n)
-        lengths = stats.mask.sum(-1).float().view(n, size).T
+        lengths = per_example(stats.mask.sum(-1).float(), size)
         if isinstance(reference, TokenStats):
-            ref_sums = sequence_logps(reference.logps, reference.mask).view(n, size).T
+            ref_sums = per_example(sequence_logps(reference.logps, reference.mask), size)
         else:
             ref_sums = reference
         kw: dict[str, Any] = {}
@@ -181,10 +191,10 @@ class LLMPreferenceTrainer(CausalLMTrainer):
         total = self.accelerator.reduce(torch.stack([values.sum(), torch.tensor(float(values.numel()))]), "sum")
         return (total[0] / total[1]).clamp(min=0.0)
 
-    def _metrics(self, out: Any, stats: TokenStats, batch: dict[str, Any], size: int) -> dict[str, torch.Tensor]:
-        n = stats.logps.shape[0] // size
-        sums = sequence_logps(stats.logps, stats.mask).detach().view(n, size).T
-        mean_logits = stats.mean_logits.view(n, size).T
+    def _metrics(
+        self, out: Any, stats: TokenStats, sums: torch.Tensor, batch: dict[str, Any], size: int
+    ) -> dict[str, torch.Tensor]:
+        mean_logits = per_example(stats.mean_logits, size)
         m: dict[str, torch.Tensor] = {}
         chosen, rejected = out.chosen_rewards, out.rejected_rewards
         if self.layout == "unpaired":
@@ -254,9 +264,8 @@ class LLMPreferenceTrainer(CausalLMTrainer):
             for start in tqdm(range(0, len(indices), batch_size), desc="reference log-probs", disable=not show):
                 batch = self.collate([self.dataset[i] for i in indices[start : start + batch_size]])
                 with adapter.reference_mode() as reference, torch.no_grad():
-                    stats = self._forward(reference, batch)
+                    stats = self._forward(reference, batch, policy=False)
                 size = batch["index"].numel()
-                n = stats.logps.shape[0] // size
                 ld_alpha = self.loss_params.get("ld_alpha")
                 if self.layout == "pairs" and ld_alpha is not None:
                     c, r = ld_adjusted_logps(
@@ -264,7 +273,7 @@ class LLMPreferenceTrainer(CausalLMTrainer):
                     )
                     chunks.append(torch.stack([c, r], dim=1).cpu())
                 else:
-                    chunks.append(sequence_logps(stats.logps, stats.mask).view(n, size).T.cpu())
+                    chunks.append(per_example(sequence_logps(stats.logps, stats.mask), size).cpu())
         finally:
             bare.train(was_training)
         return torch.cat(chunks).float().contiguous()
