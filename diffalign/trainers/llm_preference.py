@@ -188,7 +188,7 @@ class LLMPreferenceTrainer(CausalLMTrainer):
         return {k: v for k, v in kw.items() if k in self.accepted}
 
     def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
-        total = self.accelerator.reduce(torch.stack([values.sum(), torch.tensor(float(values.numel()))]), "sum")
+        total = self.accelerator.reduce(torch.stack([values.sum(), values.new_tensor(float(values.numel()))]), "sum")
         return (total[0] / total[1]).clamp(min=0.0)
 
     def _metrics(
