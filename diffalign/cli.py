@@ -1,4 +1,5 @@
-"""The ``diffalign`` command: ``demo``, ``evidence offline|flow|llm``, ``toy pretrain``, ``toy pairs``, ``train``."""
+"""The ``diffalign`` command: ``demo``, ``evidence offline|flow|llm|online``, ``toy pretrain``, ``toy pairs``,
+``train``."""
 
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ def _run(argv: list[str] | None) -> int:
     demo.add_argument("overrides", nargs="*", help="config overrides for configs/toy/dpo.yaml (key=value)")
 
     evidence = sub.add_parser("evidence", help="train every method of a family on the toy world and report")
-    evidence.add_argument("family", choices=["offline", "flow", "llm"])
+    evidence.add_argument("family", choices=["offline", "flow", "llm", "online"])
     evidence.add_argument("--output-dir", default=None)
     evidence.add_argument("--methods", default=None, help="comma-separated subset")
     evidence.add_argument("--n-per-prompt", type=int, default=16)
+    evidence.add_argument("--segments", type=int, default=5, help="online: evaluations along each group-RL run")
     evidence.add_argument("overrides", nargs="*", help="config overrides applied to every method (key=value)")
 
     toy = sub.add_parser("toy", help="toy-world tools")
@@ -68,6 +70,17 @@ def _run(argv: list[str] | None) -> int:
             overrides=args.overrides,
         )
         print(format_llm_report(report))
+    elif args.command == "evidence" and args.family == "online":
+        from diffalign.toy.online_evidence import format_online_report, run_online_evidence
+
+        report = run_online_evidence(
+            args.output_dir or "outputs/evidence/online",
+            methods=args.methods.split(",") if args.methods else None,
+            n_per_prompt=args.n_per_prompt,
+            segments=args.segments,
+            overrides=args.overrides,
+        )
+        print(format_online_report(report))
     elif args.command == "evidence":
         from diffalign.toy.evidence import format_report, run_evidence
 

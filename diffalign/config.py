@@ -207,6 +207,31 @@ class OnlineConfig:
     beta: float = 0.0  # k3 KL to the reference (TRL default 0: no reference forward)
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo (TRL aggregations)
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    # -- diffusion (train.method grpo / direct_reward on sd, sdxl, sd3); research/online_diffusion.md --------------
+    # reward_functions name reward models of diffalign.rewards (clip_score, pickscore, hpsv2, aesthetic,
+    # jpeg_compressibility, toy_gold, toy_reward_model) or "module:callable" returning one; keyword arguments per name
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    sampler: str = "sde"  # sde (Flow-GRPO) | cps | dance (DanceGRPO) | ode | ddim (SD/SDXL, noise_level = eta)
+    sample_steps: int = 10
+    guidance_scale: float = 4.5  # CFG in rollouts and in the training forward (1 = off)
+    noise_level: float = 0.7  # Flow-GRPO's a; DanceGRPO's / DDIM's eta
+    prompts_per_rollout: int = 8  # groups per rollout epoch, over all processes
+    sample_batch_size: int | None = None  # rollout forward batch; null = train.train_batch_size (ratio 1 needs equal)
+    same_initial_noise: bool = False  # a group shares its initial noise (flow_grpo same_latent)
+    sde_window_size: int = 0  # Flow-GRPO-Fast: SDE only on this many consecutive steps (0 = all steps)
+    sde_window_range: list[int] | None = None  # [lo, hi): where the window may start (null = [0, sample_steps // 2])
+    timestep_fraction: float = 0.99  # trained steps = int(sample_steps * fraction), the first ones (Flow-GRPO)
+    inner_epochs: int = 1  # passes over each rollout
+    clip_range: float = 1e-4  # PPO clip on the mean-over-latent log-prob ratio (LLM GRPO uses epsilon)
+    adv_clip_max: float = 5.0
+    policy_loss: str = "flow_grpo"  # flow_grpo (PPO clip) | grpo_guard (RatioNorm + 1/|dt| reweighting)
+    drop_zero_advantage: bool = True  # drop samples whose advantage is 0 (re-added to keep micro-batch counts)
+    # D2-Align reward correction (paper_methods.md section 2): ''="none" or a b_v file (correction.safetensors)
+    reward_correction: str | None = None
+    correction_omega: float = 1.5
+    # train.method direct_reward (SRPO / Direct-Align style reward back-propagation; D2-Align stages 1 and 2)
+    direct_stage: str = "generator"  # generator (train the denoiser) | correction (learn b_v, generator frozen)
+    direct_sigma_range: list[float] = field(default_factory=lambda: [0.1, 0.9])  # sigma ~ U[lo, hi] of the added noise
 
 
 @dataclass
@@ -224,9 +249,13 @@ class ConfigError(ValueError):
     """An invalid config file or override; the message names the source, the dotted key and what to do."""
 
 
-DIFFUSION_METHODS = ("dpo", "dcpo", "mapo", "sft")
+DIFFUSION_METHODS = ("dpo", "dcpo", "mapo", "sft", "grpo", "direct_reward")
 LLM_METHODS = ("preference", "grpo")
-METHODS = DIFFUSION_METHODS + LLM_METHODS
+METHODS = tuple(dict.fromkeys(DIFFUSION_METHODS + LLM_METHODS))
+ONLINE_METHODS = ("grpo", "direct_reward")
+SAMPLERS = ("sde", "cps", "dance", "ode", "ddim")  # diffalign.models.sampling.SAMPLER_KINDS
+DIFFUSION_POLICY_LOSSES = ("flow_grpo", "grpo_guard")
+DIRECT_STAGES = ("generator", "correction")
 LOSS_WEIGHTINGS = ("constant", "min_snr", "truncated_snr")
 ON_BAD_ROW = ("error", "skip")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -563,7 +592,7 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     c.check("model.logit_std", m.logit_std > 0, "> 0")
     c.one_of("model.torch_dtype", TORCH_DTYPES)
     llm = m.backbone == "causal_lm"
-    if llm != (t.method in LLM_METHODS):
+    if t.method in METHODS and t.method not in (LLM_METHODS if llm else DIFFUSION_METHODS):
         key = "train.method" if "train.method" in c.origins or not llm else "model.backbone"
         c.fail(
             key,
@@ -647,7 +676,9 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     c.check("train.log_every", t.log_every >= 1, ">= 1")
     c.check("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, ">= 1")
 
-    if t.method == "grpo":
+    if t.method in ONLINE_METHODS and not llm:
+        _validate_diffusion_online(c)
+    elif t.method == "grpo":
         _validate_online(c)
     else:
         _validate_method_and_loss(c)
@@ -697,6 +728,54 @@ def _validate_online(c: _Checker) -> None:
     c.check("online.beta", o.beta >= 0, ">= 0")
     c.one_of("online.loss_type", POLICY_AGGREGATIONS)
     c.one_of("online.importance_sampling_level", IS_LEVELS)
+
+
+def _validate_diffusion_online(c: _Checker) -> None:
+    o, t = c.config.online, c.config.train
+    for key in ("loss.name", "loss.beta"):
+        if key in c.origins and c.value(key) != getattr(LossConfig, key.split(".")[1]):
+            c.fail(key, f"train.method '{t.method}' takes its objective from the 'online' section; remove '{key}'")
+    c.check("online.reward_functions", len(o.reward_functions) >= 1, "at least one reward model name")
+    if o.reward_weights is not None and len(o.reward_weights) != len(o.reward_functions):
+        c.fail("online.reward_weights", f"{len(o.reward_weights)} weights for {len(o.reward_functions)} rewards")
+    unknown = set(o.reward_options) - set(o.reward_functions)
+    if unknown:
+        c.fail("online.reward_options", f"options for {sorted(unknown)}, which are not in online.reward_functions")
+    c.one_of("online.sampler", SAMPLERS)
+    c.check("online.sample_steps", o.sample_steps >= 1, ">= 1")
+    c.check("online.guidance_scale", o.guidance_scale >= 0, ">= 0 (1 = no guidance)")
+    c.check("online.noise_level", o.noise_level >= 0, ">= 0")
+    c.check("online.correction_omega", o.correction_omega > 0, "> 0 (the paper uses 1.5)")
+    lo, hi = (o.direct_sigma_range + [None, None])[:2] if len(o.direct_sigma_range) == 2 else (None, None)
+    c.check("online.direct_sigma_range", lo is not None and 0 < lo <= hi < 1, "[lo, hi] with 0 < lo <= hi < 1")
+    if t.method == "direct_reward":
+        c.one_of("online.direct_stage", DIRECT_STAGES)
+        if o.direct_stage == "correction" and o.reward_correction:
+            c.fail("online.reward_correction", "stage 'correction' learns b_v; leave online.reward_correction empty")
+        return
+    c.check("online.num_generations", o.num_generations >= 2, ">= 2 (advantages compare images of a prompt)")
+    c.check("online.prompts_per_rollout", o.prompts_per_rollout >= 1, ">= 1")
+    c.check("online.sample_batch_size", o.sample_batch_size is None or o.sample_batch_size >= 1, ">= 1 or null")
+    c.check("online.sde_window_size", 0 <= o.sde_window_size <= o.sample_steps, "in [0, sample_steps]")
+    if o.sde_window_range is not None:
+        ok = len(o.sde_window_range) == 2 and 0 <= o.sde_window_range[0] < o.sde_window_range[1] <= o.sample_steps
+        c.check("online.sde_window_range", ok, "[lo, hi) with 0 <= lo < hi <= sample_steps")
+    c.check("online.timestep_fraction", 0 < o.timestep_fraction <= 1, "in (0, 1]")
+    c.check(
+        "online.timestep_fraction",
+        int(o.sample_steps * o.timestep_fraction) >= 1 or o.sde_window_size > 0,
+        f"large enough to train at least one of the {o.sample_steps} steps",
+    )
+    c.check("online.inner_epochs", o.inner_epochs >= 1, ">= 1")
+    c.check("online.clip_range", o.clip_range > 0, "> 0 (Flow-GRPO 1e-4, GRPO-Guard 2e-6..4e-6)")
+    c.check("online.adv_clip_max", o.adv_clip_max > 0, "> 0")
+    c.check("online.beta", o.beta >= 0, ">= 0")
+    c.one_of("online.advantage", ADVANTAGES)
+    c.one_of("online.policy_loss", DIFFUSION_POLICY_LOSSES)
+    if o.policy_loss == "grpo_guard" and o.sampler in ("cps", "ode"):
+        c.fail("online.policy_loss", f"grpo_guard needs a Gaussian step (sde, dance or ddim), not '{o.sampler}'")
+    if o.sampler == "ode":
+        c.fail("online.sampler", "rollouts need a stochastic sampler (sde, cps, dance or ddim); 'ode' has no ratio")
 
 
 def _llm_allowed_losses(registry: Mapping[str, Any] | None) -> tuple[str, ...]:

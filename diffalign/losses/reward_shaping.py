@@ -140,4 +140,24 @@ def ches_score(
     return cross - self_sq
 
 
-__all__ = ["ches_score", "ensemble_reward", "lsc_reference", "lsc_transform", "par_reward"]
+def d2_align_text_embeds(text_embeds: torch.Tensor, correction: torch.Tensor, *, omega: float = 1.5) -> torch.Tensor:
+    """D²-Align's guided text embedding ``ẽ = e⁻ + ω·(e⁺ − e⁻)`` with ``e± = normalize(e ± b_v)``.
+
+    ``text_embeds``: ``(N, D)`` reward-model text features ``e``; ``correction``: the single learned direction
+    ``b_v`` ``(D,)`` shared by all prompts; ``ω > 1`` extrapolates from ``e⁻`` toward ``e⁺`` (CFG-like; the paper's
+    value is 1.5). The guided reward is ``score(Φ_img(x), ẽ)``; with a cosine score ``ẽ``'s norm does not matter
+    (the paper leaves re-normalisation unstated, research/paper_methods.md §2.1). Differentiable in ``b_v`` (stage 1
+    learns it) and, with ``b_v = 0``, ``ẽ = normalize(e)``. Source: D²-Align (arXiv 2512.24146 v2, §3 and
+    Algorithms 1-2), from the paper text; no code released.
+    """
+    if text_embeds.dim() != 2 or correction.shape != text_embeds.shape[1:]:
+        raise ValueError(
+            f"reward_shaping.d2_align_text_embeds: text_embeds must be (N, D) and correction (D,), got "
+            f"{tuple(text_embeds.shape)} and {tuple(correction.shape)}."
+        )
+    plus = F.normalize(text_embeds + correction, dim=-1)
+    minus = F.normalize(text_embeds - correction, dim=-1)
+    return minus + omega * (plus - minus)
+
+
+__all__ = ["ches_score", "d2_align_text_embeds", "ensemble_reward", "lsc_reference", "lsc_transform", "par_reward"]

@@ -4,9 +4,10 @@ Both walk the ``FlowMatchEulerDiscreteScheduler`` schedule of ``steps`` sigmas f
 σ_k = 1 - k·(1 - 0.001)/(steps - 1), then a terminal 0):
 
 * ODE (``noise_level = 0``): the scheduler's Euler step ``x' = x + (σ' - σ)·v`` (SD3's sampler).
-* SDE (``noise_level = a > 0``): :func:`sde_step`, the Euler–Maruyama step of Flow-GRPO's marginal-preserving
-  reverse SDE (Liu et al., 2025, arXiv 2505.05470; ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``), the
-  sampler Flow-GRPO rolls out with (``a = 0.7`` for SD3.5). It reduces to the Euler step at ``a = 0``.
+* SDE (``noise_level = a > 0``): :func:`diffalign.models.sampling.flow_sde_step` (``sde_step`` here), the
+  Euler–Maruyama step of Flow-GRPO's marginal-preserving reverse SDE (Liu et al., 2025, arXiv 2505.05470;
+  ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``), the sampler Flow-GRPO rolls out with (``a = 0.7`` for
+  SD3.5). It reduces to the Euler step at ``a = 0``.
 
 The evaluation default is the ODE (``noise_level = 0``), as SD3 samples and Flow-GRPO evaluates. Measured on the
 pretrained base (20 steps, CFG 3, 192 samples, seeds 0 / 1 / 2; :mod:`diffalign.toy.flow_pretrain`): ODE colour
@@ -25,13 +26,12 @@ Randomness is addressed per sample (``diffalign.utils.randomness``): the initial
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 
+from diffalign.models.sampling import flow_sde_step as sde_step
 from diffalign.toy.flow_model import ToyFlowModel, load_toy_flow_model, predict_velocity
 from diffalign.toy.metrics import summarize
 from diffalign.toy.sampling import evaluation_prompts
@@ -42,63 +42,6 @@ EVAL_STEPS = 20
 EVAL_GUIDANCE_SCALE = 3.0
 EVAL_NOISE_LEVEL = 0.0
 SDE_NOISE_LEVEL = 0.7
-
-
-class SDEStep(NamedTuple):
-    """One reverse step: the next sample, its Gaussian log-probability (mean over C, H, W), the step's mean and the
-    diffusion coefficient σ_t (Flow-GRPO's ``std_dev_t``; the step's standard deviation is ``σ_t · sqrt(σ - σ')``)."""
-
-    prev_sample: torch.Tensor
-    log_prob: torch.Tensor
-    mean: torch.Tensor
-    std_dev_t: torch.Tensor
-
-
-def sde_step(
-    velocity: torch.Tensor,
-    sample: torch.Tensor,
-    sigma: float | torch.Tensor,
-    sigma_next: float | torch.Tensor,
-    *,
-    noise_level: float = SDE_NOISE_LEVEL,
-    sigma_max: float,
-    noise: torch.Tensor | None = None,
-    prev_sample: torch.Tensor | None = None,
-) -> SDEStep:
-    """Flow-GRPO's SDE step with its log-probability (``sde_step_with_logprob``, ``sde_type='sde'``), in fp32.
-
-    With ``Δ = σ' - σ < 0`` and ``σ̃ = σ`` except ``σ̃ = sigma_max`` (the schedule's second sigma) where ``σ = 1``::
-
-        σ_t  = a · sqrt(σ / (1 - σ̃))
-        μ    = x · (1 + σ_t² / (2σ) · Δ) + v · (1 + σ_t² (1 - σ) / (2σ)) · Δ
-        s    = σ_t · sqrt(-Δ)
-        x'   = μ + s · z                                   (z = ``noise``; or x' = ``prev_sample`` if given)
-        logp = mean_{C,H,W}[ -(x' - μ)² / (2 s²) - log s - log sqrt(2π) ]
-
-    i.e. Euler–Maruyama on ``dx = [v + σ_t²/(2σ)(x + (1 - σ)v)] dσ + σ_t dw``. At ``a = 0``: ``μ = x + Δ·v`` (the
-    Euler ODE step), ``x' = μ`` and ``logp`` is undefined (returned as zeros). ``sigma`` / ``sigma_next`` are scalars
-    or per-sample ``[N]``. With neither ``noise`` nor ``prev_sample``, ``x' = μ`` (the step's mean).
-    """
-    x, v = sample.float(), velocity.float()
-    view = (-1,) + (1,) * (x.ndim - 1)
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(view)
-    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device).reshape(view)
-    dt = sigma_next - sigma
-    if noise_level == 0.0:
-        mean = x + dt * v
-        std_dev_t = torch.zeros_like(sigma)
-        out = mean if prev_sample is None else prev_sample.float()
-        return SDEStep(out, torch.zeros(x.shape[0], device=x.device), mean, std_dev_t.expand(x.shape[0], *view[1:]))
-    sigma_safe = torch.where(sigma == 1.0, torch.full_like(sigma, sigma_max), sigma)
-    std_dev_t = noise_level * torch.sqrt(sigma / (1.0 - sigma_safe))
-    mean = x * (1.0 + std_dev_t**2 / (2.0 * sigma) * dt) + v * (1.0 + std_dev_t**2 * (1.0 - sigma) / (2.0 * sigma)) * dt
-    std = std_dev_t * torch.sqrt(-dt)
-    if prev_sample is None:
-        prev_sample = mean + std * noise.float() if noise is not None else mean
-    prev_sample = prev_sample.float().detach()
-    log_prob = -((prev_sample - mean) ** 2) / (2.0 * std**2) - torch.log(std) - math.log(math.sqrt(2.0 * math.pi))
-    log_prob = log_prob.mean(dim=tuple(range(1, x.ndim)))
-    return SDEStep(prev_sample, log_prob, mean, std_dev_t.expand(x.shape[0], *view[1:]))
 
 
 @torch.no_grad()

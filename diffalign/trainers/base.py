@@ -11,6 +11,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ class Trainer(ABC):
         tc = config.train
         self.output_dir = Path(tc.output_dir)
         self.accelerator = Accelerator(
-            gradient_accumulation_steps=tc.gradient_accumulation_steps,
+            gradient_accumulation_steps=self.micro_batches_per_step(),
             mixed_precision=tc.mixed_precision,
             log_with=tc.report_to or None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir)),
@@ -84,6 +85,23 @@ class Trainer(ABC):
 
     def after_prepare(self) -> None:  # noqa: B027 - optional hook
         """Called once ``self.model`` is wrapped by accelerate (DDP, FSDP, ...)."""
+
+    def micro_batches_per_step(self) -> int:
+        """Backward passes per optimizer step (online RL: micro-batches × trained sampler steps)."""
+        return self.config.train.gradient_accumulation_steps
+
+    def micro_batch_stream(self, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(epoch, local batch) for the run's micro-batch ``start`` onwards: by default deterministic shuffled batches
+        of ``self.dataset`` (:class:`EpochBatches`)."""
+        acc, tc = self.accelerator, self.config.train
+        batches = EpochBatches(
+            len(self.dataset),
+            tc.train_batch_size,
+            num_processes=acc.num_processes,
+            process_index=acc.process_index,
+            seed=tc.seed,
+        )
+        return self._micro_batches(batches, start)
 
     # -- shared machinery ---------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -184,13 +202,6 @@ class Trainer(ABC):
         if tc.report_to and acc.is_main_process:
             acc.init_trackers("diffalign", config=_flatten(config_to_dict(self.config)))
 
-        batches = EpochBatches(
-            len(self.dataset),
-            tc.train_batch_size,
-            num_processes=acc.num_processes,
-            process_index=acc.process_index,
-            seed=tc.seed,
-        )
         global_step, nonfinite_total = 0, 0
         checkpoint = resolve_checkpoint(self.output_dir, tc.resume_from_checkpoint)
         if checkpoint is not None:
@@ -199,7 +210,8 @@ class Trainer(ABC):
             logger.info("resumed from %s at step %d", checkpoint, global_step)
         writer = MetricsWriter(acc, self.output_dir, resume_step=global_step if checkpoint else None)
 
-        micro = self._micro_batches(batches, start=global_step * tc.gradient_accumulation_steps)
+        accumulation = self.micro_batches_per_step()
+        micro = self.micro_batch_stream(global_step * accumulation)
         consecutive_bad = 0
         last: dict[str, float] = {}
         bar = tqdm(total=tc.max_steps, initial=global_step, disable=not (tc.progress_bar and acc.is_local_main_process))
@@ -208,7 +220,7 @@ class Trainer(ABC):
             step_start = time.perf_counter()
             collected: dict[str, list[torch.Tensor]] = defaultdict(list)
             bad = False
-            for _ in range(tc.gradient_accumulation_steps):
+            for _ in range(accumulation):
                 epoch, batch = next(micro)
                 if bad:
                     continue  # keep the data position; the step is discarded anyway

@@ -9,7 +9,6 @@ one denoiser forward of 2B; the reference pass runs without grad, with LoRA adap
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import inspect
 import logging
@@ -17,10 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 
-from diffalign.config import REFERENCE_MODES, Config
+from diffalign.config import Config
 from diffalign.data import (
     PreferencePairDataset,
     build_preference_cache,
@@ -28,13 +26,12 @@ from diffalign.data import (
     load_preference_table,
 )
 from diffalign.losses import get_loss
-from diffalign.models.loading import adapter_from_config
-from diffalign.models.lora import DEFAULT_TARGET_MODULES, add_lora, save_lora
+from diffalign.models.lora import DEFAULT_TARGET_MODULES
 from diffalign.trainers.base import Trainer, TrainResult
+from diffalign.trainers.diffusion_policy import DiffusionPolicyMixin
 from diffalign.trainers.reference_store import (
     MissingReferenceError,
     ReferenceLogpStore,
-    offloaded_frozen_copy,
     plan_micro_batches,
     precompute_reference_logps,
     reference_key,
@@ -65,50 +62,16 @@ def model_fingerprint(
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-class OfflinePreferenceTrainer(Trainer):
+class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
     def build(self) -> None:
         mc, dc, lc, tc = self.config.model, self.config.data, self.config.loss, self.config.train
-        device = self.accelerator.device
-        adapter = adapter_from_config(mc)
-        for frozen in adapter.frozen_modules():
-            frozen.requires_grad_(False).to(device)
-            if self.weight_dtype != torch.float32:
-                frozen.to(dtype=self.weight_dtype)
-        unet = adapter.denoiser
         self.loss_fn = get_loss(lc.name)
         accepted = inspect.signature(self.loss_fn).parameters
         self.loss_params = {k: v for k, v in {"beta": lc.beta, **lc.params}.items() if k in accepted}
         unknown = set(lc.params) - set(accepted)
         if unknown:
             raise ValueError(f"loss.params: {sorted(unknown)} are not parameters of loss '{lc.name}'")
-
-        needs_reference = getattr(self.loss_fn, "needs_reference", False)
-        if self.config.lora.enabled:
-            unet.requires_grad_(False)
-            unet.to(device)
-            if self.weight_dtype != torch.float32:
-                unet.to(dtype=self.weight_dtype)
-            add_lora(
-                unet,
-                rank=self.config.lora.rank,
-                alpha=self.config.lora.alpha,
-                target_modules=tuple(self.config.lora.target_modules or DEFAULT_TARGET_MODULES),
-                init=self.config.lora.init,
-            )
-            for p in unet.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-            if needs_reference and tc.reference == "frozen_copy":
-                raise ValueError("train.reference: 'frozen_copy' is for full fine-tuning; LoRA uses adapters disabled")
-        else:
-            if needs_reference:  # before unet.to(device): an offloaded copy is made on the CPU and stays there
-                self._set_up_full_ft_reference(adapter, unet)
-            unet.to(device)
-            unet.requires_grad_(True)
-        if tc.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        self.adapter = adapter
-        self.model = unet
+        adapter = self.build_policy(needs_reference=getattr(self.loss_fn, "needs_reference", False))
 
         table = load_preference_table(
             dc.path,
@@ -224,32 +187,6 @@ class OfflinePreferenceTrainer(Trainer):
         for name, value in out.metrics.items():
             metrics[name] = value
         return out.losses.mean(), metrics
-
-    def save_final(self) -> None:
-        unet = self.accelerator.unwrap_model(self.model)
-        subfolder = self.adapter.denoiser_subfolder
-        if self.config.lora.enabled:
-            pipeline_cls = getattr(diffusers, self.adapter.pipeline_class_name)
-            save_lora(unet, self.output_dir, pipeline_cls=pipeline_cls, component=subfolder)
-        else:
-            unet.save_pretrained(self.output_dir / subfolder)
-        logger.info("final weights written to %s", self.output_dir)
-
-    # -- the reference model: train.reference (see diffalign/trainers/reference_store.py) -------------------------
-    def _set_up_full_ft_reference(self, adapter: Any, denoiser: torch.nn.Module) -> None:
-        """Full fine-tuning: a frozen copy on the device (``auto``, ``frozen_copy``), a frozen copy kept on the CPU and
-        streamed per forward (``frozen_copy_offload``), or no second network (``precomputed``: the values come from a
-        :class:`ReferenceLogpStore` filled in :meth:`after_prepare`)."""
-        mode = self.config.train.reference
-        device = self.accelerator.device
-        if mode in ("auto", "frozen_copy"):
-            adapter.reference_denoiser = copy.deepcopy(denoiser).requires_grad_(False).to(device, self.weight_dtype)
-        elif mode == "frozen_copy_offload":
-            adapter.reference_denoiser = offloaded_frozen_copy(denoiser, device, self.weight_dtype)
-        elif mode == "precomputed":
-            adapter.reference_denoiser = None
-        else:
-            raise ValueError(f"train.reference: {mode!r} is not one of {REFERENCE_MODES}")
 
     def _reference_pair_logps(
         self,

@@ -7,12 +7,17 @@ from diffalign.trainers.base import TrainResult
 
 
 def train(config: Config) -> TrainResult:
-    """Train with the method of ``config.train.method``: diffusion offline methods, or causal-LM preference / GRPO."""
-    method = config.train.method
+    """Train with the method of ``config.train.method``: diffusion offline methods, diffusion
+    group RL (grpo) or direct reward back-propagation (direct_reward, D²-Align), or causal-LM preference / GRPO."""
+    method, llm = config.train.method, config.model.backbone == "causal_lm"
     if method == "preference":
         from diffalign.trainers.llm_preference import LLMPreferenceTrainer as trainer
-    elif method == "grpo":
+    elif method == "grpo" and llm:
         from diffalign.trainers.llm_grpo import LLMGRPOTrainer as trainer
+    elif method == "grpo":
+        from diffalign.trainers.diffusion_grpo import DiffusionGRPOTrainer as trainer
+    elif method == "direct_reward":
+        from diffalign.trainers.direct_reward import DirectRewardTrainer as trainer
     else:
         from diffalign.trainers.offline import OfflinePreferenceTrainer as trainer
     return trainer(config).train()

@@ -1,0 +1,27 @@
+"""Prompt lists for online training and generation: a ``.txt`` file (one prompt per line; blank lines and lines
+starting with ``#`` skipped) or any source :func:`diffalign.data.llm.load_text_rows` reads with a ``prompt`` column
+(``.jsonl`` / ``.json`` / ``.parquet``, a folder of them, a ``datasets`` hub name)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffalign.data.llm import load_text_rows
+
+
+def load_prompts(path: str, *, split: str = "train", max_samples: int | None = None) -> list[str]:
+    source = Path(path)
+    if source.suffix == ".txt":
+        if not source.is_file():
+            raise FileNotFoundError(f"{path}: prompt file not found (data.path); give a .txt with one prompt per line")
+        lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
+        prompts = [line for line in lines if line and not line.startswith("#")]
+    else:
+        rows = load_text_rows(path, "prompts", split=split)
+        bad = [i for i, row in enumerate(rows) if not isinstance(row["prompt"], str)]
+        if bad:
+            raise ValueError(f"{path} row {bad[0]}: 'prompt' must be a string for image generation")
+        prompts = [row["prompt"] for row in rows]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts found")
+    return prompts[:max_samples] if max_samples else prompts

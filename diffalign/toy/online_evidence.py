@@ -1,0 +1,230 @@
+"""``diffalign evidence online``: online RL on the toy flow base against the learned, brightness-biased toy reward
+model (the *proxy*), judged with the pixel-level gold metric (colour adherence) and diversity metrics.
+
+Methods (each from the same base with its ``configs/toy`` file):
+
+* ``flow_grpo`` — Flow-GRPO (PPO clip on the SDE step ratio); ``grpo_guard`` — the same with GRPO-Guard's regulated
+  clipping. Both are trained in segments and evaluated after each, so the report has the trajectory and
+  ``gold_best`` (the best gold adherence seen along the way).
+* ``direct_reward`` — direct reward back-propagation with the plain proxy (the uncorrected baseline);
+  ``d2_align`` — stage 1 learns D²-Align's ``b_v`` with the generator frozen (``d2_align_correction.yaml``), stage 2
+  is the same direct trainer against the corrected reward (``d2_align.yaml``).
+
+Evaluation: 16 samples of each of the 12 prompts with the ODE sampler (20 steps, CFG 3, fixed seeds), as the flow
+world's other evidence. ``proxy`` = mean toy-reward-model score of those samples; diversity = ``pvs`` (DivGenBench's
+photographic variance, per prompt), ``spread`` (1 − mean pairwise cosine of the reward model's image embeddings, an
+IDS analogue), ``layout`` (the SDI analogue on the detected shape boxes) and the toy attribute ``diversity``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from diffalign.config import load_config
+from diffalign.eval.diversity import embedding_spread, layout_dispersion, pvs_per_prompt
+from diffalign.eval.grid import labelled_grid
+from diffalign.losses.advantages import samples_per_prompt
+from diffalign.toy.experiment import CONFIG_DIR, Evaluation, first_per_prompt
+from diffalign.toy.flow_experiment import evaluate_flow
+from diffalign.toy.flow_pretrain import ensure_flow_base
+from diffalign.toy.rewards import load_toy_reward_model, shape_boxes
+from diffalign.toy.world import all_prompts
+
+ONLINE_METHODS = ("flow_grpo", "grpo_guard", "direct_reward", "d2_align")
+SEGMENTED = ("flow_grpo", "grpo_guard")
+
+
+def online_metrics(evaluation: Evaluation, reward_model) -> dict[str, float]:
+    images, prompts = evaluation.images, evaluation.prompts
+    with torch.no_grad():
+        proxy = reward_model(images, prompts).float()
+        embeds = reward_model.image_embeds(images).float()
+    return {
+        "gold": evaluation.metrics["adherence"],
+        "shape": evaluation.metrics["shape_adherence"],
+        "proxy": float(proxy.mean()),
+        "pvs": pvs_per_prompt(images, prompts),
+        "spread": embedding_spread(embeds, prompts),
+        "layout": layout_dispersion(shape_boxes(images), prompts),
+        "diversity": evaluation.metrics["diversity"],
+        "brightness": evaluation.metrics["mean_brightness"],
+    }
+
+
+def steps_per_rollout(config) -> int:
+    """Optimizer steps of one rollout epoch on one process (segments must end on a rollout boundary)."""
+    oc, tc = config.online, config.train
+    samples = oc.prompts_per_rollout * samples_per_prompt(oc.advantage, oc.num_generations)
+    return samples // tc.train_batch_size * oc.inner_epochs // tc.gradient_accumulation_steps
+
+
+def _config(name: str, output_dir: Path, overrides: Sequence[str]):
+    return load_config(
+        CONFIG_DIR / f"{name}.yaml",
+        [
+            f"model.pretrained={ensure_flow_base()}",
+            f"data.path={CONFIG_DIR / 'prompts.txt'}",
+            f"train.output_dir={output_dir}",
+            *overrides,
+        ],
+    )
+
+
+def _train(config) -> float:
+    from diffalign.trainers.run import train
+
+    started = time.perf_counter()
+    train(config)
+    return time.perf_counter() - started
+
+
+def run_online_evidence(
+    output_dir: str | os.PathLike = "outputs/evidence/online",
+    *,
+    methods: Sequence[str] | None = None,
+    n_per_prompt: int = 16,
+    segments: int = 5,
+    overrides: Sequence[str] = (),
+) -> dict:
+    """Train and judge ``methods``; write ``report.json`` / ``report.md`` / ``samples.png`` to ``output_dir``.
+
+    ``overrides`` apply to every config (e.g. ``train.max_steps=20`` for a quick run); group-RL methods are evaluated
+    after each of ``segments`` equal parts of ``train.max_steps``."""
+    methods = tuple(methods or ONLINE_METHODS)
+    unknown = set(methods) - set(ONLINE_METHODS)
+    if unknown:
+        raise ValueError(f"unknown online methods {sorted(unknown)}; choose from {ONLINE_METHODS}")
+    output_dir = Path(output_dir)
+    base = ensure_flow_base()
+    reward_model = load_toy_reward_model()
+    before_eval = evaluate_flow(base, n_per_prompt=n_per_prompt)
+    before = online_metrics(before_eval, reward_model)
+    report: dict = {
+        "world": {"family": "online", "base": str(base), "samples_per_evaluation": len(before_eval.prompts)},
+        "base": before,
+        "methods": {},
+    }
+    rows, labels = [first_per_prompt(before_eval, 1)], ["base"]
+    for method in methods:
+        run_dir = output_dir / "runs" / method
+        trajectory, seconds = [], 0.0
+        if method in SEGMENTED:
+            config = _config(method, run_dir, overrides)
+            total, unit = config.train.max_steps, steps_per_rollout(config)
+            cuts = sorted({max(unit, round(total * (i + 1) / segments / unit) * unit) for i in range(segments)})
+            for cut in cuts:
+                config = _config(
+                    method,
+                    run_dir,
+                    [
+                        *overrides,
+                        f"train.max_steps={cut}",
+                        f"train.checkpointing_steps={cuts[0]}",
+                        "train.resume_from_checkpoint=latest"
+                        if cut != cuts[0]
+                        else "train.resume_from_checkpoint=null",
+                    ],
+                )
+                seconds += _train(config)
+                evaluation = evaluate_flow(base, run_dir, n_per_prompt=n_per_prompt)
+                trajectory.append({"step": cut, **online_metrics(evaluation, reward_model)})
+                _write(output_dir, report)
+        else:
+            if method == "d2_align":
+                stage1 = output_dir / "runs" / "d2_align_correction"
+                seconds += _train(_config("d2_align_correction", stage1, overrides))
+                config = _config(method, run_dir, [*overrides, f"online.reward_correction={stage1}"])
+            else:
+                config = _config(method, run_dir, overrides)
+            seconds += _train(config)
+            evaluation = evaluate_flow(base, run_dir, n_per_prompt=n_per_prompt)
+            trajectory.append({"step": config.train.max_steps, **online_metrics(evaluation, reward_model)})
+        after = trajectory[-1]
+        report["methods"][method] = {
+            **{f"{k}_before": v for k, v in before.items()},
+            **{f"{k}_after": v for k, v in after.items() if k != "step"},
+            "gold_best": max([before["gold"]] + [t["gold"] for t in trajectory]),
+            "proxy_gain": after["proxy"] - before["proxy"],
+            "trajectory": trajectory,
+            "seconds": seconds,
+        }
+        rows.append(first_per_prompt(evaluation, 1))
+        labels.append(method)
+        _write(output_dir, report)
+    report["checks"] = issue_checks(report)
+    _write(output_dir, report)
+    labelled_grid(rows, labels, output_dir / "samples.png", column_labels=[p.removeprefix("a ") for p in all_prompts()])
+    return report
+
+
+def issue_checks(report: dict) -> dict[str, float | bool]:
+    """The issue's acceptance numbers, computed from the report (absent methods are skipped)."""
+    m, base, out = report["methods"], report["base"], {}
+    if "flow_grpo" in m:
+        fg = m["flow_grpo"]
+        out["flow_grpo_raises_proxy"] = fg["proxy_gain"] > 0
+        out["flow_grpo_drifts"] = fg["proxy_gain"] > 0 and (
+            fg["gold_after"] < fg["gold_best"] - 0.02 or fg["pvs_after"] < 0.8 * base["pvs"]
+        )
+    if "flow_grpo" in m and "grpo_guard" in m:
+        fg, gg = m["flow_grpo"], m["grpo_guard"]
+        out["guard_gold_drop_from_best"] = gg["gold_best"] - gg["gold_after"]
+        out["guard_proxy_gain_vs_flow_grpo"] = gg["proxy_gain"] / fg["proxy_gain"] if fg["proxy_gain"] else float("nan")
+        out["guard_ok"] = out["guard_gold_drop_from_best"] <= 0.02 and out["guard_proxy_gain_vs_flow_grpo"] >= 0.9
+    if "d2_align" in m and "direct_reward" in m:
+        d2, dr = m["d2_align"], m["direct_reward"]
+        for key in ("pvs", "spread"):
+            out[f"d2_align_{key}_vs_base"] = d2[f"{key}_after"] / base[key]
+            out[f"direct_reward_{key}_vs_base"] = dr[f"{key}_after"] / base[key]
+        out["d2_align_ok"] = (
+            min(out["d2_align_pvs_vs_base"], out["d2_align_spread_vs_base"]) >= 0.8
+            and max(out["direct_reward_pvs_vs_base"], out["direct_reward_spread_vs_base"]) < 0.5
+            and d2["gold_after"] >= dr["gold_after"]
+        )
+    return out
+
+
+def _write(output_dir: Path, report: dict) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output_dir / "report.md").write_text(format_online_report(report))
+
+
+def format_online_report(report: dict) -> str:
+    base = report["base"]
+    lines = [
+        f"Toy world (online), {report['world']['samples_per_evaluation']} generated samples per evaluation (ODE, "
+        "20 steps, CFG 3). gold = colour adherence; proxy = the biased toy reward model; pvs / spread = diversity.",
+        "",
+        "| method | gold after (best) | proxy | pvs | spread | brightness | seconds |",
+        "|---|---|---|---|---|---|---|",
+        f"| base | {base['gold']:.3f} | {base['proxy']:.3f} | {base['pvs']:.3f} | {base['spread']:.3f} | "
+        f"{base['brightness']:.3f} | - |",
+    ]
+    for name, m in report["methods"].items():
+        lines.append(
+            f"| {name} | {m['gold_after']:.3f} ({m['gold_best']:.3f}) | {m['proxy_after']:.3f} | "
+            f"{m['pvs_after']:.3f} | "
+            f"{m['spread_after']:.3f} | {m['brightness_after']:.3f} | {m['seconds']:.0f} |"
+        )
+    for name, m in report["methods"].items():
+        if len(m["trajectory"]) > 1:
+            steps = ", ".join(
+                f"{t['step']}: gold {t['gold']:.3f} proxy {t['proxy']:.2f} pvs {t['pvs']:.3f}" for t in m["trajectory"]
+            )
+            lines += ["", f"{name} trajectory — {steps}"]
+    if report.get("checks"):
+        lines += [
+            "",
+            "Checks: "
+            + ", ".join(
+                f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}" for k, v in report["checks"].items()
+            ),
+        ]
+    return "\n".join(lines) + "\n"
