@@ -38,7 +38,7 @@ ImageBatch = torch.Tensor | np.ndarray | Sequence[Image.Image]
 LUMA_601 = (0.299, 0.587, 0.114)
 
 
-def _as_nhwc(images: ImageBatch) -> np.ndarray:
+def as_nhwc(images: ImageBatch) -> np.ndarray:
     """Float64 ``[N, H, W, 3]`` in [0, 1] from a tensor ``[N, 3, H, W]`` (float in [0, 1] or uint8), a numpy
     ``[N, H, W, 3]`` array (float in [0, 1] or uint8) or a list of PIL images."""
     if isinstance(images, torch.Tensor):
@@ -60,7 +60,7 @@ def _as_nhwc(images: ImageBatch) -> np.ndarray:
 
 def photographic_stats(images: ImageBatch) -> np.ndarray:
     """``[N, 3]`` per-image (mean HSV saturation, mean HSV value, grayscale std) — the three PVS statistics."""
-    arr = _as_nhwc(images)
+    arr = as_nhwc(images)
     mx, mn = arr.max(-1), arr.min(-1)
     saturation = np.where(mx > 0, (mx - mn) / np.where(mx > 0, mx, 1.0), 0.0)
     gray = arr @ np.asarray(LUMA_601)

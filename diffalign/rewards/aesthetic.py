@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffalign.rewards.base import check_images, load_state_dict_file, resolve_checkpoint
+from diffalign.rewards.base import FrozenReward, check_images, load_state_dict_file, resolve_checkpoint
 from diffalign.rewards.clip_score import features, freeze, preprocess_from_pretrained
 from diffalign.rewards.preprocess import CLIPPreprocess
 
@@ -56,7 +56,7 @@ class AestheticMLP(nn.Module):
         return self.layers(embeds)
 
 
-class LAIONAesthetic(nn.Module):
+class LAIONAesthetic(FrozenReward):
     """``mlp(e / |e|)`` with ``e`` the CLIP image embedding; prompts are ignored."""
 
     name = "aesthetic"
@@ -74,18 +74,6 @@ class LAIONAesthetic(nn.Module):
             size = int(clip.config.vision_config.image_size)
             preprocess = CLIPPreprocess(size=size, crop_size=size)
         self.preprocess = preprocess
-
-    def train(self, mode: bool = True) -> LAIONAesthetic:
-        """A reward stays frozen: ``train()`` keeps eval mode (the head's dropouts off)."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.clip.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.clip.parameters()).dtype
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` CLIP image features (not normalised), differentiable in ``images``."""

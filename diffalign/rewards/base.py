@@ -43,6 +43,22 @@ class EmbeddingReward(RewardModel, Protocol):
         ...
 
 
+class FrozenReward(torch.nn.Module):
+    """Base of the neural rewards: always in eval mode (``train()`` keeps it), ``device`` / ``dtype`` of its first
+    registered weights (the backbone)."""
+
+    def train(self, mode: bool = True) -> FrozenReward:
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
 def check_images(name: str, images: torch.Tensor, prompts: Sequence[str]) -> None:
     """Raise a clear error for inputs a reward cannot score."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffalign.rewards.base import check_images
+from diffalign.rewards.base import FrozenReward, check_images
 from diffalign.rewards.preprocess import CLIPPreprocess
 
 CLIP_SCORE_SCALES = ("flow_grpo", "hessel", "torchmetrics")
@@ -72,7 +72,7 @@ def preprocess_from_pretrained(
     return CLIPPreprocess.from_image_processor(processor)
 
 
-class HFCLIPReward(nn.Module):
+class HFCLIPReward(FrozenReward):
     """Base of the transformers ``CLIPModel`` rewards: frozen model + tokenizer + differentiable preprocessing.
 
     ``image_embeds``/``text_embeds`` are the projected (not normalised) CLIP features; subclasses define
@@ -98,18 +98,6 @@ class HFCLIPReward(nn.Module):
         self.preprocess = preprocess
         text_max = getattr(model.config.text_config, "max_position_embeddings", 77)
         self.max_length = int(max_length or min(getattr(tokenizer, "model_max_length", text_max), text_max))
-
-    def train(self, mode: bool = True) -> HFCLIPReward:
-        """A reward stays frozen: ``train()`` is a no-op that keeps eval mode (dropout off)."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` projected image features of ``preprocess(images)``, differentiable in ``images``."""

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffalign.rewards.base import check_images, load_state_dict_file, resolve_checkpoint
+from diffalign.rewards.base import FrozenReward, check_images, load_state_dict_file, resolve_checkpoint
 from diffalign.rewards.clip_score import cosine, freeze
 from diffalign.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPPreprocess
 
@@ -49,7 +49,7 @@ def open_clip_preprocess(model: nn.Module, mode: str = "pad") -> CLIPPreprocess:
     return CLIPPreprocess(size=int(size), crop_size=int(size), mean=mean, std=std, mode=mode)
 
 
-class HPSv2(nn.Module):
+class HPSv2(FrozenReward):
     """Raw cosine between open_clip image and text features of an HPSv2 model; an ``EmbeddingReward``."""
 
     name = "hpsv2"
@@ -60,18 +60,6 @@ class HPSv2(nn.Module):
         self.model = freeze(model)
         self.tokenizer = tokenizer
         self.preprocess = preprocess if preprocess is not None else open_clip_preprocess(model)
-
-    def train(self, mode: bool = True) -> HPSv2:
-        """A reward stays frozen: ``train()`` keeps eval mode."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` open_clip image features (not normalised), differentiable in ``images``."""

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffalign.eval.diversity import as_nhwc
 from diffalign.toy.world import COLOURS, PALETTE, RESOLUTION, SHAPES, parse_caption, render_array, sample_specs
 
 CHROMA_MIN = 0.2
@@ -56,22 +57,7 @@ _PALETTE_HUE = _hue(_PALETTE_RGB)
 _PALETTE_CHROMA = _PALETTE_RGB.max(-1) - _PALETTE_RGB.min(-1)
 
 
-def as_hwc_batch(images: ImageBatch) -> np.ndarray:
-    """Float64 ``[N, H, W, 3]`` in [0, 1] from a tensor ``[N, 3, H, W]`` (float in [0, 1] or uint8), a numpy
-    ``[N, H, W, 3]`` array (float in [0, 1] or uint8), or a list of RGB PIL images."""
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"image tensor of shape {tuple(images.shape)}: expected [N, 3, H, W]")
-        arr = images.detach().cpu().permute(0, 2, 3, 1).numpy()
-    elif isinstance(images, np.ndarray):
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"image array of shape {images.shape}: expected [N, H, W, 3]")
-        arr = images
-    else:
-        arr = np.stack([np.asarray(im.convert("RGB")) for im in images]) if len(images) else np.zeros((0, 1, 1, 3))
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float64) / 255.0
-    return np.clip(arr.astype(np.float64), 0.0, 1.0)
+as_hwc_batch = as_nhwc  # float64 [N, H, W, 3] in [0, 1] from a tensor, an array or PIL images
 
 
 def _colour_indices(batch: np.ndarray) -> np.ndarray:
