@@ -196,6 +196,7 @@ def test_d2_align_stage_one_learns_b_v_and_stage_two_uses_it(tiny_dirs, tmp_path
     assert b_v.shape == (4,) and b_v.norm() > 0
     logged = _metrics(tmp_path / "s1")
     assert logged[-1]["reward"] > logged[0]["reward"]  # the guided reward of the frozen generator's samples rises
+    assert "diversity/pvs" in logged[0]
     assert stage1.global_step == 6
     stage2 = _direct(
         tiny_dirs,

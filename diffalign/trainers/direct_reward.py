@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from diffalign.eval.diversity import pvs
 from diffalign.models.loading import adapter_from_config
 from diffalign.models.rollout import SamplerSettings, build_schedule, conditioning, latents_to_images, rollout
 from diffalign.rewards.base import EmbeddingReward
@@ -153,6 +154,7 @@ class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
             metrics["b_v_norm"] = self.model_vector().norm().detach().reshape(1)
         metrics["reward"] = rewards.detach()
         metrics["mean_brightness"] = traj.images.mean(dim=(1, 2, 3)).detach()
+        metrics["diversity/pvs"] = torch.tensor([pvs(traj.images)])  # over the batch's prompts (one image each)
         return -rewards.mean(), metrics
 
     def model_vector(self) -> torch.Tensor:
