@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffalign.config import ConfigError, load_config
+from diffalign.models.rollout import conditioning
 from diffalign.models.tiny import save_tiny_sd_pipeline
 from diffalign.models.tiny_sd3 import save_tiny_sd3_pipeline
 from diffalign.rewards.correction import load_correction
@@ -186,7 +187,8 @@ def test_reconstruction_with_the_exact_velocity_recovers_x0(tiny_dirs, tmp_path)
         return eps - x0
 
     trainer.adapter.predict = exact_velocity
-    x0_hat = trainer.reconstruct(x0, PROMPTS[:2], [0, 1], epoch=0)
+    cond = conditioning(trainer.adapter, PROMPTS[:2], 16)
+    x0_hat = trainer.reconstruct(x0, cond, [0, 1], epoch=0)
     torch.testing.assert_close(x0_hat, x0, rtol=1e-4, atol=1e-4)
 
 

@@ -66,6 +66,9 @@ def test_online_reward_builder(tmp_path):
     save_correction(torch.zeros(4), tmp_path, omega=1.5, reward="mean_colour")
     online.reward_functions, online.reward_weights, online.reward_correction = [REWARD], None, str(tmp_path)
     assert isinstance(build_online_reward(online), CorrectedReward)
+    online.reward_functions, online.reward_correction = [str(tmp_path / "missing.py") + ":make"], None
+    with pytest.raises(FileNotFoundError, match="online.reward_functions: .*missing.py does not exist"):
+        build_online_reward(online)
 
 
 def test_prompt_files(tmp_path):

@@ -179,7 +179,8 @@ def conditioning(adapter: DiffusionAdapter, prompts: Sequence[str], resolution: 
 class Trajectory:
     """One rollout batch. ``latents`` (N, S + 1, ...) fp32 (``latents[:, 0]`` = initial noise), ``log_probs`` (N, S),
     ``means`` (N, S, ...) or None, per-step ``std`` / ``std_dev_t`` / ``sqrt_dt`` (S,), ``stochastic`` (S,) bool
-    (the steps that are SDE steps, i.e. trainable), ``images`` (N, 3, H, W) in [0, 1]."""
+    (the steps that are SDE steps, i.e. trainable), ``images`` (N, 3, H, W) in [0, 1], ``cond`` the prompts'
+    conditioning the rollout used (for re-evaluating its steps)."""
 
     prompts: list[str]
     latents: Tensor
@@ -190,6 +191,7 @@ class Trajectory:
     sqrt_dt: Tensor
     stochastic: Tensor
     images: Tensor
+    cond: dict[str, Tensor]
 
 
 def latents_to_images(adapter: DiffusionAdapter, latents: Tensor) -> Tensor:
@@ -272,6 +274,7 @@ def rollout(
         sqrt_dt=torch.stack(sqrt_dts).cpu(),
         stochastic=stochastic,
         images=latents_to_images(adapter, x),
+        cond=cond,
     )
 
 

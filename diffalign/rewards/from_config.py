@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 from diffalign.rewards.base import RewardModel
 from diffalign.rewards.combine import WeightedSum
 from diffalign.rewards.correction import CorrectedReward, load_correction
 from diffalign.rewards.registry import REWARDS, build_reward
-
-
-def _import_callable(spec: str) -> Any:
-    target, _, attr = spec.rpartition(":")
-    if target.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-        if module_spec is None or not Path(target).is_file():
-            raise FileNotFoundError(f"reward '{spec}': file {target} not found")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
-    if not hasattr(module, attr):
-        raise AttributeError(f"reward '{spec}': {target} has no '{attr}'")
-    return getattr(module, attr)
+from diffalign.utils.imports import load_callable
 
 
 def reward_from_name(name: str, options: dict[str, Any] | None = None) -> RewardModel:
@@ -34,7 +17,7 @@ def reward_from_name(name: str, options: dict[str, Any] | None = None) -> Reward
     options = dict(options or {})
     if name in REWARDS or ":" not in name:
         return build_reward({"name": name, **options})
-    return _import_callable(name)(**options)
+    return load_callable(name)(**options)
 
 
 def build_online_reward(online: Any, device: Any = None) -> RewardModel:

@@ -181,8 +181,8 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
         for _ in range(oc.inner_epochs):
             shuffled = [rows[i] for i in torch.randperm(len(rows), generator=order_gen).tolist()]
             micro.append([shuffled[m :: self.micro_per_pass] for m in range(self.micro_per_pass)])
-        cond = conditioning(self.adapter, prompts, self.settings.resolution)
-        metrics = self._rollout_metrics(images, prompts, rewards, gathered, advantages, keep, len(rows))
+        cond = {key: torch.cat([t.cond[key] for t in parts]) for key in parts[0].cond}
+        metrics = self._rollout_metrics(images, prompts, gathered, advantages, keep, len(rows))
         return RolloutBuffer(
             prompts=prompts,
             latents=torch.cat([t.latents for t in parts]),
@@ -210,7 +210,7 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
             kept.append(dropped.pop())
         return sorted(kept)
 
-    def _rollout_metrics(self, images, prompts, rewards, gathered, advantages, keep, n_rows) -> dict[str, torch.Tensor]:
+    def _rollout_metrics(self, images, prompts, gathered, advantages, keep, n_rows) -> dict[str, torch.Tensor]:
         groups = gathered.view(-1, self.group_size)
         m = {
             "reward/mean": gathered.mean(),

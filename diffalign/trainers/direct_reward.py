@@ -32,7 +32,7 @@ import torch
 
 from diffalign.eval.diversity import pvs
 from diffalign.models.loading import adapter_from_config
-from diffalign.models.rollout import SamplerSettings, build_schedule, conditioning, latents_to_images, rollout
+from diffalign.models.rollout import SamplerSettings, build_schedule, latents_to_images, rollout
 from diffalign.rewards.base import EmbeddingReward
 from diffalign.rewards.correction import CorrectionVector, save_correction
 from diffalign.rewards.from_config import build_online_reward, reward_from_name
@@ -101,7 +101,9 @@ class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
         if self.stage == "generator":
             self.adapter.denoiser = self.model
 
-    def reconstruct(self, x0: torch.Tensor, prompts: list[str], indices: list[int], epoch: int) -> torch.Tensor:
+    def reconstruct(
+        self, x0: torch.Tensor, cond: dict[str, torch.Tensor], indices: list[int], epoch: int
+    ) -> torch.Tensor:
         """Steps 2-3: noise ``x0`` with known noise, one generator step, remove the known noise (grad to the
         generator when it trains)."""
         adapter, seed, oc = self.adapter, self.config.train.seed, self.config.online
@@ -110,7 +112,6 @@ class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
         sigma = lo + (hi - lo) * u
         eps = per_sample_normal(tuple(x0.shape[1:]), seed, epoch, indices, RECON_NOISE_STREAM).to(x0.device)
         view = (-1,) + (1,) * (x0.ndim - 1)
-        cond = conditioning(adapter, prompts, self.settings.resolution)
         delta = 1.0 / self.settings.steps
         if adapter.prediction_type == "flow":
             s, s_next = sigma.reshape(view), (sigma - delta).clamp(min=0.0).reshape(view)
@@ -141,11 +142,11 @@ class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
         x0 = traj.latents[:, -1]
         metrics: dict[str, torch.Tensor] = {}
         if self.stage == "generator":
-            images = latents_to_images(self.adapter, self.reconstruct(x0, prompts, indices, epoch))
+            images = latents_to_images(self.adapter, self.reconstruct(x0, traj.cond, indices, epoch))
             rewards = self.reward(images, prompts).float()
         else:
             with torch.no_grad():
-                images = latents_to_images(self.adapter, self.reconstruct(x0, prompts, indices, epoch))
+                images = latents_to_images(self.adapter, self.reconstruct(x0, traj.cond, indices, epoch))
                 image_embeds = self.reward.image_embeds(images)
                 text = self.reward.text_embeds(prompts).to(image_embeds.device)
                 metrics["reward/plain"] = self.reward.score_embeds(image_embeds, text).float().detach()

@@ -21,11 +21,8 @@ gradient; several optimizer passes over one rollout batch are not offered. Logge
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +38,7 @@ from diffalign.models.causal_lm import (
 )
 from diffalign.models.reference import unwrap
 from diffalign.trainers.llm_policy import CausalLMTrainer
+from diffalign.utils.imports import load_callable
 from diffalign.utils.randomness import sample_key
 
 ROLLOUT_STREAM = 23
@@ -49,22 +47,7 @@ RewardFn = Callable[..., Sequence[float | None]]
 
 def load_reward_function(spec: str) -> RewardFn:
     """``"package.module:function"`` or ``"path/to/file.py:function"`` → the function."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"online.reward_functions: '{spec}' must look like 'package.module:function' or 'file.py:fn'")
-    if module_name.endswith(".py"):
-        path = Path(module_name).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"online.reward_functions: '{spec}': {path} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"diffalign_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"online.reward_functions: '{spec}': {module_name} has no function '{attr}'")
-    return fn
+    return load_callable(spec)
 
 
 def reward_name(spec: str) -> str:
@@ -101,9 +84,7 @@ class LLMGRPOTrainer(CausalLMTrainer):
         self.reward_names = [reward_name(spec) for spec in oc.reward_functions]
         self.reward_weights = torch.tensor(oc.reward_weights or [1.0] * len(self.reward_fns), dtype=torch.float32)
         self.group_size = samples_per_prompt(oc.advantage, oc.num_generations)
-        rows = load_text_rows(
-            dc.path, "prompts", split=dc.split, on_bad_row=dc.on_bad_row, max_samples=dc.max_samples
-        )
+        rows = load_text_rows(dc.path, "prompts", split=dc.split, on_bad_row=dc.on_bad_row, max_samples=dc.max_samples)
         self.dataset = PromptDataset(rows)
         self.collate = collate_prompts
 
