@@ -4,7 +4,11 @@ starting with ``#`` skipped) or any source :func:`diffalign.data.llm.load_text_r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from diffalign.data.llm import load_text_rows
 
@@ -25,3 +29,23 @@ def load_prompts(path: str, *, split: str = "train", max_samples: int | None = N
     if not prompts:
         raise ValueError(f"{path}: no prompts found")
     return prompts[:max_samples] if max_samples else prompts
+
+
+class PromptDataset:
+    """Prompt rows as they are (a trainer tokenises or encodes them when it generates); items carry their index."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"index": i, **self.rows[i]}
+
+
+def collate_prompts(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {"index": torch.tensor([ex["index"] for ex in examples]), "rows": list(examples)}

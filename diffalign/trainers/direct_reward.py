@@ -25,11 +25,11 @@ FLUX.1-dev with HPS-v2.1).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from diffalign.data.prompts import PromptDataset, collate_prompts, load_prompts
 from diffalign.eval.diversity import pvs
 from diffalign.models.loading import adapter_from_config
 from diffalign.models.rollout import SamplerSettings, build_schedule, latents_to_images, rollout
@@ -43,28 +43,8 @@ from diffalign.utils.randomness import per_sample_normal, per_sample_uniform, sa
 GENERATION_STREAM, SIGMA_STREAM, RECON_NOISE_STREAM = 41, 42, 43
 
 
-class _Prompts:
-    def __init__(self, prompts: Sequence[str]) -> None:
-        self.prompts = list(prompts)
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"index": i, "prompt": self.prompts[i]}
-
-
-def _collate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    return {"index": [r["index"] for r in rows], "prompt": [r["prompt"] for r in rows]}
-
-
 class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
     def build(self) -> None:
-        from diffalign.data.prompts import load_prompts
-
         oc, dc, mc = self.config.online, self.config.data, self.config.model
         device = self.accelerator.device
         self.stage = oc.direct_stage
@@ -94,8 +74,9 @@ class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
             resolution=dc.resolution,
         )
         self.schedule = build_schedule(adapter, self.settings)
-        self.dataset = _Prompts(load_prompts(dc.path, split=dc.split, max_samples=dc.max_samples))
-        self.collate = _collate
+        prompts = load_prompts(dc.path, split=dc.split, max_samples=dc.max_samples)
+        self.dataset = PromptDataset([{"prompt": p} for p in prompts])
+        self.collate = collate_prompts
 
     def after_prepare(self) -> None:
         if self.stage == "generator":
@@ -136,7 +117,7 @@ class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
         return (x_next - (1.0 - a_next).sqrt() * eps) / a_next.sqrt()
 
     def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        prompts, indices = batch["prompt"], batch["index"]
+        prompts, indices = [row["prompt"] for row in batch["rows"]], batch["index"].tolist()
         seed = sample_key(self.config.train.seed, epoch, 0, GENERATION_STREAM)
         traj = rollout(self.adapter, prompts, self.settings, seed=seed, indices=indices, schedule=self.schedule)
         x0 = traj.latents[:, -1]

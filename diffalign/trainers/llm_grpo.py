@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from diffalign.data.llm import load_text_rows
+from diffalign.data.prompts import PromptDataset, collate_prompts
 from diffalign.losses.advantages import compute_advantages, samples_per_prompt
 from diffalign.losses.policy import clipped_policy_loss
 from diffalign.models.causal_lm import (
@@ -52,26 +53,6 @@ def load_reward_function(spec: str) -> RewardFn:
 
 def reward_name(spec: str) -> str:
     return spec.rpartition(":")[2]
-
-
-class PromptDataset:
-    """Prompt rows as they are (the trainer tokenises at generation time)."""
-
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"index": i, **self.rows[i]}
-
-
-def collate_prompts(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    return {"index": torch.tensor([ex["index"] for ex in examples]), "rows": list(examples)}
 
 
 class LLMGRPOTrainer(CausalLMTrainer):
