@@ -1,4 +1,4 @@
-"""The ``diffalign`` command: ``demo``, ``evidence offline|flow|llm|online``, ``toy pretrain``, ``toy pairs``,
+"""The ``diffalign`` command: ``demo``, ``evidence offline|flow|llm|online|soar|sail``, ``toy pretrain``, ``toy pairs``,
 ``train``."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _run(argv: list[str] | None) -> int:
     demo.add_argument("overrides", nargs="*", help="config overrides for configs/toy/dpo.yaml (key=value)")
 
     evidence = sub.add_parser("evidence", help="train every method of a family on the toy world and report")
-    evidence.add_argument("family", choices=["offline", "flow", "llm", "online"])
+    evidence.add_argument("family", choices=["offline", "flow", "llm", "online", "soar", "sail"])
     evidence.add_argument("--output-dir", default=None)
     evidence.add_argument("--methods", default=None, help="comma-separated subset")
     evidence.add_argument("--n-per-prompt", type=int, default=16)
@@ -81,6 +81,26 @@ def _run(argv: list[str] | None) -> int:
             overrides=args.overrides,
         )
         print(format_online_report(report))
+    elif args.command == "evidence" and args.family == "soar":
+        from diffalign.toy.soar_evidence import format_soar_report, run_soar_evidence
+
+        report = run_soar_evidence(
+            args.output_dir or "outputs/evidence/soar",
+            methods=args.methods.split(",") if args.methods else None,
+            n_per_prompt=args.n_per_prompt,
+            overrides=args.overrides,
+        )
+        print(format_soar_report(report))
+    elif args.command == "evidence" and args.family == "sail":
+        from diffalign.toy.sail_evidence import format_sail_report, run_sail_evidence
+
+        report = run_sail_evidence(
+            args.output_dir or "outputs/evidence/sail",
+            methods=args.methods.split(",") if args.methods else None,
+            n_per_prompt=args.n_per_prompt,
+            overrides=args.overrides,
+        )
+        print(format_sail_report(report))
     elif args.command == "evidence":
         from diffalign.toy.evidence import format_report, run_evidence
 

@@ -58,6 +58,8 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "OnlineConfig",
+    "SAILConfig",
+    "SOARConfig",
     "OptimConfig",
     "TrainConfig",
     "build_arg_parser",
@@ -235,6 +237,41 @@ class OnlineConfig:
 
 
 @dataclass
+class SOARConfig:
+    """train.method soar (research/paper_methods.md section 1); defaults = the official code's ("v4")."""
+
+    lambda_aux: float = 1.0  # weight of each auxiliary point (0 = the SFT loss exactly)
+    num_aux_points: int = 6  # M re-noised points per rollout path
+    num_sampling_steps: int = 40  # K: the off-trajectory state is one step of a K-step schedule
+    cfg_scale: float = 4.5  # CFG of that stop-gradient step (empty-prompt negative; 1 = off)
+    num_paths: int = 1  # 1 = the ODE path only; more adds stochastic paths of sde_type
+    sde_type: str = "flow_sde"  # simple | sde | flow_sde | cps
+    sde_noise: float = 0.5
+
+
+@dataclass
+class SAILConfig:
+    """train.method sail (research/paper_methods.md section 3): rounds of self-generated pairs after Diffusion-DPO on
+    the seed set data.path. Paper values: 3 rounds (SD 1.5), 8 samples per prompt, alpha 0.25, 10 reward draws,
+    50-step sampling at CFG 7.5 (SD 1.5)."""
+
+    rounds: int = 3  # self-amplification rounds after round 0 (DPO on the seed pairs)
+    prompts: str = ""  # .txt or dataset of prompts for the rounds (taken in order, fresh per round while they last)
+    prompts_per_round: int = 64
+    samples_per_prompt: int = 8  # N candidates per prompt; best vs worst becomes one pair
+    self_fraction: float = 0.25  # alpha: share of self-generated pairs in a round's training mixture
+    reward_draws: int = 10  # (t, eps) draws of the implicit DPO reward, shared by a prompt's candidates
+    judge_policy: str = "current"  # current | anchor (the round-0 model)
+    judge_reference: str = "previous"  # previous (the model the policy was trained from) | base (model.pretrained)
+    sampler: str = "ddim"  # ddim (SD/SDXL; noise_level = eta) | ode (SD3)
+    sample_steps: int = 50
+    guidance_scale: float = 7.5
+    noise_level: float = 1.0
+    sample_batch_size: int = 16
+    steps_per_round: int | None = None  # optimizer steps of rounds >= 1 (null = train.max_steps)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -243,19 +280,22 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    soar: SOARConfig = field(default_factory=SOARConfig)
+    sail: SAILConfig = field(default_factory=SAILConfig)
 
 
 class ConfigError(ValueError):
     """An invalid config file or override; the message names the source, the dotted key and what to do."""
 
 
-DIFFUSION_METHODS = ("dpo", "dcpo", "mapo", "sft", "grpo", "direct_reward")
+DIFFUSION_METHODS = ("dpo", "dcpo", "mapo", "sft", "soar", "sail", "grpo", "direct_reward")
 LLM_METHODS = ("preference", "grpo")
 METHODS = tuple(dict.fromkeys(DIFFUSION_METHODS + LLM_METHODS))
 ONLINE_METHODS = ("grpo", "direct_reward")
 SAMPLERS = ("sde", "cps", "dance", "ode", "ddim")  # diffalign.models.sampling.SAMPLER_KINDS
 DIFFUSION_POLICY_LOSSES = ("flow_grpo", "grpo_guard")
 DIRECT_STAGES = ("generator", "correction")
+SOAR_SDE_TYPES = ("simple", "sde", "flow_sde", "cps")  # diffalign.models.soar.SDE_TYPES
 LOSS_WEIGHTINGS = ("constant", "min_snr", "truncated_snr")
 ON_BAD_ROW = ("error", "skip")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -272,7 +312,15 @@ SDXL_TIME_IDS = ("constant", "from_data")
 TIMESTEP_DENSITIES = ("logit_normal", "mode", "uniform")
 # diffusers.optimization.SchedulerType minus "piecewise_constant" (it needs step_rules, which the schema lacks).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-METHOD_DEFAULT_LOSS = {"dpo": "dpo", "dcpo": "dpo", "mapo": "mapo", "sft": "sft", "preference": "trl_sigmoid"}
+METHOD_DEFAULT_LOSS = {
+    "dpo": "dpo",
+    "dcpo": "dpo",
+    "mapo": "mapo",
+    "sft": "sft",
+    "soar": "sft",
+    "sail": "dpo",
+    "preference": "trl_sigmoid",
+}
 # Used when diffalign.losses is not importable; otherwise the registry's paired losses with needs_reference.
 PAIRED_REFERENCE_LOSSES = ("dpo", "hinge", "ipo", "poly_dpo", "robust")
 _BETA_DEFAULT_OK = ("dpo", "sft")
@@ -659,7 +707,7 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
             "is the same network with its adapters disabled and costs no memory: use 'auto' (or 'precomputed' to "
             "also skip the reference forward)",
         )
-    if t.reference != "auto" and t.method in ("mapo", "sft"):
+    if t.reference != "auto" and t.method in ("mapo", "sft", "soar"):
         c.fail(
             "train.reference",
             f"train.reference '{t.reference}' has no effect: train.method '{t.method}' uses no reference model; "
@@ -676,6 +724,10 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     c.check("train.log_every", t.log_every >= 1, ">= 1")
     c.check("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, ">= 1")
 
+    if t.method == "soar":
+        _validate_soar(c)
+    if t.method == "sail":
+        _validate_sail(c)
     if t.method in ONLINE_METHODS and not llm:
         _validate_diffusion_online(c)
     elif t.method == "grpo":
@@ -778,6 +830,33 @@ def _validate_diffusion_online(c: _Checker) -> None:
         c.fail("online.sampler", "rollouts need a stochastic sampler (sde, cps, dance or ddim); 'ode' has no ratio")
 
 
+def _validate_soar(c: _Checker) -> None:
+    s = c.config.soar
+    c.check("soar.lambda_aux", s.lambda_aux >= 0, ">= 0 (0 = the SFT loss)")
+    c.check("soar.num_aux_points", s.num_aux_points >= 1, ">= 1")
+    c.check("soar.num_sampling_steps", s.num_sampling_steps >= 1, ">= 1")
+    c.check("soar.cfg_scale", s.cfg_scale >= 0, ">= 0 (1 = no guidance)")
+    c.check("soar.num_paths", s.num_paths >= 1, ">= 1 (1 = the ODE path only)")
+    c.one_of("soar.sde_type", SOAR_SDE_TYPES)
+    c.check("soar.sde_noise", s.sde_noise >= 0, ">= 0")
+
+
+def _validate_sail(c: _Checker) -> None:
+    s = c.config.sail
+    c.check("sail.rounds", s.rounds >= 0, ">= 0 (0 = Diffusion-DPO on the seed set only)")
+    c.check("sail.prompts", bool(s.prompts) or s.rounds == 0, "a prompt file or dataset for the rounds")
+    c.check("sail.prompts_per_round", s.prompts_per_round >= 1, ">= 1")
+    c.check("sail.samples_per_prompt", s.samples_per_prompt >= 2, ">= 2 (best against worst)")
+    c.check("sail.self_fraction", 0 <= s.self_fraction < 1, "in [0, 1) (the paper: 0.25)")
+    c.check("sail.reward_draws", s.reward_draws >= 1, ">= 1 (the paper: 10)")
+    c.one_of("sail.judge_policy", ("current", "anchor"))
+    c.one_of("sail.judge_reference", ("previous", "base"))
+    c.one_of("sail.sampler", ("ddim", "ode"))
+    c.check("sail.sample_steps", s.sample_steps >= 1, ">= 1")
+    c.check("sail.sample_batch_size", s.sample_batch_size >= 1, ">= 1")
+    c.check("sail.steps_per_round", s.steps_per_round is None or s.steps_per_round >= 1, ">= 1 or null")
+
+
 def _llm_allowed_losses(registry: Mapping[str, Any] | None) -> tuple[str, ...]:
     if registry is None:
         return ("trl_sigmoid",)
@@ -792,7 +871,7 @@ def _validate_method_and_loss(c: _Checker) -> None:
         c.one_of("loss.name", sorted(registry))
     if method == "preference":
         allowed = _llm_allowed_losses(registry)
-    elif method in ("dpo", "dcpo"):
+    elif method in ("dpo", "dcpo", "sail"):
         allowed = PAIRED_REFERENCE_LOSSES
         if registry is not None:
             allowed = tuple(

@@ -17,7 +17,7 @@ from diffalign.models.tiny_sd3 import SD3_LORA_TARGETS, save_tiny_sd3_pipeline
 from diffalign.models.tiny_sdxl import save_tiny_sdxl_pipeline
 from diffalign.trainers.checkpointing import list_checkpoints
 from diffalign.trainers.metrics import read_metrics
-from diffalign.trainers.offline import train
+from diffalign.trainers.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 BETA = {"sdxl": 5000.0, "sd3": 100.0}
@@ -45,7 +45,7 @@ def make_config(backbone: str, model: str, data: str, out: Path, method: str = "
     cfg.data.path = data
     cfg.data.resolution = 32
     cfg.data.dual_captions = method == "dcpo"
-    cfg.loss.name = {"dcpo": "dpo"}.get(method, method)
+    cfg.loss.name = {"dcpo": "dpo", "soar": "sft"}.get(method, method)
     cfg.loss.beta = {"mapo": 0.1}.get(method, BETA[backbone])
     cfg.lora.rank = 4
     if backbone == "sd3":
@@ -62,7 +62,7 @@ def make_config(backbone: str, model: str, data: str, out: Path, method: str = "
 
 
 @pytest.mark.parametrize("backbone", ["sdxl", "sd3"])
-@pytest.mark.parametrize("method", ["dpo", "dcpo", "mapo", "sft"])
+@pytest.mark.parametrize("method", ["dpo", "dcpo", "mapo", "sft", "soar"])
 def test_every_method_trains_on_every_backbone(backbone, method, models, pairs, tmp_path):
     cfg = make_config(backbone, models[backbone], pairs, tmp_path / "run", method)
     result = train(cfg)
@@ -154,3 +154,17 @@ def test_two_processes_match_one_process(backbone, models, pairs, tmp_path, run_
     losses = [[r["loss"] for r in read_metrics(tmp_path / n)] for n in ("one", "two")]
     # the VAE encodes 4 images per call on one process and 2 on each of two: float noise, times beta/2 in the logit
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["sdxl", "sd3"])
+def test_soar_with_lambda_zero_is_the_sft_loss(backbone, models, pairs, tmp_path):
+    losses = {}
+    for method in ("sft", "soar"):
+        cfg = make_config(backbone, models[backbone], pairs, tmp_path / method, method)
+        cfg.soar.lambda_aux = 0.0
+        train(cfg)
+        losses[method] = [r["loss"] for r in read_metrics(tmp_path / method)]
+    assert losses["soar"] == losses["sft"]
+    cfg = make_config(backbone, models[backbone], pairs, tmp_path / "soar1", "soar")
+    train(cfg)
+    assert [r["loss"] for r in read_metrics(tmp_path / "soar1")] != losses["sft"]

@@ -28,6 +28,7 @@ def load_trained_denoiser(
         denoiser = cls.from_pretrained(base, subfolder=subfolder)
         denoiser.load_lora_adapter(str(run_dir), weight_name=LORA_WEIGHTS, prefix=subfolder)
         denoiser.fuse_lora()
+        denoiser.unload_lora()  # keeps the fused weights, drops the LoRA layers: a plain model that saves plainly
         return denoiser
     raise FileNotFoundError(
         f"{run_dir} holds neither {subfolder}/ (full fine-tune) nor {LORA_WEIGHTS} (LoRA); is it a finished run?"

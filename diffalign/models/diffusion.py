@@ -97,6 +97,19 @@ class DiffusionAdapter(ABC):
         """The frozen encoders the adapter holds (VAE, text encoders), for device / dtype placement."""
         return []
 
+    @abstractmethod
+    def noise_coefficients(self, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a_t, b_t)``, float32 ``(N,)``, with ``add_noise(x0, ε, t) = a_t·x0 + b_t·ε``."""
+
+    @abstractmethod
+    def training_grid(self) -> Tensor:
+        """The ``T`` training timesteps from the noisiest to the cleanest (the order of ``scheduler.timesteps``)."""
+
+    @abstractmethod
+    def clean_and_noise(self, x_t: Tensor, prediction: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x̂0, ε̂)`` in float32 implied by the denoiser's ``prediction`` at ``x_t`` (so that
+        ``add_noise(x̂0, ε̂, t) == x_t``)."""
+
     def batch_conditioning(self, batch: Mapping[str, Any], resolution: int) -> dict[str, Tensor]:
         """Per-sample conditioning that comes from the data rather than the prompt (SDXL's ``time_ids``), each
         tensor (B, ...), shared by both images of a pair; empty for backbones without any."""
@@ -435,6 +448,24 @@ class SDAdapter(DiffusionAdapter):
             return noise.float()
         alpha_bar = _gather_per_sample(self.scheduler.alphas_cumprod.float(), timesteps, x0)
         return alpha_bar.sqrt() * noise.float() - (1.0 - alpha_bar).sqrt() * x0.float()
+
+    def noise_coefficients(self, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sqrt(ᾱ_t), sqrt(1 − ᾱ_t))``, float32 ``(N,)``."""
+        alpha_bar = self.scheduler.alphas_cumprod.float().to(timesteps.device)[timesteps.long()]
+        return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+
+    def training_grid(self) -> Tensor:
+        """``T − 1, ..., 0`` (int64, on the denoiser's device)."""
+        return torch.arange(self.num_train_timesteps - 1, -1, -1, device=self.device)
+
+    def clean_and_noise(self, x_t: Tensor, prediction: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """ε-prediction: ``x̂0 = (x_t − b·ε̂)/a``; v-prediction: ``x̂0 = a·x_t − b·v``, ``ε̂ = a·v + b·x_t``
+        (``a² + b² = 1``)."""
+        a, b = (c.reshape(-1, *([1] * (x_t.ndim - 1))) for c in self.noise_coefficients(timesteps.to(x_t.device)))
+        x_t, prediction = x_t.float(), prediction.float()
+        if self.prediction_type == "epsilon":
+            return (x_t - b * prediction) / a, prediction
+        return a * x_t - b * prediction, a * prediction + b * x_t
 
     def snr_weights(self, timesteps: Tensor, gamma: float, mode: str = "min_snr") -> Tensor:
         """Per-sample weights ω(t) on the MSE of this backbone's target, float32, shape (N,).

@@ -122,6 +122,21 @@ class SD3Adapter(DiffusionAdapter):
     def _sigma_like(self, timesteps: Tensor, like: Tensor) -> Tensor:
         return self.sigmas(timesteps).to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
 
+    def noise_coefficients(self, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """``(1 − σ, σ)``, float32 ``(N,)``."""
+        sigma = self.sigmas(timesteps)
+        return 1.0 - sigma, sigma
+
+    def training_grid(self) -> Tensor:
+        """The scheduler's ``T`` training timesteps (shifted grid, descending; float32)."""
+        return self.scheduler.timesteps.float().to(self.device)
+
+    def clean_and_noise(self, x_t: Tensor, prediction: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """``x̂0 = x_t − σ·v``, ``ε̂ = x_t + (1 − σ)·v``."""
+        sigma = self._sigma_like(timesteps, x_t)
+        x_t, prediction = x_t.float(), prediction.float()
+        return x_t - sigma * prediction, x_t + (1.0 - sigma) * prediction
+
     def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """x_t = (1 − σ)·x0 + σ·ε in float32."""
         sigma = self._sigma_like(timesteps, x0)

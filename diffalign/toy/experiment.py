@@ -80,7 +80,7 @@ def check_overrides(methods: Sequence[str], overrides: Sequence[str]) -> None:
 
 def train_method(method: str, world: ToyWorld, overrides: Sequence[str] = ()) -> tuple[Path, float]:
     """Train ``configs/toy/{method}.yaml`` from the base; return (run dir, seconds)."""
-    from diffalign.trainers.offline import train
+    from diffalign.trainers.run import train
 
     config = method_config(method, world, overrides)
     started = time.perf_counter()

@@ -16,6 +16,12 @@ def train(config: Config) -> TrainResult:
         from diffalign.trainers.llm_grpo import LLMGRPOTrainer as trainer
     elif method == "grpo":
         from diffalign.trainers.diffusion_grpo import DiffusionGRPOTrainer as trainer
+    elif method == "sail":
+        from diffalign.trainers.sail import run_sail
+
+        return run_sail(config)
+    elif method == "soar":
+        from diffalign.trainers.soar import SOARTrainer as trainer
     elif method == "direct_reward":
         from diffalign.trainers.direct_reward import DirectRewardTrainer as trainer
     else:
