@@ -2,9 +2,19 @@
 
 * ``validate SOURCE``: every bad row as ``FILE: row N: reason`` (the rules of
   :func:`diffalign.data.pickapic.load_preference_table`); exit status 1 if any, nothing written.
-* ``stats SOURCE``: rows, label balance, ties, bad rows, caption lengths (words) and image sizes.
+* ``stats SOURCE``: rows, label balance, ties, bad rows, caption lengths (words; also ``caption_0`` /
+  ``caption_1`` when present) and image sizes.
 
 ``SOURCE`` is a parquet file, a folder of them (``--split`` picks files) or a ``datasets`` hub name.
+
+Dataset building for DCPO (research/offline_diffusion.md §4), each on one parquet file, resumable and batched
+(:mod:`data_tools.resumable`), the other columns copied unchanged:
+
+* ``caption IN OUT --model M``: a VLM captions ``jpg_0`` / ``jpg_1`` into ``caption_0`` / ``caption_1`` (DCPO-c).
+* ``perturb IN OUT --level L``: perturb the loser's caption (or ``--column``) with lexicon / DIPPER / an LLM.
+* ``perturb-prompt IN OUT --level L``: winner ``caption``, loser perturbed ``caption`` (DCPO-p).
+* ``hybrid IN OUT --captioner M --level L``: caption both images, perturb the loser's caption (DCPO-h).
+* ``convert to-folder|to-parquet SRC DST``: parquet to image files + ``pairs.jsonl`` and back (:mod:`.convert`).
 """
 
 from __future__ import annotations
@@ -16,11 +26,14 @@ import statistics
 import sys
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
+import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffalign.data.pickapic import PreferenceDataError, RowReport, audit_rows
+from data_tools.build import add_build_commands, run_build_command
+from diffalign.data.pickapic import PreferenceDataError, RowReport, audit_rows, resolve_parquet_files
 
 
 def validate(reports: Iterable[RowReport]) -> int:
@@ -64,6 +77,20 @@ def stats(reports: Iterable[RowReport]) -> dict:
     }
 
 
+def dual_caption_words(source: str, split: str = "train") -> dict:
+    """Word-count summaries of ``caption_0`` / ``caption_1`` over a local source's files that have them."""
+    path = Path(source).expanduser()
+    files = [path] if path.is_file() else resolve_parquet_files(path, split) if path.is_dir() else []
+    words: dict[str, list[int]] = {}
+    for file in files:
+        names = pq.ParquetFile(file).schema_arrow.names
+        for col in ("caption_0", "caption_1"):
+            if col in names:
+                values = pq.read_table(file, columns=[col]).column(col).to_pylist()
+                words.setdefault(col, []).extend(len(v.split()) for v in values if isinstance(v, str))
+    return {f"{col}_words": _summary(v) for col, v in words.items()}
+
+
 def _summary(values: list[int]) -> dict:
     if not values:
         return {}
@@ -80,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--split", default="train")
         cmd.add_argument("--caption-column", default="caption")
         cmd.add_argument("--dual-captions", action="store_true", help="require caption_0 / caption_1 (DCPO)")
+    add_build_commands(sub)
     args = parser.parse_args(argv)
+    if args.command not in ("validate", "stats"):
+        return run_build_command(args)
     try:
         reports = tqdm(
             audit_rows(args.source, split=args.split, caption_column=args.caption_column,
@@ -91,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             bad = validate(reports)
             print(f"{args.source}: {bad} bad row(s)", file=sys.stderr)
             return 1 if bad else 0
-        print(json.dumps(stats(reports), indent=2))
+        summary = stats(reports)
+        summary.update(dual_caption_words(args.source, args.split))
+        print(json.dumps(summary, indent=2))
         return 0
     except (PreferenceDataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
