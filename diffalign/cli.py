@@ -60,58 +60,8 @@ def _run(argv: list[str] | None) -> int:
         from diffalign.toy.demo import run_demo
 
         run_demo(args.output_dir, n_per_prompt=args.n_per_prompt, overrides=args.overrides)
-    elif args.command == "evidence" and args.family == "llm":
-        from diffalign.toy.llm_evidence import format_llm_report, run_llm_evidence
-
-        report = run_llm_evidence(
-            args.output_dir,
-            methods=args.methods.split(",") if args.methods else None,
-            n_per_prompt=args.n_per_prompt,
-            overrides=args.overrides,
-        )
-        print(format_llm_report(report))
-    elif args.command == "evidence" and args.family == "online":
-        from diffalign.toy.online_evidence import format_online_report, run_online_evidence
-
-        report = run_online_evidence(
-            args.output_dir or "outputs/evidence/online",
-            methods=args.methods.split(",") if args.methods else None,
-            n_per_prompt=args.n_per_prompt,
-            segments=args.segments,
-            overrides=args.overrides,
-        )
-        print(format_online_report(report))
-    elif args.command == "evidence" and args.family == "soar":
-        from diffalign.toy.soar_evidence import format_soar_report, run_soar_evidence
-
-        report = run_soar_evidence(
-            args.output_dir or "outputs/evidence/soar",
-            methods=args.methods.split(",") if args.methods else None,
-            n_per_prompt=args.n_per_prompt,
-            overrides=args.overrides,
-        )
-        print(format_soar_report(report))
-    elif args.command == "evidence" and args.family == "sail":
-        from diffalign.toy.sail_evidence import format_sail_report, run_sail_evidence
-
-        report = run_sail_evidence(
-            args.output_dir or "outputs/evidence/sail",
-            methods=args.methods.split(",") if args.methods else None,
-            n_per_prompt=args.n_per_prompt,
-            overrides=args.overrides,
-        )
-        print(format_sail_report(report))
     elif args.command == "evidence":
-        from diffalign.toy.evidence import format_report, run_evidence
-
-        report = run_evidence(
-            args.family,
-            args.output_dir,
-            methods=args.methods.split(",") if args.methods else None,
-            n_per_prompt=args.n_per_prompt,
-            overrides=args.overrides,
-        )
-        print(format_report(report))
+        _evidence(args)
     elif args.command == "toy" and args.toy_command == "pretrain":
         from diffalign.toy.pretrain import main as pretrain_main
 
@@ -127,6 +77,38 @@ def _run(argv: list[str] | None) -> int:
         result = run_train(parse_cli(args.args))
         print(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step}))
     return 0
+
+
+
+
+# family -> (module, run function, report formatter); ``offline`` and ``flow`` share diffalign.toy.evidence
+_EVIDENCE = {
+    "llm": ("diffalign.toy.llm_evidence", "run_llm_evidence", "format_llm_report"),
+    "online": ("diffalign.toy.online_evidence", "run_online_evidence", "format_online_report"),
+    "soar": ("diffalign.toy.soar_evidence", "run_soar_evidence", "format_soar_report"),
+    "sail": ("diffalign.toy.sail_evidence", "run_sail_evidence", "format_sail_report"),
+}
+
+
+def _evidence(args: argparse.Namespace) -> None:
+    import importlib
+
+    kwargs = {
+        "methods": args.methods.split(",") if args.methods else None,
+        "n_per_prompt": args.n_per_prompt,
+        "overrides": args.overrides,
+    }
+    if args.family in _EVIDENCE:
+        module, run, fmt = _EVIDENCE[args.family]
+        mod = importlib.import_module(module)
+        if args.family == "online":
+            kwargs["segments"] = args.segments
+        output_dir = args.output_dir or f"outputs/evidence/{args.family}"
+        print(getattr(mod, fmt)(getattr(mod, run)(output_dir, **kwargs)))
+        return
+    from diffalign.toy.evidence import format_report, run_evidence
+
+    print(format_report(run_evidence(args.family, args.output_dir, **kwargs)))
 
 
 if __name__ == "__main__":

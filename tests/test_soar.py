@@ -175,3 +175,14 @@ def test_grid_positions_and_loss_normaliser():
     with pytest.raises(ValueError, match="sde_type"):
         SOARSettings(sde_type="euler")
     assert math.isclose(float(adapter.scheduler.sigmas[0]), 1.0)
+
+
+@pytest.mark.parametrize("family", ["soar", "sail"])
+def test_the_evidence_command_dispatches_and_checks_methods(family):
+    from argparse import Namespace
+
+    from diffalign.cli import _evidence
+
+    args = Namespace(family=family, methods="bogus", n_per_prompt=2, overrides=[], output_dir=None, segments=1)
+    with pytest.raises(ValueError, match=f"unknown {family} methods"):
+        _evidence(args)
