@@ -32,7 +32,7 @@ def _run(argv: list[str] | None) -> int:
     evidence.add_argument("--output-dir", default=None)
     evidence.add_argument("--methods", default=None, help="comma-separated subset")
     evidence.add_argument("--n-per-prompt", type=int, default=16)
-    evidence.add_argument("--segments", type=int, default=5, help="online: evaluations along each group-RL run")
+    evidence.add_argument("--segments", type=int, default=5, help="online: evaluations along each run")
     evidence.add_argument("overrides", nargs="*", help="config overrides applied to every method (key=value)")
 
     toy = sub.add_parser("toy", help="toy-world tools")

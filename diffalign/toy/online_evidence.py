@@ -4,11 +4,14 @@ model (the *proxy*), judged with the pixel-level gold metric (colour adherence) 
 Methods (each from the same base with its ``configs/toy`` file):
 
 * ``flow_grpo`` — Flow-GRPO (PPO clip on the SDE step ratio); ``grpo_guard`` — the same with GRPO-Guard's regulated
-  clipping. Both are trained in segments and evaluated after each, so the report has the trajectory and
-  ``gold_best`` (the best gold adherence seen along the way).
+  clipping.
 * ``direct_reward`` — direct reward back-propagation with the plain proxy (the uncorrected baseline);
   ``d2_align`` — stage 1 learns D²-Align's ``b_v`` with the generator frozen (``d2_align_correction.yaml``), stage 2
   is the same direct trainer against the corrected reward (``d2_align.yaml``).
+
+Every method is trained in ``segments`` parts (ending on rollout boundaries for the group-RL methods), resumed from
+its checkpoint, and evaluated after each, so the report has the trajectory and ``gold_best`` (the best gold adherence
+seen along the way).
 
 Evaluation: 16 samples of each of the 12 prompts with the ODE sampler (20 steps, CFG 3, fixed seeds), as the flow
 world's other evidence. ``proxy`` = mean toy-reward-model score of those samples; diversity = ``pvs`` (DivGenBench's
@@ -37,7 +40,7 @@ from diffalign.toy.rewards import load_toy_reward_model, shape_boxes
 from diffalign.toy.world import all_prompts
 
 ONLINE_METHODS = ("flow_grpo", "grpo_guard", "direct_reward", "d2_align")
-SEGMENTED = ("flow_grpo", "grpo_guard")
+GROUP_RL = ("flow_grpo", "grpo_guard")
 
 
 def online_metrics(evaluation: Evaluation, reward_model) -> dict[str, float]:
@@ -113,38 +116,31 @@ def run_online_evidence(
     rows, labels = [first_per_prompt(before_eval, 1)], ["base"]
     for method in methods:
         run_dir = output_dir / "runs" / method
-        trajectory, seconds = [], 0.0
-        if method in SEGMENTED:
-            config = _config(method, run_dir, overrides)
-            total, unit = config.train.max_steps, steps_per_rollout(config)
-            cuts = sorted({max(unit, round(total * (i + 1) / segments / unit) * unit) for i in range(segments)})
-            for cut in cuts:
-                config = _config(
-                    method,
-                    run_dir,
-                    [
-                        *overrides,
-                        f"train.max_steps={cut}",
-                        f"train.checkpointing_steps={cuts[0]}",
-                        "train.resume_from_checkpoint=latest"
-                        if cut != cuts[0]
-                        else "train.resume_from_checkpoint=null",
-                    ],
-                )
-                seconds += _train(config)
-                evaluation = evaluate_flow(base, run_dir, n_per_prompt=n_per_prompt)
-                trajectory.append({"step": cut, **online_metrics(evaluation, reward_model)})
-                _write(output_dir, report)
-        else:
-            if method == "d2_align":
-                stage1 = output_dir / "runs" / "d2_align_correction"
-                seconds += _train(_config("d2_align_correction", stage1, overrides))
-                config = _config(method, run_dir, [*overrides, f"online.reward_correction={stage1}"])
-            else:
-                config = _config(method, run_dir, overrides)
+        trajectory, seconds, extra = [], 0.0, []
+        if method == "d2_align":
+            stage1 = output_dir / "runs" / "d2_align_correction"
+            seconds += _train(_config("d2_align_correction", stage1, overrides))
+            extra = [f"online.reward_correction={stage1}"]
+        config = _config(method, run_dir, [*overrides, *extra])
+        total = config.train.max_steps
+        unit = steps_per_rollout(config) if method in GROUP_RL else 1
+        cuts = sorted({max(unit, round(total * (i + 1) / segments / unit) * unit) for i in range(segments)})
+        for cut in cuts:
+            config = _config(
+                method,
+                run_dir,
+                [
+                    *overrides,
+                    *extra,
+                    f"train.max_steps={cut}",
+                    f"train.checkpointing_steps={cuts[0]}",
+                    "train.resume_from_checkpoint=latest" if cut != cuts[0] else "train.resume_from_checkpoint=null",
+                ],
+            )
             seconds += _train(config)
             evaluation = evaluate_flow(base, run_dir, n_per_prompt=n_per_prompt)
-            trajectory.append({"step": config.train.max_steps, **online_metrics(evaluation, reward_model)})
+            trajectory.append({"step": cut, **online_metrics(evaluation, reward_model)})
+            _write(output_dir, report)
         after = trajectory[-1]
         report["methods"][method] = {
             **{f"{k}_before": v for k, v in before.items()},
