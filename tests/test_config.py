@@ -221,7 +221,8 @@ def test_wrong_type_in_file_names_file(tmp_path: Path) -> None:
     [
         (
             "train.method=dp0",
-            "'train.method' must be one of 'dpo', 'dcpo', 'mapo', 'sft', 'soar', 'sail', 'grpo', 'direct_reward', 'preference'; "
+            "'train.method' must be one of 'dpo', 'dcpo', 'mapo', 'sft', 'soar', 'sail', 'grpo', 'direct_reward', "
+            "'preference'; "
             "got 'dp0'; "
             "did you mean 'dpo'?",
         ),
