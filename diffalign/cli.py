@@ -79,8 +79,6 @@ def _run(argv: list[str] | None) -> int:
     return 0
 
 
-
-
 # family -> (module, run function, report formatter); ``offline`` and ``flow`` share diffalign.toy.evidence
 _EVIDENCE = {
     "llm": ("diffalign.toy.llm_evidence", "run_llm_evidence", "format_llm_report"),

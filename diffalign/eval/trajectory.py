@@ -45,10 +45,7 @@ def trajectory_error(
     device = adapter.device
     x0, noise = x0.to(device).float(), noise.to(device).float()
     cond = conditioning(adapter, prompts, settings.resolution)
-    uncond = None
-    if settings.guidance_scale != 1.0:
-        n = len(prompts)
-        uncond = {k: v.expand(n, *v.shape[1:]) for k, v in conditioning(adapter, [""], settings.resolution).items()}
+    uncond = conditioning(adapter, [""], settings.resolution) if settings.guidance_scale != 1.0 else None
     along, final = [], []
     for fraction in start_fractions:
         start = round((1.0 - fraction) * (steps - 1))

@@ -151,11 +151,18 @@ def guided_prediction(
     *,
     reference: bool = False,
 ) -> Tensor:
-    """The (guided) denoiser output at ``x``: one forward of ``[uncond; cond]`` when ``uncond`` is given."""
-    timesteps = timestep.reshape(1).expand(x.shape[0]).to(x.device)
+    """The (guided) denoiser output at ``x``: one forward of ``[uncond; cond]`` when ``uncond`` is given.
+
+    ``timestep``: one for the batch or one per sample. ``uncond`` may hold one row (the empty prompt), broadcast to the
+    batch; keys it lacks (data conditioning such as SDXL's time ids from a training batch) are taken from ``cond``."""
+    n = x.shape[0]
+    timesteps = timestep.reshape(-1).to(x.device)
+    if timesteps.numel() == 1:
+        timesteps = timesteps.expand(n)
     if uncond is None or guidance_scale == 1.0:
         return adapter.predict(x, timesteps, cond, reference=reference)
-    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    unc = {k: uncond[k].expand(n, *uncond[k].shape[1:]) if k in uncond else cond[k] for k in cond}
+    both = {k: torch.cat([unc[k], cond[k]]) for k in cond}
     out_u, out_c = adapter.predict(
         torch.cat([x, x]), torch.cat([timesteps, timesteps]), both, reference=reference
     ).chunk(2)
@@ -231,12 +238,10 @@ def rollout(
     if len(prompts) != len(indices):
         raise ValueError(f"rollout: {len(prompts)} prompts but {len(indices)} indices")
     schedule = schedule or build_schedule(adapter, settings)
-    device, n, steps = adapter.device, len(prompts), schedule.num_steps
+    device, steps = adapter.device, schedule.num_steps
     shape = adapter.latent_shape(settings.resolution, settings.resolution)
     cond = conditioning(adapter, prompts, settings.resolution)
-    uncond = None
-    if settings.guidance_scale != 1.0:
-        uncond = {k: v.expand(n, *v.shape[1:]) for k, v in conditioning(adapter, [""], settings.resolution).items()}
+    uncond = conditioning(adapter, [""], settings.resolution) if settings.guidance_scale != 1.0 else None
     stochastic = torch.zeros(steps, dtype=torch.bool)
     start, stop = window if window is not None else (0, steps)
     stochastic[start:stop] = settings.kind != "ode" and settings.noise_level > 0

@@ -33,8 +33,9 @@ from torch import Tensor
 
 from diffalign.losses.soar import soar_correction_velocity, soar_renoise
 from diffalign.models.diffusion import DiffusionAdapter
+from diffalign.models.rollout import guided_prediction
 from diffalign.models.sampling import cps_step, flow_sde_step
-from diffalign.utils.randomness import sample_generator
+from diffalign.utils.randomness import per_sample_normal, sample_generator
 
 SOAR_LEVEL_STREAM = 30
 SOAR_PATH_STREAM = 31
@@ -85,24 +86,8 @@ def _uniforms(n: int, seed: int, epoch: int, indices: list[int], stream: int) ->
 
 
 def _path_noise(shape: tuple[int, ...], path: int, seed: int, epoch: int, indices: list[int]) -> Tensor:
-    return torch.stack(
-        [torch.randn((path, *shape), generator=sample_generator(seed, epoch, i, SOAR_PATH_STREAM))[-1] for i in indices]
-    )
-
-
-def cfg_prediction(
-    adapter: DiffusionAdapter, x_t: Tensor, timesteps: Tensor, cond: dict, uncond: dict | None, scale: float
-) -> Tensor:
-    """``u + w·(c − u)`` with per-sample timesteps, from one forward of ``[uncond; cond]`` (float32, no grad)."""
-    with torch.no_grad():
-        if uncond is None or scale == 1.0:
-            return adapter.predict(x_t, timesteps, cond).float()
-        n = x_t.shape[0]
-        # keys the empty prompt lacks (SDXL's time ids) are data conditioning, shared by both halves
-        unc = {k: uncond[k].expand(n, *uncond[k].shape[1:]).to(cond[k]) if k in uncond else cond[k] for k in cond}
-        both = {k: torch.cat([unc[k], cond[k]]) for k in cond}
-        out_u, out_c = adapter.predict(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), both).float().chunk(2)
-        return out_u + scale * (out_c - out_u)
+    """Noise of stochastic path ``path`` (≥ 1) for each sample: the last of ``path`` draws of its path stream."""
+    return per_sample_normal((path, *shape), seed, epoch, indices, SOAR_PATH_STREAM)[:, -1]
 
 
 def _stochastic_step(
@@ -152,7 +137,8 @@ def soar_aux_points(
     s0, s1 = s_grid[i0], s_grid[i1]
 
     x_t = adapter.add_noise(x0, noise, timesteps)
-    guided = cfg_prediction(adapter, x_t, timesteps, cond, uncond, settings.cfg_scale)
+    with torch.no_grad():
+        guided = guided_prediction(adapter, x_t, timesteps, cond, uncond, settings.cfg_scale).float()
     clean_hat, noise_hat = adapter.clean_and_noise(x_t, guided, timesteps)
     z_t = x_t / scale_grid[i0].reshape(col)
     velocity = noise_hat - clean_hat  # flow-coordinate velocity of the guided prediction

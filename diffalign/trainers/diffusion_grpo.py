@@ -110,8 +110,8 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
                     f"train.{key}={getattr(tc, key)} must be a multiple of the {self.steps_per_rollout} optimizer "
                     "steps of one rollout epoch (a checkpoint inside an epoch could not resume exactly)"
                 )
-        if self.settings.guidance_scale != 1.0:
-            self.uncond_one = conditioning(adapter, [""], dc.resolution)
+        guided = self.settings.guidance_scale != 1.0
+        self.uncond = conditioning(adapter, [""], dc.resolution) if guided else None  # one row, broadcast per batch
 
     def after_prepare(self) -> None:
         self.adapter.denoiser = self.model
@@ -132,11 +132,6 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
         order = torch.randperm(len(self.prompts), generator=gen).tolist()
         groups = self.config.online.prompts_per_rollout
         return [self.prompts[order[g % len(order)]] for g in range(groups)]
-
-    def _uncond(self, n: int) -> dict[str, torch.Tensor] | None:
-        if self.settings.guidance_scale == 1.0:
-            return None
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self.uncond_one.items()}
 
     @torch.no_grad()
     def _rollout_epoch(self, r: int) -> RolloutBuffer:
@@ -252,7 +247,7 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
         device = self.accelerator.device
         x, x_next = buffer.latents[rows, j].to(device), buffer.latents[rows, j + 1].to(device)
         cond = {k: v[rows.to(v.device)] for k, v in buffer.cond.items()}
-        uncond = self._uncond(len(rows))
+        uncond = self.uncond
         step = step_log_prob(self.adapter, self.settings, self.schedule, j, x, x_next, cond, uncond)
         old = buffer.log_probs[rows, j].to(device)
         advantages = buffer.advantages[rows.to(device)]
