@@ -8,7 +8,6 @@ budget, judged on generated samples with the pixel-level gold metric (colour adh
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from diffalign.toy.experiment import (
     prepare_world,
     train_method,
 )
+from diffalign.toy.reports import write_report
 from diffalign.toy.world import all_prompts
 
 OFFLINE_METHODS = ("dpo", "mapo", "dcpo", "sft")
@@ -110,7 +110,7 @@ def run_evidence(
         }
         rows.append(first_per_prompt(after, 1))
         labels.append(method)
-        _write(output_dir, report)
+        write_report(output_dir, report, format_report)
     labelled_grid(rows, labels, output_dir / "samples.png", column_labels=[p.removeprefix("a ") for p in all_prompts()])
     return report
 
@@ -118,12 +118,6 @@ def run_evidence(
 def run_offline_evidence(output_dir: str | os.PathLike = "outputs/evidence/offline", **kwargs) -> dict:
     """:func:`run_evidence` for the ``offline`` family."""
     return run_evidence("offline", output_dir, **kwargs)
-
-
-def _write(output_dir: Path, report: dict) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output_dir / "report.md").write_text(format_report(report))
 
 
 def format_report(report: dict) -> str:

@@ -8,7 +8,6 @@ DPO gets best-vs-worst pairs, PRO rankings of 4 scored samples, GRPO only prompt
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from diffalign.toy.llm_data import write_preference_pairs, write_prompts, write_
 from diffalign.toy.llm_model import load_toy_lm, property_rate
 from diffalign.toy.llm_pretrain import ensure_llm_base
 from diffalign.toy.llm_world import gold_score
+from diffalign.toy.reports import write_report
 
 LLM_METHODS = ("llm_dpo", "llm_pro", "llm_grpo")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "toy"
@@ -148,9 +148,7 @@ def run_llm_evidence(
 
 
 def _write(output_dir: Path, report: dict, samples: dict[str, list], n_per_prompt: int) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output_dir / "report.md").write_text(format_llm_report(report))
+    write_report(output_dir, report, format_llm_report)
     lines = ["# First sample of every fourth prompt", ""]
     prompts = [p for p, _ in samples["base"][::n_per_prompt]][::4]
     lines += ["| prompt | " + " | ".join(samples) + " |", "|---|" + "---|" * len(samples)]

@@ -21,7 +21,6 @@ IDS analogue), ``layout`` (the SDI analogue on the detected shape boxes) and the
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from diffalign.losses.advantages import samples_per_prompt
 from diffalign.toy.experiment import CONFIG_DIR, Evaluation, first_per_prompt
 from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.flow_pretrain import ensure_flow_base
+from diffalign.toy.reports import write_report
 from diffalign.toy.rewards import load_toy_reward_model, shape_boxes
 from diffalign.toy.world import all_prompts
 
@@ -140,7 +140,7 @@ def run_online_evidence(
             seconds += _train(config)
             evaluation = evaluate_flow(base, run_dir, n_per_prompt=n_per_prompt)
             trajectory.append({"step": cut, **online_metrics(evaluation, reward_model)})
-            _write(output_dir, report)
+            write_report(output_dir, report, format_online_report)
         after = trajectory[-1]
         report["methods"][method] = {
             **{f"{k}_before": v for k, v in before.items()},
@@ -152,9 +152,9 @@ def run_online_evidence(
         }
         rows.append(first_per_prompt(evaluation, 1))
         labels.append(method)
-        _write(output_dir, report)
+        write_report(output_dir, report, format_online_report)
     report["checks"] = issue_checks(report)
-    _write(output_dir, report)
+    write_report(output_dir, report, format_online_report)
     labelled_grid(rows, labels, output_dir / "samples.png", column_labels=[p.removeprefix("a ") for p in all_prompts()])
     return report
 
@@ -184,12 +184,6 @@ def issue_checks(report: dict) -> dict[str, float | bool]:
             and d2["gold_after"] >= dr["gold_after"]
         )
     return out
-
-
-def _write(output_dir: Path, report: dict) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output_dir / "report.md").write_text(format_online_report(report))
 
 
 def format_online_report(report: dict) -> str:

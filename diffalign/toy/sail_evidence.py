@@ -10,13 +10,19 @@ Gold = colour adherence of generated samples with the UNet world's evaluation sa
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from diffalign.eval.grid import labelled_grid
-from diffalign.toy.experiment import check_overrides, evaluate, first_per_prompt, prepare_world, train_method
+from diffalign.toy.experiment import (
+    check_overrides,
+    evaluate,
+    first_per_prompt,
+    prepare_world,
+    train_method,
+)
+from diffalign.toy.reports import write_report
 from diffalign.toy.world import all_prompts
 from diffalign.trainers.sail import sail_rounds
 
@@ -86,9 +92,9 @@ def run_sail_evidence(
         report["methods"][method] = entry
         rows.append(first_per_prompt(after, 1))
         labels.append(method)
-        _write(output_dir, report)
+        write_report(output_dir, report, format_sail_report)
     report["checks"] = sail_checks(report)
-    _write(output_dir, report)
+    write_report(output_dir, report, format_sail_report)
     labelled_grid(rows, labels, output_dir / "samples.png", column_labels=[p.removeprefix("a ") for p in all_prompts()])
     return report
 
@@ -103,12 +109,6 @@ def sail_checks(report: dict) -> dict[str, float | bool]:
         "dpo_full_minus_sail": full - sail,
         "sail_ok": sail > seed and full - sail <= 0.05,
     }
-
-
-def _write(output_dir: Path, report: dict) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output_dir / "report.md").write_text(format_sail_report(report))
 
 
 def format_sail_report(report: dict) -> str:

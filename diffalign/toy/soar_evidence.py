@@ -10,7 +10,6 @@ steps and learning rate (``configs/toy/flow_sft.yaml`` / ``soar.yaml``), judged 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from diffalign.models.loading import load_adapter
 from diffalign.models.rollout import SamplerSettings
 from diffalign.toy.experiment import check_overrides, first_per_prompt, train_method
 from diffalign.toy.flow_experiment import evaluate_flow, prepare_flow_world
+from diffalign.toy.reports import write_report
 from diffalign.toy.world import RESOLUTION, all_prompts, parse_caption, render_batch, sample_specs
 from diffalign.utils.randomness import per_sample_normal
 
@@ -92,9 +92,9 @@ def run_soar_evidence(
         }
         rows.append(first_per_prompt(after, 1))
         labels.append(method)
-        _write(output_dir, report)
+        write_report(output_dir, report, format_soar_report)
     report["checks"] = soar_checks(report)
-    _write(output_dir, report)
+    write_report(output_dir, report, format_soar_report)
     labelled_grid(rows, labels, output_dir / "samples.png", column_labels=[p.removeprefix("a ") for p in all_prompts()])
     return report
 
@@ -110,12 +110,6 @@ def soar_checks(report: dict) -> dict[str, bool | float]:
         "soar_ok": soar["gold_after"] > sft["gold_after"]
         and soar["trajectory_error_after"] < sft["trajectory_error_after"],
     }
-
-
-def _write(output_dir: Path, report: dict) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output_dir / "report.md").write_text(format_soar_report(report))
 
 
 def format_soar_report(report: dict) -> str:
