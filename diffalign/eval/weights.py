@@ -13,6 +13,17 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 DENOISER_CLASSES = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel}
 
 
+def trained_weights_kind(run_dir: str | os.PathLike, subfolder: str = "unet") -> str | None:
+    """``"full"`` (``run_dir/subfolder/`` written by a full fine-tune), ``"lora"`` (LoRA weights) or ``None`` (no
+    finished run there)."""
+    run_dir = Path(run_dir)
+    if (run_dir / subfolder / "config.json").is_file():
+        return "full"
+    if (run_dir / LORA_WEIGHTS).is_file():
+        return "lora"
+    return None
+
+
 def load_trained_denoiser(
     base: str | os.PathLike, run_dir: str | os.PathLike, subfolder: str = "unet"
 ) -> torch.nn.Module:
@@ -22,9 +33,10 @@ def load_trained_denoiser(
         raise ValueError(f"subfolder={subfolder!r}: expected one of {sorted(DENOISER_CLASSES)}")
     cls = DENOISER_CLASSES[subfolder]
     run_dir = Path(run_dir)
-    if (run_dir / subfolder / "config.json").is_file():
+    kind = trained_weights_kind(run_dir, subfolder)
+    if kind == "full":
         return cls.from_pretrained(run_dir / subfolder)
-    if (run_dir / LORA_WEIGHTS).is_file():
+    if kind == "lora":
         denoiser = cls.from_pretrained(base, subfolder=subfolder)
         denoiser.load_lora_adapter(str(run_dir), weight_name=LORA_WEIGHTS, prefix=subfolder)
         denoiser.fuse_lora()

@@ -39,7 +39,7 @@ from diffalign.data.prompts import load_prompts
 from diffalign.data.self_pairs import best_worst_pairs, mix_with_seed, read_rows
 from diffalign.data.synthetic import write_pickapic_parquet
 from diffalign.eval.implicit_reward import implicit_dpo_rewards
-from diffalign.eval.weights import DENOISER_CLASSES, load_trained_denoiser
+from diffalign.eval.weights import DENOISER_CLASSES, load_trained_denoiser, trained_weights_kind
 from diffalign.models.diffusion import DiffusionAdapter
 from diffalign.models.loading import adapter_from_config, detect_backbone, resolve_pretrained
 from diffalign.models.rollout import SamplerSettings, conditioning, rollout
@@ -86,10 +86,6 @@ def _round_config(config: Config, *, pretrained: Path, data: str, output_dir: Pa
     cfg.train.checkpointing_steps = min(cfg.train.checkpointing_steps, steps)
     cfg.train.resume_from_checkpoint = "latest"
     return cfg
-
-
-def _finished(run_dir: Path, subfolder: str) -> bool:
-    return (run_dir / subfolder / "config.json").is_file() or (run_dir / "pytorch_lora_weights.safetensors").is_file()
 
 
 def _adapter(config: Config, folder: Path) -> DiffusionAdapter:
@@ -185,7 +181,7 @@ def run_sail(config: Config) -> TrainResult:
         round_config = _round_config(config, pretrained=models[-1], data=data, output_dir=run_dir, steps=steps)
         if r > 0:
             round_config.data.max_samples = None
-        if not _finished(run_dir, subfolder):
+        if trained_weights_kind(run_dir, subfolder) is None:
             result = train_dpo(round_config)
         export_model(models[-1], run_dir, round_dir / "model", subfolder)
         record = {"round": r, "data": data, "steps": steps, "seconds": time.perf_counter() - started, **stats}
