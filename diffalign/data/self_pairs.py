@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 
 from diffalign.data.synthetic import encode_png
+from diffalign.utils.images import to_uint8
 
 
 def image_bytes(image: torch.Tensor) -> bytes:
     """PNG bytes of a ``[3, H, W]`` float image in [0, 1]."""
-    arr = (image.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-    return encode_png(Image.fromarray(arr, mode="RGB"))
+    return encode_png(Image.fromarray(to_uint8(image[None])[0], mode="RGB"))
 
 
 def best_worst_pairs(

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from diffalign.data.prompts import load_prompts
 from diffalign.models.diffusion import DiffusionAdapter, unwrap
 from diffalign.models.rollout import SamplerSettings, build_schedule, is_flow, rollout
+from diffalign.utils.images import to_uint8
 
 METADATA = "metadata.jsonl"
 SETTINGS = "generation.json"
@@ -131,11 +132,6 @@ def sampler_settings(adapter: DiffusionAdapter, config: GenerationConfig) -> Sam
     )
     build_schedule(adapter, settings)  # fails early, naming the samplers that fit this model
     return settings
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``[N, H, W, 3]`` uint8 from float ``[N, 3, H, W]`` in [0, 1] (rounded)."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:

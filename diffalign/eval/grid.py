@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from diffalign.utils.images import to_uint8
+
 
 def labelled_grid(
     rows: Sequence[torch.Tensor],
@@ -33,7 +35,7 @@ def labelled_grid(
     for r, (images, label) in enumerate(zip(rows, labels, strict=True)):
         y = top + r * (h + 2)
         draw.text((4, y + h // 2 - 6), label, fill="black")
-        arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arrays = to_uint8(images)
         for c, array in enumerate(arrays):
             tile = Image.fromarray(array).resize((w, h), Image.NEAREST)
             canvas.paste(tile, (label_width + c * (w + 2), y))

@@ -16,12 +16,7 @@ import torch
 from PIL import Image
 
 from diffalign.rewards.base import check_images
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``(N, H, W, 3)`` uint8 array from float ``(N, 3, H, W)`` images in [0, 1]: ``(x·255).round().clamp(0, 255)``."""
-    pixels = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+from diffalign.utils.images import to_uint8
 
 
 def jpeg_size_kb(image: np.ndarray, quality: int = 95) -> float:
