@@ -111,3 +111,31 @@ def test_sail_loop_runs_saves_every_round_and_resumes(tiny_sd_dirs, tmp_path):
     assert (out / "round_0" / "round.json").stat().st_mtime_ns == first_round
     assert (out / "round_2" / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     assert json.loads((out / "round_2" / "round.json").read_text())["round"] == 2
+
+
+def test_read_rows_takes_image_structs_and_names_a_missing_image(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffalign.data.pickapic import BadRowError
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"png-bytes")
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "jpg_0": pa.array([{"bytes": b"x", "path": None}, {"bytes": None, "path": str(image)}], struct),
+            "jpg_1": pa.array([{"bytes": b"y", "path": None}, {"bytes": b"z", "path": None}], struct),
+            "label_0": [1.0, 0.0],
+            "label_1": [0.0, 1.0],
+            "caption": ["p", "q"],
+        }
+    )
+    pq.write_table(table, tmp_path / "ok.parquet")
+    assert [(r["jpg_0"], r["jpg_1"]) for r in read_rows(tmp_path / "ok.parquet")] == [
+        (b"x", b"y"),
+        (b"png-bytes", b"z"),
+    ]
+    pq.write_table(table.set_column(0, "jpg_0", pa.array([None, None], struct)), tmp_path / "bad.parquet")
+    with pytest.raises(BadRowError, match=r"bad.parquet: row 0: missing jpg_0"):
+        read_rows(tmp_path / "bad.parquet")

@@ -113,7 +113,7 @@ class PreferenceTable:
         cells = self.row_sources[rec.part].row(rec.row)
         data = []
         for col in IMAGE_COLUMNS:
-            value, problem = _image_bytes(cells[col], col, verify=False)
+            value, problem = image_cell_bytes(cells[col], col, verify=False)
             if problem is not None:
                 raise BadRowError(f"{rec.file}: row {rec.row}: {problem} (the source changed after loading?)")
             data.append(value)
@@ -257,7 +257,7 @@ def _open_source(source: str, split: str) -> list[_Part]:
 # -- validation ------------------------------------------------------------------------------------------------------
 
 
-def _image_bytes(value: Any, column: str, verify: bool = True) -> tuple[bytes | None, str | None]:
+def image_cell_bytes(value: Any, column: str, verify: bool = True) -> tuple[bytes | None, str | None]:
     """Bytes of an image cell (raw bytes or a ``{"bytes", "path"}`` struct), or ``(None, skip reason)``."""
     if isinstance(value, dict):
         data = value.get("bytes")
@@ -475,7 +475,7 @@ def _check_row(
             return None, None, problem, is_tie
     images = []
     for col in IMAGE_COLUMNS:
-        data, problem = _image_bytes(values[col], col)
+        data, problem = image_cell_bytes(values[col], col)
         if problem is not None:
             return None, None, problem, is_tie
         images.append(data)

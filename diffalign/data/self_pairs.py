@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from diffalign.data.pickapic import IMAGE_COLUMNS, BadRowError, image_cell_bytes
 from diffalign.data.synthetic import encode_png
 from diffalign.utils.images import to_uint8
 
@@ -67,13 +68,14 @@ def best_worst_pairs(
 
 
 def read_rows(path: str | Path, columns: Sequence[str] = ("jpg_0", "jpg_1", "label_0", "label_1", "caption")) -> list:
-    """The rows of a Pick-a-Pic parquet file as dicts (image structs reduced to their bytes)."""
-    table = pq.read_table(path, columns=list(columns))
-    rows = table.to_pylist()
-    for row in rows:
-        for key in ("jpg_0", "jpg_1"):
-            if isinstance(row[key], dict):
-                row[key] = row[key]["bytes"]
+    """The rows of a Pick-a-Pic parquet file as dicts, image cells (bytes or ``{"bytes", "path"}`` structs) as bytes
+    (:func:`~diffalign.data.pickapic.image_cell_bytes`); a missing image raises ``BadRowError`` naming file and row."""
+    rows = pq.read_table(path, columns=list(columns)).to_pylist()
+    for i, row in enumerate(rows):
+        for key in IMAGE_COLUMNS:
+            row[key], problem = image_cell_bytes(row[key], key, verify=False)
+            if problem:
+                raise BadRowError(f"{path}: row {i}: {problem}")
     return rows
 
 
