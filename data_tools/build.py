@@ -27,7 +27,8 @@ def _io(cmd: argparse.ArgumentParser) -> None:
 
 
 def _captioner_args(cmd: argparse.ArgumentParser, flag: str) -> None:
-    cmd.add_argument(flag, required=True, dest="captioner", help="VLM: local folder or hub id")
+    cmd.add_argument(flag, required=True, dest="captioner",
+                     help="VLM: local folder or hub id; 'toy' = the toy world's detector (no model)")  # fmt: skip
     cmd.add_argument("--task", choices=["image-text-to-text", "image-to-text"], default=None,
                      help="pipeline task (default: the one this transformers has)")  # fmt: skip
     cmd.add_argument("--template", default=DEFAULT_TEMPLATE,
@@ -44,6 +45,9 @@ def _perturber_args(cmd: argparse.ArgumentParser, model_flag: str) -> None:
                      help="lexicon (offline word swaps), dipper (seq2seq DIPPER) or instruct (causal LM); "
                      "default: lexicon without a model, dipper with one")  # fmt: skip
     cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--vocabulary", action="append", default=[], metavar="CATEGORY=WORD,WORD,...",
+                     help="lexicon mode: replace words of CATEGORY (colour, count, object, relation) only with these "
+                     "words, e.g. the ones the model knows (repeatable)")  # fmt: skip
     cmd.add_argument("--perturb-max-new-tokens", type=int, default=None)
 
 
@@ -83,12 +87,14 @@ def _perturber(args: argparse.Namespace):
     model = None if args.perturber in (None, "lexicon") else args.perturber
     mode = args.mode or ("dipper" if model else "lexicon")
     return make_perturber(mode, args.level, model=model, seed=args.seed, device=args.device,
-                          max_new_tokens=args.perturb_max_new_tokens)  # fmt: skip
+                          max_new_tokens=args.perturb_max_new_tokens, vocabulary=args.vocabulary)  # fmt: skip
 
 
 def _captioner(args: argparse.Namespace):
-    from data_tools.caption import Captioner
+    from data_tools.caption import TOY_MODEL, Captioner, ToyCaptioner
 
+    if args.captioner == TOY_MODEL:
+        return ToyCaptioner()
     return Captioner(args.captioner, task=args.task, template=args.template, max_new_tokens=args.max_new_tokens,
                      device=args.device, batch_size=2 * args.batch_size)  # fmt: skip
 

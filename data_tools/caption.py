@@ -79,3 +79,29 @@ class Captioner:
                 text = text[-1]["content"]
             captions.append(str(text).strip())
         return captions
+
+
+TOY_MODEL = "toy"
+
+
+class ToyCaptioner:
+    """The toy world's stand-in for a VLM (``--model toy``): its pixel detector (``diffalign.toy.metrics``) names
+    each image's colour and shape in the world's caption form, ``"a red circle"``. Where the detector sees no shape
+    (or no shape it can name) the caption says only what it found: ``"a red shape"``, ``"an empty image"``.
+    Prompts are ignored: the caption is what is in the image, which is what DCPO-c asks of a captioner."""
+
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[str]:
+        from diffalign.toy.metrics import colours_of, shapes_of
+        from diffalign.toy.world import RESOLUTION
+
+        if not images:
+            return []
+        size = (RESOLUTION, RESOLUTION)
+        arrays = [img.convert("RGB") if img.size == size else img.convert("RGB").resize(size) for img in images]
+        captions = []
+        for colour, shape in zip(colours_of(arrays), shapes_of(arrays), strict=True):
+            if colour is None:
+                captions.append("an empty image")
+            else:
+                captions.append(f"a {colour} {shape or 'shape'}")
+        return captions

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 LEVEL_COUNTS = {"weak": 1, "medium": 2, "strong": 3}
@@ -64,7 +65,25 @@ def find_attributes(text: str) -> list[Attribute]:
     return found
 
 
-def _choices(attr: Attribute) -> list[str]:
+def parse_vocabulary(specs: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """``["colour=red,yellow,green,blue", ...]`` (``--vocabulary``) -> ``{"colour": ("red", ...)}``: the words a
+    category's attributes may be replaced with. Raises ``ValueError`` naming the bad spec."""
+    pools: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        category, sep, words = spec.partition("=")
+        category = category.strip()
+        pool = tuple(dict.fromkeys(" ".join(w.lower().split()) for w in words.split(",") if w.strip()))
+        if not sep or category not in LEXICON:
+            raise ValueError(f"--vocabulary {spec!r}: use CATEGORY=word,word,... with CATEGORY one of {list(LEXICON)}")
+        if len(pool) < 2:
+            raise ValueError(f"--vocabulary {spec!r}: give at least two words, so every word has another to become")
+        pools[category] = pool
+    return pools
+
+
+def _choices(attr: Attribute, pools: Mapping[str, Sequence[str]]) -> list[str]:
+    if attr.category in pools:
+        return [w for w in pools[attr.category] if w != attr.word]
     if attr.category == "object":  # keep number: singular for singular, plural for plural
         plural = attr.word in _PLURAL_OBJECTS
         pool = [w for w in LEXICON["object"] if (w in _PLURAL_OBJECTS) == plural]
@@ -80,9 +99,12 @@ def _match_case(original: str, new: str) -> str:
     return new[0].upper() + new[1:] if original[:1].isupper() else new
 
 
-def perturb_caption(text: str, level: str, *, seed: int = 0, row: int = 0) -> tuple[str, list[tuple[str, str]]]:
+def perturb_caption(
+    text: str, level: str, *, seed: int = 0, row: int = 0, vocabulary: Mapping[str, Sequence[str]] | None = None
+) -> tuple[str, list[tuple[str, str]]]:
     """Return ``(perturbed text, [(old, new), ...])``: ``LEVEL_COUNTS[level]`` attributes (or all there are)
-    replaced, chosen deterministically from ``(seed, row, text)``."""
+    replaced, chosen deterministically from ``(seed, row, text)``. ``vocabulary`` (:func:`parse_vocabulary`) limits
+    the replacements of the categories it names to its words, e.g. the colours a model was trained on."""
     if level not in LEVEL_COUNTS:
         raise ValueError(f"level {level!r}: use one of {list(LEVEL_COUNTS)}")
     attrs = find_attributes(text)
@@ -94,7 +116,7 @@ def perturb_caption(text: str, level: str, *, seed: int = 0, row: int = 0) -> tu
     pieces, changes, last = [], [], 0
     for i in picked:
         attr = attrs[i]
-        new = _match_case(text[attr.start : attr.end], rng.choice(_choices(attr)))
+        new = _match_case(text[attr.start : attr.end], rng.choice(_choices(attr, vocabulary or {})))
         pieces += [text[last : attr.start], new]
         changes.append((text[attr.start : attr.end], new))
         last = attr.end

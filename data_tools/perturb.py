@@ -18,10 +18,10 @@ Sampling is seeded per batch with ``seed + first row index``, so a resumed run r
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from data_tools.lexicon import perturb_caption
+from data_tools.lexicon import parse_vocabulary, perturb_caption
 
 LEVELS = ("weak", "medium", "strong")
 DIPPER_LEXICAL_DIVERSITY = {"weak": 40, "medium": 60, "strong": 80}
@@ -46,13 +46,13 @@ class Perturber(Protocol):
 class LexiconPerturber:
     """:func:`data_tools.lexicon.perturb_caption` over a batch; ``None`` where no attribute was found."""
 
-    def __init__(self, level: str, seed: int = 0) -> None:
-        self.level, self.seed = level, seed
+    def __init__(self, level: str, seed: int = 0, vocabulary: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.level, self.seed, self.vocabulary = level, seed, vocabulary
 
     def __call__(self, texts: Sequence[str], rows: Sequence[int]) -> list[str | None]:
         out: list[str | None] = []
         for text, row in zip(texts, rows, strict=True):
-            new, changes = perturb_caption(text, self.level, seed=self.seed, row=row)
+            new, changes = perturb_caption(text, self.level, seed=self.seed, row=row, vocabulary=self.vocabulary)
             out.append(new if changes else None)
         return out
 
@@ -148,12 +148,14 @@ class InstructPerturber(_ModelPerturber):
 
 
 def make_perturber(mode: str, level: str, *, model: str | None = None, seed: int = 0, device: str = "cpu",
-                   max_new_tokens: int | None = None) -> Perturber:  # fmt: skip
+                   max_new_tokens: int | None = None, vocabulary: Sequence[str] = ()) -> Perturber:  # fmt: skip
     """Build the perturber for ``--mode`` (``lexicon`` needs no model; ``dipper`` / ``instruct`` need ``--model``)."""
     if level not in LEVELS:
         raise ValueError(f"--level {level!r}: use one of {list(LEVELS)}")
     if mode == "lexicon":
-        return LexiconPerturber(level, seed)
+        return LexiconPerturber(level, seed, parse_vocabulary(vocabulary))
+    if vocabulary:
+        raise ValueError(f"--vocabulary applies to --mode lexicon only, not {mode}")
     if model is None:
         raise ValueError(f"--mode {mode} needs --model PATH (a local model folder or hub id); or use --mode lexicon")
     extra = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from diffalign.config import ConfigError, parse_cli
+
+if TYPE_CHECKING:
+    from diffalign.trainers.base import TrainResult
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,8 +30,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from diffalign.trainers.run import train  # imported late: --print-config and config errors stay fast
 
-    train(config)
+    result = train(config)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(summary_line(result))
     return 0
+
+
+SUMMARY_METRICS = ("loss", "implicit_acc", "reward_margin", "reward_mean", "gold")
+
+
+def summary_line(result: TrainResult) -> str:
+    """One line for the end of a run: steps, time, where the weights are, the last logged values worth a glance."""
+    last = ", ".join(f"{k} {result.last_metrics[k]:.4g}" for k in SUMMARY_METRICS if k in result.last_metrics)
+    return (f"trained {result.global_step} steps in {result.seconds:.1f} s ({result.nonfinite_steps} non-finite) "
+            f"-> {result.output_dir}" + (f"; last step: {last}" if last else ""))
 
 
 if __name__ == "__main__":

@@ -145,6 +145,8 @@ def test_two_processes_match_one_process(backbone, models, pairs, tmp_path, run_
         args = [*common, f"train.train_batch_size={batch}", f"train.output_dir={tmp_path / name}"]
         done = run_train_script(args, processes=processes)
         assert done.returncode == 0, done.stderr[-3000:]
+        # one summary line, from the main process only
+        assert done.stdout.count("trained 2 steps in ") == 1 and f"-> {tmp_path / name};" in done.stdout
     one = load_file(str(list_checkpoints(tmp_path / "one")[-1] / "trainable_0.safetensors"))
     two = load_file(str(list_checkpoints(tmp_path / "two")[-1] / "trainable_0.safetensors"))
     assert one.keys() == two.keys()

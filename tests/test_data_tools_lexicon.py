@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_tools.cli import main
-from data_tools.lexicon import LEVEL_COUNTS, find_attributes, perturb_caption
+from data_tools.lexicon import LEVEL_COUNTS, LEXICON, find_attributes, parse_vocabulary, perturb_caption
 from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
 
 CAT = "A red cat sitting on top of a blue table"
@@ -50,6 +50,28 @@ def test_level_changes_exactly_that_many_attributes_deterministically(level: str
             assert differing == len(changes) == min(LEVEL_COUNTS[level], len(before))
     outputs = {perturb_caption(DOGS, "weak", seed=s, row=0)[0] for s in range(10)}
     assert len(outputs) > 1  # the seed matters
+
+
+def test_vocabulary_limits_replacements_to_its_words() -> None:
+    vocabulary = parse_vocabulary(["colour=red, Yellow,green,blue", "object=cat,dog"])
+    assert vocabulary == {"colour": ("red", "yellow", "green", "blue"), "object": ("cat", "dog")}
+    seen = set()
+    for row in range(200):
+        new, changes = perturb_caption(CAT, "strong", seed=0, row=row, vocabulary=vocabulary)
+        assert len(changes) == 3
+        for old, replacement in changes:
+            assert replacement != old.lower()
+            if old in ("red", "blue"):
+                assert replacement in {"red", "yellow", "green", "blue"}
+            elif old in ("cat", "table"):
+                assert replacement in {"cat", "dog"}
+            else:  # 'on top of': a category the vocabulary leaves to the built-in lexicon
+                assert replacement in LEXICON["relation"]
+            seen.add(replacement)
+    assert {"yellow", "green", "dog"} <= seen
+    for bad, reason in (("colour", "CATEGORY=word"), ("size=big,small", "CATEGORY one of"), ("colour=red", "two")):
+        with pytest.raises(ValueError, match=reason):
+            parse_vocabulary([bad])
 
 
 def test_perturb_loser_caption_cli(tmp_path: Path, capsys) -> None:
