@@ -32,7 +32,8 @@ def _run(argv: list[str] | None) -> int:
     evidence.add_argument("--output-dir", default=None)
     evidence.add_argument("--methods", default=None, help="comma-separated subset")
     evidence.add_argument("--n-per-prompt", type=int, default=16)
-    evidence.add_argument("--segments", type=int, default=5, help="online: evaluations along each run")
+    evidence.add_argument("--segments", type=int, default=None,
+                          help="online, soar: evaluations along each run (default 5 online, 4 soar)")  # fmt: skip
     evidence.add_argument("overrides", nargs="*", help="config overrides applied to every method (key=value)")
 
     toy = sub.add_parser("toy", help="toy-world tools")
@@ -46,6 +47,7 @@ def _run(argv: list[str] | None) -> int:
     pairs.add_argument("--n-pairs", type=int, default=2000)
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--kind", choices=PAIR_KINDS, default="colour", help="loser: recoloured copy or independent")
+    pairs.add_argument("--label-noise", type=float, default=0.0, help="fraction of labels flipped (human-like)")
 
     train = sub.add_parser("train", help="same as scripts/train.py: --config FILE [key=value ...]")
     train.add_argument("args", nargs=argparse.REMAINDER)
@@ -69,7 +71,7 @@ def _run(argv: list[str] | None) -> int:
     elif args.command == "toy" and args.toy_command == "pairs":
         from diffalign.toy.pairs import make_preference_pairs
 
-        print(make_preference_pairs(args.path, args.n_pairs, args.seed, kind=args.kind))
+        print(make_preference_pairs(args.path, args.n_pairs, args.seed, kind=args.kind, label_noise=args.label_noise))
     elif args.command == "train":
         from diffalign.config import parse_cli
         from diffalign.trainers.run import train as run_train
@@ -99,7 +101,7 @@ def _evidence(args: argparse.Namespace) -> None:
     if args.family in _EVIDENCE:
         module, run, fmt = _EVIDENCE[args.family]
         mod = importlib.import_module(module)
-        if args.family == "online":
+        if args.family in ("online", "soar") and args.segments is not None:
             kwargs["segments"] = args.segments
         output_dir = args.output_dir or f"outputs/evidence/{args.family}"
         print(getattr(mod, fmt)(getattr(mod, run)(output_dir, **kwargs)))

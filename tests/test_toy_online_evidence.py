@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from diffalign.toy.online_evidence import run_online_evidence
+from diffalign.toy.online_evidence import d2_align_budgets, run_online_evidence
 
 
 def test_online_methods_raise_the_proxy_reward(tmp_path) -> None:
@@ -27,3 +27,19 @@ def test_online_methods_raise_the_proxy_reward(tmp_path) -> None:
     assert "flow_grpo_raises_proxy" in report["checks"]
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert "| flow_grpo |" in (tmp_path / "report.md").read_text() and (tmp_path / "samples.png").is_file()
+
+
+def test_d2_align_criterion_is_judged_per_budget() -> None:
+    base = {"pvs": 0.2, "spread": 0.5}
+
+    def point(step: int, gold: float, pvs: float, spread: float) -> dict:
+        return {"step": step, "gold": gold, "pvs": pvs, "spread": spread}
+
+    uncorrected = [point(50, 0.40, 0.11, 0.51), point(75, 0.35, 0.03, 0.24), point(100, 0.50, 0.01, 0.09)]
+    d2 = [point(50, 0.55, 0.25, 0.44), point(75, 0.58, 0.23, 0.40), point(100, 0.60, 0.21, 0.38)]
+    # 50: the uncorrected spread is 102 % (not below 50 %); 75: every number holds (80 % exactly is enough);
+    # 100: D²-Align's spread is 76 %
+    assert d2_align_budgets(d2, uncorrected, base) == [75]
+    d2[1]["gold"] = 0.34  # lower gold than the uncorrected run at 75
+    assert d2_align_budgets(d2, uncorrected, base) == []
+    assert d2_align_budgets(d2[:1], uncorrected[1:], base) == []  # no common budget

@@ -24,7 +24,7 @@ from diffalign.toy.metrics import (
     summarize,
 )
 from diffalign.toy.model import build_toy_model, encode_prompts, load_toy_model, read_model_info
-from diffalign.toy.pairs import make_preference_pairs
+from diffalign.toy.pairs import flipped_labels, make_preference_pairs
 from diffalign.toy.pretrain import BASE_CONFIG, default_base_path, noisy_captions, pretrain
 from diffalign.toy.sampling import generate
 from diffalign.toy.world import (
@@ -156,6 +156,20 @@ def test_preference_pairs_parquet(tmp_path) -> None:
     assert len(loser_caption_colours) == 4  # the perturbation reaches every colour, the prompt's included
     prefix = pq.read_table(make_preference_pairs(tmp_path / "p10.parquet", n_pairs=10, seed=5)).to_pydict()
     assert prefix["jpg_0"] == table["jpg_0"][:10] and prefix["label_0"] == table["label_0"][:10]
+
+
+def test_label_noise_flips_only_labels(tmp_path) -> None:
+    clean = pq.read_table(make_preference_pairs(tmp_path / "clean.parquet", n_pairs=400, seed=5)).to_pydict()
+    noisy_path = make_preference_pairs(tmp_path / "noisy.parquet", n_pairs=400, seed=5, label_noise=0.25)
+    noisy = pq.read_table(noisy_path).to_pydict()
+    for column in ("jpg_0", "jpg_1", "caption", "caption_0", "caption_1"):
+        assert noisy[column] == clean[column], column
+    flipped = [a != b for a, b in zip(clean["label_0"], noisy["label_0"], strict=True)]
+    assert flipped == flipped_labels(400, 5, 0.25)
+    assert 80 <= sum(flipped) <= 120  # 100 expected; binomial sd 8.7
+    assert all(a + b == 1.0 for a, b in zip(noisy["label_0"], noisy["label_1"], strict=True))
+    with pytest.raises(ValueError, match="label_noise"):
+        make_preference_pairs(tmp_path / "bad.parquet", n_pairs=4, seed=5, label_noise=0.5)
 
 
 def test_short_pretrain_writes_loadable_deterministic_folder(tmp_path) -> None:

@@ -43,15 +43,17 @@ def prepare_world(
     n_pairs: int = 2000,
     seed: int = 0,
     kind: str = "colour",
+    label_noise: float = 0.0,
     base: str | os.PathLike | None = None,
 ) -> ToyWorld:
     """The pretrained base (``base``, or the UNet base: committed, cached or pretrained now) and the preference
-    pairs (written once)."""
+    pairs (written once; ``label_noise``: see :func:`~diffalign.toy.pairs.make_preference_pairs`)."""
     workdir = Path(workdir)
     base = Path(base) if base is not None else ensure_base()
-    pairs = workdir / "data" / f"pairs-{kind}-v{PAIRS_VERSION}-{n_pairs}-seed{seed}.parquet"
+    noise = f"-noise{label_noise:g}" if label_noise else ""
+    pairs = workdir / "data" / f"pairs-{kind}-v{PAIRS_VERSION}-{n_pairs}-seed{seed}{noise}.parquet"
     if not pairs.is_file():
-        make_preference_pairs(pairs, n_pairs, seed, kind=kind)
+        make_preference_pairs(pairs, n_pairs, seed, kind=kind, label_noise=label_noise)
     return ToyWorld(base=base, pairs=pairs, workdir=workdir)
 
 
@@ -86,6 +88,18 @@ def train_method(method: str, world: ToyWorld, overrides: Sequence[str] = ()) ->
     started = time.perf_counter()
     train(config)
     return Path(config.train.output_dir), time.perf_counter() - started
+
+
+def segment_cuts(total: int, segments: int, unit: int = 1) -> list[int]:
+    """The step counts at which a ``total``-step run stops to be evaluated: ``segments`` near-equal parts, each
+    ending on a multiple of ``unit`` (a rollout epoch for group RL)."""
+    return sorted({max(unit, round(total * (i + 1) / segments / unit) * unit) for i in range(segments)})
+
+
+def segment_overrides(cut: int, cuts: Sequence[int]) -> list[str]:
+    """Overrides that train up to ``cut`` steps, resuming from the previous segment's checkpoint."""
+    resume = "null" if cut == cuts[0] else "latest"
+    return [f"train.max_steps={cut}", f"train.checkpointing_steps={cuts[0]}", f"train.resume_from_checkpoint={resume}"]
 
 
 def evaluate(

@@ -32,7 +32,7 @@ from diffalign.config import load_config
 from diffalign.eval.diversity import embedding_spread, layout_dispersion, pvs_per_prompt
 from diffalign.eval.grid import labelled_grid
 from diffalign.losses.advantages import samples_per_prompt
-from diffalign.toy.experiment import CONFIG_DIR, Evaluation, first_per_prompt
+from diffalign.toy.experiment import CONFIG_DIR, Evaluation, first_per_prompt, segment_cuts, segment_overrides
 from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.flow_pretrain import ensure_flow_base
 from diffalign.toy.reports import write_report
@@ -124,19 +124,9 @@ def run_online_evidence(
         config = _config(method, run_dir, [*overrides, *extra])
         total = config.train.max_steps
         unit = steps_per_rollout(config) if method in GROUP_RL else 1
-        cuts = sorted({max(unit, round(total * (i + 1) / segments / unit) * unit) for i in range(segments)})
+        cuts = segment_cuts(total, segments, unit)
         for cut in cuts:
-            config = _config(
-                method,
-                run_dir,
-                [
-                    *overrides,
-                    *extra,
-                    f"train.max_steps={cut}",
-                    f"train.checkpointing_steps={cuts[0]}",
-                    "train.resume_from_checkpoint=latest" if cut != cuts[0] else "train.resume_from_checkpoint=null",
-                ],
-            )
+            config = _config(method, run_dir, [*overrides, *extra, *segment_overrides(cut, cuts)])
             seconds += _train(config)
             evaluation = evaluate_flow(base, run_dir, n_per_prompt=n_per_prompt)
             trajectory.append({"step": cut, **online_metrics(evaluation, reward_model)})
@@ -178,12 +168,23 @@ def issue_checks(report: dict) -> dict[str, float | bool]:
         for key in ("pvs", "spread"):
             out[f"d2_align_{key}_vs_base"] = d2[f"{key}_after"] / base[key]
             out[f"direct_reward_{key}_vs_base"] = dr[f"{key}_after"] / base[key]
-        out["d2_align_ok"] = (
-            min(out["d2_align_pvs_vs_base"], out["d2_align_spread_vs_base"]) >= 0.8
-            and max(out["direct_reward_pvs_vs_base"], out["direct_reward_spread_vs_base"]) < 0.5
-            and d2["gold_after"] >= dr["gold_after"]
-        )
+        out["d2_align_ok_at_steps"] = d2_align_budgets(d2["trajectory"], dr["trajectory"], base)
+        out["d2_align_ok"] = bool(out["d2_align_ok_at_steps"])
     return out
+
+
+def d2_align_budgets(d2: list[dict], uncorrected: list[dict], base: dict) -> list[int]:
+    """The steps, judged in both runs, at which D²-Align keeps PVS and embedding spread >= 80 % of the base while the
+    uncorrected trainer is below 50 % on both, with D²-Align's gold not lower (the issue's criterion)."""
+    at = {t["step"]: t for t in uncorrected}
+    return [
+        t["step"]
+        for t in d2
+        if t["step"] in at
+        and min(t["pvs"] / base["pvs"], t["spread"] / base["spread"]) >= 0.8
+        and max(at[t["step"]]["pvs"] / base["pvs"], at[t["step"]]["spread"] / base["spread"]) < 0.5
+        and t["gold"] >= at[t["step"]]["gold"]
+    ]
 
 
 def format_online_report(report: dict) -> str:

@@ -14,6 +14,9 @@ description would teach the model to avoid the loser's colour even when it is as
 drawn uniformly from the others; the prompt is the winner's caption. Which side holds the winner is a fair coin per
 pair. All draws are keyed by ``(seed, i)`` (``diffalign.utils.randomness``), so the first ``n`` pairs do not depend
 on ``n_pairs``.
+
+``label_noise`` = p makes the labels human-like: each pair's label is flipped with probability p (the wrong colour
+preferred), as annotators disagree on real preference data; images and captions are unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ PAIR_KINDS: tuple[str, ...] = ("colour", "independent")
 LOSER_SPEC_SEED_OFFSET = 1_000_003
 LOSER_COLOUR_STREAM = 20
 LOSER_CAPTION_STREAM = 21
+LABEL_NOISE_STREAM = 22
 
 
 def png_bytes(spec: ShapeSpec) -> bytes:
@@ -70,13 +74,24 @@ def independent_pair(seed: int, index: int) -> tuple[ShapeSpec, ShapeSpec]:
 PAIR_BUILDERS = {"colour": colour_pair, "independent": independent_pair}
 
 
-def make_preference_pairs(path: str | os.PathLike, n_pairs: int, seed: int, kind: str = "colour") -> Path:
-    """Write ``n_pairs`` pairs of ``kind`` to the parquet file ``path`` and return the path."""
+def flipped_labels(n_pairs: int, seed: int, label_noise: float) -> list[bool]:
+    """Which of the first ``n_pairs`` pairs of ``seed`` have their label flipped at ``label_noise``."""
+    return (per_sample_uniform(seed, 0, range(n_pairs), LABEL_NOISE_STREAM) < label_noise).tolist()
+
+
+def make_preference_pairs(
+    path: str | os.PathLike, n_pairs: int, seed: int, kind: str = "colour", label_noise: float = 0.0
+) -> Path:
+    """Write ``n_pairs`` pairs of ``kind`` to the parquet file ``path`` (a fraction ``label_noise`` of them with the
+    label flipped, in expectation) and return the path."""
     if kind not in PAIR_KINDS:
         raise ValueError(f"make_preference_pairs: kind={kind!r} is not one of {PAIR_KINDS}")
     if n_pairs < 1:
         raise ValueError(f"make_preference_pairs: n_pairs={n_pairs} must be >= 1")
+    if not 0.0 <= label_noise < 0.5:
+        raise ValueError(f"make_preference_pairs: label_noise={label_noise} must be in [0, 0.5)")
     winner_on_1 = (per_sample_uniform(seed, 0, range(n_pairs), FLIP) < 0.5).tolist()
+    flipped = flipped_labels(n_pairs, seed, label_noise)
     names = ("jpg_0", "jpg_1", "label_0", "label_1", "caption", "caption_0", "caption_1")
     columns: dict[str, list] = {name: [] for name in names}
     for i in range(n_pairs):
@@ -85,8 +100,9 @@ def make_preference_pairs(path: str | os.PathLike, n_pairs: int, seed: int, kind
         sides = (loser, winner) if winner_on_1[i] else (winner, loser)
         columns["jpg_0"].append(png_bytes(sides[0]))
         columns["jpg_1"].append(png_bytes(sides[1]))
-        columns["label_0"].append(0.0 if winner_on_1[i] else 1.0)
-        columns["label_1"].append(1.0 if winner_on_1[i] else 0.0)
+        preferred_on_1 = winner_on_1[i] != flipped[i]
+        columns["label_0"].append(0.0 if preferred_on_1 else 1.0)
+        columns["label_1"].append(1.0 if preferred_on_1 else 0.0)
         columns["caption"].append(winner.caption)
         captions = (loser_caption, winner.caption) if winner_on_1[i] else (winner.caption, loser_caption)
         columns["caption_0"].append(captions[0])

@@ -21,7 +21,14 @@ from diffalign.eval.trajectory import trajectory_error
 from diffalign.eval.weights import load_trained_denoiser
 from diffalign.models.loading import load_adapter
 from diffalign.models.rollout import SamplerSettings
-from diffalign.toy.experiment import check_overrides, first_per_prompt, train_method
+from diffalign.toy.experiment import (
+    check_overrides,
+    first_per_prompt,
+    method_config,
+    segment_cuts,
+    segment_overrides,
+    train_method,
+)
 from diffalign.toy.flow_experiment import evaluate_flow, prepare_flow_world
 from diffalign.toy.reports import write_report
 from diffalign.toy.world import RESOLUTION, all_prompts, parse_caption, render_batch, sample_specs
@@ -58,10 +65,11 @@ def run_soar_evidence(
     *,
     methods: Sequence[str] | None = None,
     n_per_prompt: int = 16,
+    segments: int = 4,
     overrides: Sequence[str] = (),
 ) -> dict:
-    """Train ``methods`` (``sft``, ``soar``) from the flow base and judge them; write ``report.json`` /
-    ``report.md`` / ``samples.png`` to ``output_dir``."""
+    """Train ``methods`` (``sft``, ``soar``) from the flow base, judging each after every one of ``segments`` equal
+    parts of its steps (resumed from its checkpoint); write ``report.json`` / ``report.md`` / ``samples.png``."""
     methods = tuple(methods or SOAR_METHODS)
     unknown = set(methods) - set(SOAR_METHODS)
     if unknown:
@@ -70,64 +78,88 @@ def run_soar_evidence(
     output_dir = Path(output_dir)
     world = prepare_flow_world(output_dir)
     before = evaluate_flow(world.base, n_per_prompt=n_per_prompt)
-    traj_before = trajectory_metrics(world.base)
     report: dict = {
         "world": {"family": "soar", "base": str(world.base), "pairs": str(world.pairs)},
-        "base": {"gold": before.metrics["adherence"], **traj_before},
+        "base": {"gold": before.metrics["adherence"], "shape": before.metrics["shape_adherence"],
+                 **trajectory_metrics(world.base)},  # fmt: skip
         "methods": {},
     }
     rows, labels = [first_per_prompt(before, 1)], ["base"]
     for method in methods:
-        run_dir, seconds = train_method(SOAR_METHODS[method], world, [*overrides])
-        after = evaluate_flow(world.base, run_dir, n_per_prompt=n_per_prompt)
-        traj = trajectory_metrics(world.base, run_dir)
-        report["methods"][method] = {
-            "gold_before": before.metrics["adherence"],
-            "gold_after": after.metrics["adherence"],
-            "shape_adherence_after": after.metrics["shape_adherence"],
-            "diversity_after": after.metrics["diversity"],
-            **{f"{k}_before": v for k, v in traj_before.items()},
-            **{f"{k}_after": v for k, v in traj.items()},
-            "seconds": seconds,
-        }
+        name = SOAR_METHODS[method]
+        cuts = segment_cuts(method_config(name, world, overrides).train.max_steps, segments)
+        trajectory, seconds = [], 0.0
+        for cut in cuts:
+            run_dir, spent = train_method(name, world, [*overrides, *segment_overrides(cut, cuts)])
+            seconds += spent
+            after = evaluate_flow(world.base, run_dir, n_per_prompt=n_per_prompt)
+            trajectory.append({
+                "step": cut,
+                "gold": after.metrics["adherence"],
+                "shape": after.metrics["shape_adherence"],
+                "diversity": after.metrics["diversity"],
+                **trajectory_metrics(world.base, run_dir),
+            })  # fmt: skip
+            report["methods"][method] = {**trajectory[-1], "trajectory": trajectory, "seconds": seconds}
+            write_report(output_dir, report, format_soar_report)
         rows.append(first_per_prompt(after, 1))
         labels.append(method)
-        write_report(output_dir, report, format_soar_report)
     report["checks"] = soar_checks(report)
     write_report(output_dir, report, format_soar_report)
     labelled_grid(rows, labels, output_dir / "samples.png", column_labels=[p.removeprefix("a ") for p in all_prompts()])
     return report
 
 
-def soar_checks(report: dict) -> dict[str, bool | float]:
+def soar_checks(report: dict) -> dict:
+    """Per budget (the steps both methods were judged at): SOAR's gold minus SFT's and its trajectory error over
+    SFT's. ``soar_ok``: at every budget SOAR's trajectory error is lower and its gold not lower, and higher at
+    every budget where SFT's is below 1 (there is none to gain at 1), with at least one such budget."""
     m = report["methods"]
     if not {"sft", "soar"} <= set(m):
         return {}
-    sft, soar = m["sft"], m["soar"]
-    return {
-        "soar_gold_minus_sft": soar["gold_after"] - sft["gold_after"],
-        "soar_trajectory_error_vs_sft": soar["trajectory_error_after"] / sft["trajectory_error_after"],
-        "soar_ok": soar["gold_after"] > sft["gold_after"]
-        and soar["trajectory_error_after"] < sft["trajectory_error_after"],
-    }
+    sft = {t["step"]: t for t in m["sft"]["trajectory"]}
+    budgets = []
+    for soar in m["soar"]["trajectory"]:
+        if soar["step"] in sft:
+            ref = sft[soar["step"]]
+            budgets.append({
+                "step": soar["step"],
+                "gold_minus_sft": soar["gold"] - ref["gold"],
+                "trajectory_error_vs_sft": soar["trajectory_error"] / ref["trajectory_error"],
+                "sft_gold_below_1": ref["gold"] < 1.0,
+            })  # fmt: skip
+    open_budgets = [b for b in budgets if b["sft_gold_below_1"]]
+    ok = (
+        bool(open_budgets)
+        and all(b["trajectory_error_vs_sft"] < 1.0 and b["gold_minus_sft"] >= 0.0 for b in budgets)
+        and all(b["gold_minus_sft"] > 0.0 for b in open_budgets)
+    )
+    return {"budgets": budgets, "soar_ok": ok}
 
 
 def format_soar_report(report: dict) -> str:
     base = report["base"]
     lines = [
-        "Toy flow world: SOAR vs SFT on the same winners, same steps. gold = colour adherence (ODE, 20 steps, CFG 3); "
-        "trajectory error = MSE of the clean estimate along the model's own ODE path from held-out renderings.",
+        "Toy flow world: SOAR vs SFT on the same winners, judged after equal numbers of steps. gold = colour "
+        "adherence (ODE, 20 steps, CFG 3); trajectory error = MSE of the clean estimate along the model's own ODE "
+        "path from held-out renderings.",
         "",
-        "| method | gold | shape | trajectory_error | trajectory_error_final | seconds |",
+        "| method | steps | gold | shape | trajectory_error | trajectory_error_final |",
         "|---|---|---|---|---|---|",
-        f"| base | {base['gold']:.3f} | - | {base['trajectory_error']:.4f} | "
-        f"{base['trajectory_error_final']:.4f} | - |",
+        f"| base | 0 | {base['gold']:.3f} | {base['shape']:.3f} | {base['trajectory_error']:.4f} | "
+        f"{base['trajectory_error_final']:.4f} |",
     ]
     for name, m in report["methods"].items():
-        lines.append(
-            f"| {name} | {m['gold_after']:.3f} | {m['shape_adherence_after']:.3f} | {m['trajectory_error_after']:.4f} "
-            f"| {m['trajectory_error_final_after']:.4f} | {m['seconds']:.0f} |"
-        )
-    if report.get("checks"):
-        lines += ["", "Checks: " + ", ".join(f"{k} = {v}" for k, v in report["checks"].items())]
+        for t in m["trajectory"]:
+            lines.append(
+                f"| {name} | {t['step']} | {t['gold']:.3f} | {t['shape']:.3f} | {t['trajectory_error']:.4f} "
+                f"| {t['trajectory_error_final']:.4f} |"
+            )
+    lines += ["", "Seconds: " + ", ".join(f"{name} {m['seconds']:.0f}" for name, m in report["methods"].items())]
+    checks = report.get("checks")
+    if checks:
+        lines += ["", "| steps | gold soar − sft | trajectory error soar / sft |", "|---|---|---|"]
+        lines += [f"| {b['step']} | {b['gold_minus_sft']:+.3f} | {b['trajectory_error_vs_sft']:.3f} |"
+                  for b in checks["budgets"]]  # fmt: skip
+        lines += ["", f"soar_ok = {checks['soar_ok']}"]
     return "\n".join(lines) + "\n"
