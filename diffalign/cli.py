@@ -33,7 +33,7 @@ def _run(argv: list[str] | None) -> int:
     evidence.add_argument("--methods", default=None, help="comma-separated subset")
     evidence.add_argument("--n-per-prompt", type=int, default=16)
     evidence.add_argument("--segments", type=int, default=None,
-                          help="online, soar: evaluations along each run (default 5 online, 4 soar)")  # fmt: skip
+                          help="online, soar: evaluations along each run (default 5 online, 8 soar)")  # fmt: skip
     evidence.add_argument("overrides", nargs="*", help="config overrides applied to every method (key=value)")
 
     toy = sub.add_parser("toy", help="toy-world tools")

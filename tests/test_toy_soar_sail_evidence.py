@@ -22,7 +22,7 @@ def test_segment_cuts_end_on_the_unit_and_the_total() -> None:
 def test_soar_evidence_runs_in_segments(tmp_path) -> None:
     report = run_soar_evidence(
         tmp_path, n_per_prompt=2, segments=2, overrides=["train.max_steps=4", "train.progress_bar=false"]
-    )
+    )  # the caller's max_steps wins over the evidence's 1600
     for name in ("sft", "soar"):
         m = report["methods"][name]
         assert [t["step"] for t in m["trajectory"]] == [2, 4]
@@ -44,18 +44,18 @@ def _soar_report(budgets: list[tuple[int, float, float, float, float]]) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("budgets", "ok"),
+    ("budgets", "ok", "ok_at"),
     [
-        ([(100, 0.8, 0.9, 0.05, 0.04), (200, 1.0, 1.0, 0.05, 0.04)], True),  # higher where open, tie at 1
-        ([(100, 0.8, 0.8, 0.05, 0.04)], False),  # gold not higher where SFT had room
-        ([(100, 0.8, 0.9, 0.05, 0.06)], False),  # trajectory error higher
-        ([(100, 1.0, 1.0, 0.05, 0.04)], False),  # no budget where gold could rise
-        ([(100, 0.8, 0.9, 0.05, 0.04), (200, 1.0, 0.99, 0.05, 0.04)], False),  # gold lower at a budget
+        ([(100, 0.8, 0.9, 0.05, 0.04), (200, 1.0, 1.0, 0.05, 0.04)], True, [100]),  # higher where open, tie at 1
+        ([(100, 0.8, 0.8, 0.05, 0.04)], False, []),  # gold not higher where SFT had room
+        ([(100, 0.8, 0.9, 0.05, 0.06), (200, 0.9, 0.95, 0.05, 0.04)], False, [200]),  # error higher at 100
+        ([(100, 1.0, 1.0, 0.05, 0.04)], False, []),  # no budget where gold could rise
+        ([(100, 0.8, 0.9, 0.05, 0.04), (200, 1.0, 0.99, 0.05, 0.04)], False, [100]),  # gold lower at a budget
     ],
 )
-def test_soar_checks(budgets, ok) -> None:
+def test_soar_checks(budgets, ok, ok_at) -> None:
     checks = soar_checks(_soar_report(budgets))
-    assert checks["soar_ok"] is ok
+    assert checks["soar_ok"] is ok and checks["soar_ok_at_steps"] == ok_at
     assert checks["budgets"][0]["gold_minus_sft"] == pytest.approx(budgets[0][2] - budgets[0][1])
     assert checks["budgets"][0]["trajectory_error_vs_sft"] == pytest.approx(budgets[0][4] / budgets[0][3])
 

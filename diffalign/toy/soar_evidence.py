@@ -35,6 +35,9 @@ from diffalign.toy.world import RESOLUTION, all_prompts, parse_caption, render_b
 from diffalign.utils.randomness import per_sample_normal
 
 SOAR_METHODS = {"sft": "flow_sft", "soar": "soar"}  # method -> configs/toy file
+# Both methods at lr 1e-4 for 1600 steps: at flow_sft.yaml's 3e-4 both reach gold 1.000 by 400 steps (measured),
+# which leaves no room to compare gold. Overrides given by the caller come after these.
+EVIDENCE_OVERRIDES = ("optim.lr=1e-4", "train.max_steps=1600")
 HELD_OUT_SEED = 777
 TRAJECTORY_SETTINGS = SamplerSettings(kind="ode", steps=20, guidance_scale=3.0, noise_level=0.0, resolution=RESOLUTION)
 
@@ -65,7 +68,7 @@ def run_soar_evidence(
     *,
     methods: Sequence[str] | None = None,
     n_per_prompt: int = 16,
-    segments: int = 4,
+    segments: int = 8,
     overrides: Sequence[str] = (),
 ) -> dict:
     """Train ``methods`` (``sft``, ``soar``) from the flow base, judging each after every one of ``segments`` equal
@@ -74,6 +77,7 @@ def run_soar_evidence(
     unknown = set(methods) - set(SOAR_METHODS)
     if unknown:
         raise ValueError(f"unknown soar methods {sorted(unknown)}; choose from {tuple(SOAR_METHODS)}")
+    overrides = [*EVIDENCE_OVERRIDES, *overrides]
     check_overrides([SOAR_METHODS[m] for m in methods], overrides)
     output_dir = Path(output_dir)
     world = prepare_flow_world(output_dir)
@@ -112,8 +116,9 @@ def run_soar_evidence(
 
 def soar_checks(report: dict) -> dict:
     """Per budget (the steps both methods were judged at): SOAR's gold minus SFT's and its trajectory error over
-    SFT's. ``soar_ok``: at every budget SOAR's trajectory error is lower and its gold not lower, and higher at
-    every budget where SFT's is below 1 (there is none to gain at 1), with at least one such budget."""
+    SFT's. ``soar_ok_at_steps``: the budgets where SOAR has the lower trajectory error *and* the higher gold (the
+    issue's criterion). ``soar_ok``: the strict reading, at every budget SOAR's trajectory error is lower and its
+    gold not lower, and higher at every budget where SFT's is below 1 (there is none to gain at 1)."""
     m = report["methods"]
     if not {"sft", "soar"} <= set(m):
         return {}
@@ -134,7 +139,8 @@ def soar_checks(report: dict) -> dict:
         and all(b["trajectory_error_vs_sft"] < 1.0 and b["gold_minus_sft"] >= 0.0 for b in budgets)
         and all(b["gold_minus_sft"] > 0.0 for b in open_budgets)
     )
-    return {"budgets": budgets, "soar_ok": ok}
+    both = [b["step"] for b in budgets if b["trajectory_error_vs_sft"] < 1.0 and b["gold_minus_sft"] > 0.0]
+    return {"budgets": budgets, "soar_ok_at_steps": both, "soar_ok": ok}
 
 
 def format_soar_report(report: dict) -> str:
@@ -161,5 +167,5 @@ def format_soar_report(report: dict) -> str:
         lines += ["", "| steps | gold soar − sft | trajectory error soar / sft |", "|---|---|---|"]
         lines += [f"| {b['step']} | {b['gold_minus_sft']:+.3f} | {b['trajectory_error_vs_sft']:.3f} |"
                   for b in checks["budgets"]]  # fmt: skip
-        lines += ["", f"soar_ok = {checks['soar_ok']}"]
+        lines += ["", f"soar_ok_at_steps = {checks['soar_ok_at_steps']}, soar_ok (every budget) = {checks['soar_ok']}"]
     return "\n".join(lines) + "\n"
