@@ -26,10 +26,12 @@ def test_soar_evidence_runs_in_segments(tmp_path) -> None:
     for name in ("sft", "soar"):
         m = report["methods"][name]
         assert [t["step"] for t in m["trajectory"]] == [2, 4]
-        assert m["gold"] == m["trajectory"][-1]["gold"] and 0.0 <= m["gold"] <= 1.0
-        assert m["trajectory_error"] > 0.0
+        assert m["gold_after"] == m["trajectory"][-1]["gold"] and 0.0 <= m["gold_after"] <= 1.0
+        assert m["gold_before"] == report["base"]["gold"]
+        assert m["trajectory_error_before"] == report["base"]["trajectory_error"]
+        assert m["trajectory_error_after"] == m["trajectory"][-1]["trajectory_error"] > 0.0
     # SOAR changes the update: after 4 equal steps the two runs' trajectory errors differ
-    assert report["methods"]["sft"]["trajectory_error"] != report["methods"]["soar"]["trajectory_error"]
+    assert report["methods"]["sft"]["trajectory_error_after"] != report["methods"]["soar"]["trajectory_error_after"]
     assert [b["step"] for b in report["checks"]["budgets"]] == [2, 4]
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert "| soar | 4 |" in (tmp_path / "report.md").read_text() and (tmp_path / "samples.png").is_file()

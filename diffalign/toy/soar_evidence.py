@@ -104,7 +104,7 @@ def run_soar_evidence(
                 "diversity": after.metrics["diversity"],
                 **trajectory_metrics(world.base, run_dir),
             })  # fmt: skip
-            report["methods"][method] = {**trajectory[-1], "trajectory": trajectory, "seconds": seconds}
+            report["methods"][method] = _method_entry(report["base"], trajectory, seconds)
             write_report(output_dir, report, format_soar_report)
         rows.append(first_per_prompt(after, 1))
         labels.append(method)
@@ -112,6 +112,16 @@ def run_soar_evidence(
     write_report(output_dir, report, format_soar_report)
     labelled_grid(rows, labels, output_dir / "samples.png", column_labels=[p.removeprefix("a ") for p in all_prompts()])
     return report
+
+
+def _method_entry(base: dict, trajectory: list[dict], seconds: float) -> dict:
+    """The spine's report fields (``*_before`` = the base, ``*_after`` = the last budget) and the trajectory."""
+    last = trajectory[-1]
+    entry = {"gold_before": base["gold"], "gold_after": last["gold"], "shape_adherence_after": last["shape"],
+             "diversity_after": last["diversity"]}  # fmt: skip
+    for key in ("trajectory_error", "trajectory_error_final"):
+        entry[f"{key}_before"], entry[f"{key}_after"] = base[key], last[key]
+    return {**entry, "trajectory": trajectory, "seconds": seconds}
 
 
 def soar_checks(report: dict) -> dict:
