@@ -169,7 +169,14 @@ class _ArrowRows:
         if self._dataset is None:
             import datasets
 
-            self._dataset = datasets.Dataset.from_parquet(self._path)
+            # the Arrow copy takes a moment; its "Generating train split" bar would only clutter the CLI output
+            was_enabled = datasets.is_progress_bar_enabled()
+            datasets.disable_progress_bars()
+            try:
+                self._dataset = datasets.Dataset.from_parquet(self._path)
+            finally:
+                if was_enabled:
+                    datasets.enable_progress_bars()
         return self._dataset
 
     def batches(self, columns: Sequence[str]) -> Iterator[list[dict[str, Any]]]:
