@@ -145,12 +145,18 @@ class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
         extra = {k: v.to(self.accelerator.device) for k, v in extra.items()}
         return {**cond_c, **extra}, {**cond_r, **extra}
 
+    def _draws(self, batch: dict[str, Any], epoch: int, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (timesteps, noise) of ``batch``, addressed by (seed, epoch, sample index): the same on any number of
+        processes, after a resume, and for every method that trains on the same rows."""
+        adapter, device, seed, indices = self.adapter, self.accelerator.device, self.config.train.seed, batch["index"]
+        timesteps = adapter.sample_timesteps(seed, epoch, indices.tolist()).to(device)
+        noise = adapter.sample_noise(tuple(x0.shape[1:]), seed, epoch, indices.tolist()).to(device, dtype=x0.dtype)
+        return timesteps, noise
+
     def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        adapter, device, seed = self.adapter, self.accelerator.device, self.config.train.seed
+        adapter = self.adapter
         x0_c, x0_r, cond_c, cond_r = self._features(batch)
-        indices = batch["index"].tolist()
-        timesteps = adapter.sample_timesteps(seed, epoch, indices).to(device)
-        noise = adapter.sample_noise(tuple(x0_c.shape[1:]), seed, epoch, indices).to(device, dtype=x0_c.dtype)
+        timesteps, noise = self._draws(batch, epoch, x0_c)
         metrics: dict[str, torch.Tensor] = {}
         with self.accelerator.autocast():
             lc = self.config.loss

@@ -34,11 +34,9 @@ class SOARTrainer(OfflinePreferenceTrainer):
         return self._uncond
 
     def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        adapter, device, seed = self.adapter, self.accelerator.device, self.config.train.seed
+        adapter, seed, indices = self.adapter, self.config.train.seed, batch["index"].tolist()
         x0, _, cond, _ = self._features(batch)
-        indices = batch["index"].tolist()
-        timesteps = adapter.sample_timesteps(seed, epoch, indices).to(device)
-        noise = adapter.sample_noise(tuple(x0.shape[1:]), seed, epoch, indices).to(device, dtype=x0.dtype)
+        timesteps, noise = self._draws(batch, epoch, x0)  # SFT's draws: lambda 0 gives SFT's loss exactly
         lc = self.config.loss
         weigh = None if lc.weighting == "constant" else lambda t: adapter.snr_weights(t, lc.snr_gamma, lc.weighting)
         with self.accelerator.autocast():
