@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffalign.eval.grid import labelled_grid
 from diffalign.toy.experiment import (
     Evaluation,
     ToyWorld,
@@ -23,8 +22,7 @@ from diffalign.toy.experiment import (
     prepare_world,
     train_method,
 )
-from diffalign.toy.reports import write_report
-from diffalign.toy.world import all_prompts
+from diffalign.toy.reports import write_report, write_samples_grid
 
 OFFLINE_METHODS = ("dpo", "mapo", "dcpo", "sft")
 
@@ -111,7 +109,7 @@ def run_evidence(
         rows.append(first_per_prompt(after, 1))
         labels.append(method)
         write_report(output_dir, report, format_report)
-    labelled_grid(rows, labels, output_dir / "samples.png", column_labels=[p.removeprefix("a ") for p in all_prompts()])
+    write_samples_grid(output_dir, rows, labels)
     return report
 
 

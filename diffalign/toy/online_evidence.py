@@ -30,14 +30,12 @@ import torch
 
 from diffalign.config import load_config
 from diffalign.eval.diversity import embedding_spread, layout_dispersion, pvs_per_prompt
-from diffalign.eval.grid import labelled_grid
 from diffalign.losses.advantages import samples_per_prompt
 from diffalign.toy.experiment import CONFIG_DIR, Evaluation, first_per_prompt, segment_cuts, segment_overrides
 from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.flow_pretrain import ensure_flow_base
-from diffalign.toy.reports import write_report
+from diffalign.toy.reports import write_report, write_samples_grid
 from diffalign.toy.rewards import load_toy_reward_model, shape_boxes
-from diffalign.toy.world import all_prompts
 
 ONLINE_METHODS = ("flow_grpo", "grpo_guard", "direct_reward", "d2_align")
 GROUP_RL = ("flow_grpo", "grpo_guard")
@@ -145,7 +143,7 @@ def run_online_evidence(
         write_report(output_dir, report, format_online_report)
     report["checks"] = issue_checks(report)
     write_report(output_dir, report, format_online_report)
-    labelled_grid(rows, labels, output_dir / "samples.png", column_labels=[p.removeprefix("a ") for p in all_prompts()])
+    write_samples_grid(output_dir, rows, labels)
     return report
 
 

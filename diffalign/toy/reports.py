@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import torch
 
 
 def write_report(output_dir: str | os.PathLike, report: dict, format_report: Callable[[dict], str]) -> None:
@@ -14,3 +16,12 @@ def write_report(output_dir: str | os.PathLike, report: dict, format_report: Cal
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (output_dir / "report.md").write_text(format_report(report))
+
+
+def write_samples_grid(output_dir: str | os.PathLike, rows: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+    """``samples.png``: one labelled row per model (its first sample of every toy prompt), a column per prompt."""
+    from diffalign.eval.grid import labelled_grid
+    from diffalign.toy.world import all_prompts
+
+    columns = [p.removeprefix("a ") for p in all_prompts()]
+    labelled_grid(rows, labels, Path(output_dir) / "samples.png", column_labels=columns)

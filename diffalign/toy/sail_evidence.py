@@ -17,7 +17,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffalign.eval.grid import labelled_grid
 from diffalign.toy.experiment import (
     check_overrides,
     evaluate,
@@ -25,8 +24,7 @@ from diffalign.toy.experiment import (
     prepare_world,
     train_method,
 )
-from diffalign.toy.reports import write_report
-from diffalign.toy.world import all_prompts
+from diffalign.toy.reports import write_report, write_samples_grid
 from diffalign.trainers.sail import sail_rounds
 
 SAIL_METHODS = ("dpo_seed", "dpo_full", "sail")
@@ -100,7 +98,7 @@ def run_sail_evidence(
         write_report(output_dir, report, format_sail_report)
     report["checks"] = sail_checks(report)
     write_report(output_dir, report, format_sail_report)
-    labelled_grid(rows, labels, output_dir / "samples.png", column_labels=[p.removeprefix("a ") for p in all_prompts()])
+    write_samples_grid(output_dir, rows, labels)
     return report
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from diffalign.eval.grid import labelled_grid
 from diffalign.eval.trajectory import trajectory_error
 from diffalign.eval.weights import load_trained_denoiser
 from diffalign.models.loading import load_adapter
@@ -30,7 +29,7 @@ from diffalign.toy.experiment import (
     train_method,
 )
 from diffalign.toy.flow_experiment import evaluate_flow, prepare_flow_world
-from diffalign.toy.reports import write_report
+from diffalign.toy.reports import write_report, write_samples_grid
 from diffalign.toy.world import RESOLUTION, all_prompts, parse_caption, render_batch, sample_specs
 from diffalign.utils.randomness import per_sample_normal
 
@@ -110,7 +109,7 @@ def run_soar_evidence(
         labels.append(method)
     report["checks"] = soar_checks(report)
     write_report(output_dir, report, format_soar_report)
-    labelled_grid(rows, labels, output_dir / "samples.png", column_labels=[p.removeprefix("a ") for p in all_prompts()])
+    write_samples_grid(output_dir, rows, labels)
     return report
 
 
