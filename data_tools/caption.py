@@ -86,8 +86,8 @@ TOY_MODEL = "toy"
 
 class ToyCaptioner:
     """The toy world's stand-in for a VLM (``--model toy``): its pixel detector (``diffalign.toy.metrics``) names
-    each image's colour and shape in the world's caption form, ``"a red circle"``. Where the detector sees no shape
-    (or no shape it can name) the caption says only what it found: ``"a red shape"``, ``"an empty image"``.
+    each image's colour and shape in the world's caption form, ``"a red circle"``; ``"an empty image"`` where it sees
+    no shape.
     Prompts are ignored: the caption is what is in the image, which is what DCPO-c asks of a captioner."""
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[str]:
@@ -98,10 +98,6 @@ class ToyCaptioner:
             return []
         size = (RESOLUTION, RESOLUTION)
         arrays = [img.convert("RGB") if img.size == size else img.convert("RGB").resize(size) for img in images]
-        captions = []
-        for colour, shape in zip(colours_of(arrays), shapes_of(arrays), strict=True):
-            if colour is None:
-                captions.append("an empty image")
-            else:
-                captions.append(f"a {colour} {shape or 'shape'}")
-        return captions
+        # shapes_of names a shape exactly where colours_of finds a colour
+        return [f"a {colour} {shape}" if colour else "an empty image"
+                for colour, shape in zip(colours_of(arrays), shapes_of(arrays), strict=True)]  # fmt: skip
