@@ -71,7 +71,13 @@ def _run(argv: list[str] | None) -> int:
     elif args.command == "toy" and args.toy_command == "pairs":
         from diffalign.toy.pairs import make_preference_pairs
 
-        print(make_preference_pairs(args.path, args.n_pairs, args.seed, kind=args.kind, label_noise=args.label_noise))
+        try:
+            noise = args.label_noise
+            path = make_preference_pairs(args.path, args.n_pairs, args.seed, kind=args.kind, label_noise=noise)
+        except ValueError as err:  # --n-pairs < 1, --label-noise outside [0, 0.5)
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(path)
     elif args.command == "train":
         from diffalign.config import parse_cli
         from diffalign.trainers.run import train as run_train

@@ -293,3 +293,13 @@ def test_independent_pairs_differ_beyond_colour(tmp_path) -> None:
     assert moved >= 18  # the loser is its own draw, not the winner's footprint recoloured
     with pytest.raises(ValueError, match="kind"):
         make_preference_pairs(tmp_path / "x.parquet", n_pairs=2, seed=0, kind="nope")
+
+
+def test_toy_pairs_cli_rejects_bad_label_noise(tmp_path, capsys) -> None:
+    from diffalign.cli import main
+
+    out = tmp_path / "pairs.parquet"
+    assert main(["toy", "pairs", str(out), "--n-pairs", "4", "--label-noise", "0.6"]) == 2
+    assert "label_noise=0.6 must be in [0, 0.5)" in capsys.readouterr().err and not out.exists()
+    assert main(["toy", "pairs", str(out), "--n-pairs", "4", "--label-noise", "0.25"]) == 0
+    assert capsys.readouterr().out.strip() == str(out) and pq.read_table(out).num_rows == 4
