@@ -240,23 +240,29 @@ def test_precomputed_reference_equals_frozen_copy_and_resume_is_exact(tiny_lm, d
 
 
 def test_two_processes_equal_one(tiny_lm, data, tmp_path, run_train_script) -> None:
-    def args(out: Path, batch: int) -> list[str]:
-        config = make_config(tiny_lm, data["pairs"], out, train={"train_batch_size": batch, "max_steps": 3})
+    """2 processes x batch 2 == 1 process x batch 2 x 2 accumulation steps, bit for bit (the same micro-batches, so
+    the same padding; the gradient (g0 + g1) / 2 is exact either way). One process at batch 4 pads to another length
+    and rounds differently, so it is not the exact counterpart."""
+
+    def args(out: Path, accumulation: int) -> list[str]:
+        train = {"train_batch_size": 2, "gradient_accumulation_steps": accumulation, "max_steps": 3}
+        config = make_config(tiny_lm, data["pairs"], out, train=train)
         from diffalign.config import save_config
 
         path = save_config(config, tmp_path / f"{out.name}.yaml")
         return ["--config", str(path)]
 
-    one = run_train_script(args(tmp_path / "one", 4))
-    two = run_train_script(args(tmp_path / "two", 2), processes=2)
+    one = run_train_script(args(tmp_path / "one", 2))
+    two = run_train_script(args(tmp_path / "two", 1), processes=2)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    assert [m["loss"] for m in read_metrics(tmp_path / "one")] == pytest.approx(
-        [m["loss"] for m in read_metrics(tmp_path / "two")], abs=1e-6
-    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [read_metrics(tmp_path / name) for name in ("one", "two")]
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        assert [m[key] for m in metrics[0]] == [m[key] for m in metrics[1]], key
+    assert len({m["loss"] for m in metrics[0]}) == 3  # the loss moved: a real comparison
 
 
 def test_conversational_pairs_train_through_the_chat_template(tiny_lm, data, tmp_path) -> None:

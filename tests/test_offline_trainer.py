@@ -185,31 +185,36 @@ def test_repeated_nonfinite_losses_stop_with_a_checkpoint(pixel_pipeline, pairs,
 
 
 def test_two_processes_match_one_process(pixel_pipeline, pairs, tmp_path, run_train_script):
+    """2 processes x batch 2 == 1 process x batch 2 x 2 accumulation steps, bit for bit: the same samples, the same
+    draws and the same gradient ((g0 + g1) / 2 either way: halving is exact in binary floating point and a sum of
+    two terms does not depend on their order). One process at batch 4 is NOT compared bit for bit: the convolutions
+    round differently at batch 4 than at batch 2 (1 ulp, 6e-8, of a per-sample log-likelihood at identical weights,
+    measured), which beta = 5000 turns into ~1e-4 in the step-2 loss; that is float rounding, not a different run."""
     common = [
         f"model.pretrained={pixel_pipeline}",
         f"data.path={pairs}",
         "data.resolution=16",
         "data.proportion_empty_prompts=0.2",
         "lora.rank=4",
-        # A large Adam epsilon makes the update linear in the gradient: sign(g) on the first Adam step would turn
-        # float-rounding differences of DDP's all-reduce in near-zero gradients into full lr-sized differences.
         "optim.lr=0.05",
         "optim.adam_epsilon=1.0",
         "train.max_steps=2",
+        "train.train_batch_size=2",
         "train.progress_bar=false",
     ]
     common = ["--config", str(REPO / "configs" / "toy" / "dpo.yaml"), *common]
-    one = run_train_script([*common, "train.train_batch_size=4", f"train.output_dir={tmp_path / 'one'}"])
+    one = run_train_script([*common, "train.gradient_accumulation_steps=2", f"train.output_dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_train_script([*common, "train.train_batch_size=2", f"train.output_dir={tmp_path / 'two'}"], processes=2)
+    two = run_train_script([*common, f"train.output_dir={tmp_path / 'two'}"], processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert_states_equal(trainable_state(tmp_path / "one"), trainable_state(tmp_path / "two"), atol=1e-7)
+    assert_states_equal(trainable_state(tmp_path / "one"), trainable_state(tmp_path / "two"))
     base = load_file(str(Path(pixel_pipeline) / "unet" / "diffusion_pytorch_model.safetensors"))
     moved = max((v - base[k]).abs().max().item() for k, v in trainable_state(tmp_path / "one").items())
     assert moved > 1e-5
-    losses_one = [r["loss"] for r in read_metrics(tmp_path / "one")]
-    losses_two = [r["loss"] for r in read_metrics(tmp_path / "two")]
-    assert losses_one == pytest.approx(losses_two, abs=1e-6)
+    metrics_one, metrics_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for key in ("loss", "mse_policy_chosen", "mse_reference_rejected", "grad_norm"):
+        assert [r[key] for r in metrics_one] == [r[key] for r in metrics_two], key
+    assert metrics_one[1]["loss"] != metrics_one[0]["loss"]  # step 2 is off the reference: a real comparison
     assert json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
 
 
