@@ -115,7 +115,12 @@ class DataConfig:
     proportion_empty_prompts: float = 0.0
     max_samples: int | None = None
     cache_dir: str | None = None  # latent/text-embedding cache root; None = encode on the fly
+    # DataLoader of the micro-batches (diffalign/trainers/loader.py): worker processes decode and collate; results
+    # do not depend on the worker count. pin_memory applies on CUDA only; prefetch_factor batches ahead per worker.
     num_workers: int = 0
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
     # causal_lm: prompt+completion tokens kept per sequence (truncation keeps the start, as TRL 1.16)
     max_length: int | None = 1024
 
@@ -658,6 +663,7 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     c.check("data.proportion_empty_prompts", 0.0 <= d.proportion_empty_prompts < 1.0, "in [0, 1)")
     c.check("data.max_samples", d.max_samples is None or d.max_samples >= 1, ">= 1 or null")
     c.check("data.num_workers", d.num_workers >= 0, ">= 0")
+    c.check("data.prefetch_factor", d.prefetch_factor >= 1, ">= 1")
     c.check("data.max_length", d.max_length is None or d.max_length >= 2, ">= 2 or null")
     if d.random_crop and d.cache_dir is not None:
         c.fail(

@@ -195,3 +195,63 @@ def test_cached_dataset_collates_and_pickles(tmp_path: Path, pairs_file: Path) -
     assert batch["latents_chosen"].shape == (3, 3, 4, 4)
     assert batch["cond_rejected"]["encoder_hidden_states"].shape == (3, PROMPT_LEN, 3)
     assert batch["cond_chosen"]["pooled"].shape == (3, 2)
+
+
+def _no_image_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffalign.data.pickapic as pickapic
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(pickapic, "image_cell_bytes", refuse)
+    monkeypatch.setattr(pickapic.PreferenceTable, "image_bytes", refuse)
+
+
+def test_a_cache_that_covers_the_data_is_opened_without_reading_any_image(
+    tmp_path: Path, pairs_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enc = Encoders()
+    built = _build(_dataset(pairs_file), enc, tmp_path)
+    calls = enc.image_calls
+    _no_image_reads(monkeypatch)
+    light = PreferencePairDataset(
+        load_preference_table(str(pairs_file), verify_images=False), resolution=8, hflip=True,
+        proportion_empty_prompts=0.4, seed=5,
+    )  # fmt: skip
+    assert not light.table.images_verified
+    reopened = _build(light, enc, tmp_path)
+    assert enc.image_calls == calls and reopened.folder == built.folder
+    for i in range(len(built)):
+        a, b = built[i], reopened[i]
+        assert torch.equal(a["latents_chosen"], b["latents_chosen"]) and torch.equal(
+            a["cond_rejected"]["pooled"], b["cond_rejected"]["pooled"]
+        )
+
+
+def test_pairs_skipped_for_bad_images_at_build_time_stay_out_of_an_image_free_load(tmp_path: Path) -> None:
+    rows = make_random_pairs(6, size=(18, 14), seed=0)
+    rows[2]["jpg_0"] = b"not an image"
+    path = write_pickapic_parquet(tmp_path / "bad.parquet", rows)
+    verified = PreferencePairDataset(load_preference_table(str(path), on_bad_row="skip"), resolution=8)
+    assert len(verified) == 5
+    enc = Encoders()
+    _build(verified, enc, tmp_path / "cache")
+    calls = enc.image_calls
+    light = load_preference_table(str(path), on_bad_row="skip", verify_images=False)
+    assert len(light) == 6  # the bad image is not seen without reading images
+    cached = _build(PreferencePairDataset(light, resolution=8), enc, tmp_path / "cache")
+    assert enc.image_calls == calls and len(cached) == 5
+    from safetensors.torch import load_file
+
+    assert load_file(str(cached.folder / "index.safetensors"))["source_row"].tolist() == [0, 1, 3, 4, 5]
+
+
+def test_building_a_cache_from_an_image_free_load_verifies_the_images_first(tmp_path: Path) -> None:
+    from diffalign.data.pickapic import BadRowError
+
+    rows = make_random_pairs(4, size=(18, 14), seed=0)
+    rows[1]["jpg_1"] = b"not an image"
+    path = write_pickapic_parquet(tmp_path / "bad.parquet", rows)
+    light = PreferencePairDataset(load_preference_table(str(path), verify_images=False), resolution=8)
+    with pytest.raises(BadRowError, match=r"bad\.parquet: row 1: undecodable jpg_1"):
+        _build(light, Encoders(), tmp_path / "cache")

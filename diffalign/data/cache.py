@@ -12,13 +12,19 @@ What is stored:
   as the uncached path flips pixels before encoding.
 * ``prompts-NNNNN.safetensors``: each tensor returned by ``encode_prompts`` for every UNIQUE prompt string, ``""``
   always included (it is what prompt dropout uses); ``prompts.json`` lists the strings, ``index.safetensors`` maps
-  each pair to its winner's and loser's prompt ids and holds each pair's ``original_size`` / ``crop_top_left``.
+  each pair to its winner's and loser's prompt ids and holds each pair's ``original_size`` / ``crop_top_left`` and
+  ``source_row`` (the pair's row over the whole source, ``PreferenceRecord.original_index``).
 * ``manifest.json``: fingerprints, counts, shapes and dtypes.
 
 One encoding per image: if ``encode_images`` samples the VAE posterior, that sample is fixed at cache time, whereas
 the original Diffusion-DPO script re-samples every step (research/offline_diffusion.md §1). This is deliberate; an
 ``encode_images`` that returns the posterior mean is equally valid. Random crops cannot be cached (the crop changes
 every epoch) and are refused.
+
+Start-up with a cache that covers the data reads no image: the trainer loads the table with
+``verify_images=False`` (labels and captions only), and :func:`build_preference_cache` matches the cache's
+``source_row`` list against it; only when the cache must be built (or the pairs differ, e.g. rows with bad images
+skipped under ``max_samples``) is the table reloaded with every image verified.
 
 The cache is written to a temporary folder and moved into place with ``os.replace``, so an interrupted build leaves
 no partial cache behind.
@@ -41,9 +47,10 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from diffalign.data.pickapic import load_preference_table
 from diffalign.data.transforms import PreferencePairDataset, draw_sample
 
-CACHE_FORMAT_VERSION = 2  # v2: pair geometry (SDXL size conditioning) in index.safetensors
+CACHE_FORMAT_VERSION = 3  # v2: pair geometry (SDXL size conditioning); v3: each pair's source row
 MANIFEST = "manifest.json"
 
 EncodeImages = Callable[[torch.Tensor], torch.Tensor]
@@ -216,9 +223,15 @@ def build_preference_cache(
     final = root / key
     if (final / MANIFEST).is_file():
         _check_manifest(final, model_fingerprint, dataset)
-        return CachedPreferenceDataset(final, dataset)
-    if final.exists():
+        covered = dataset.table.restricted_to(_load_index(final / "index.safetensors")["source_row"].tolist())
+        if covered is not None:
+            return CachedPreferenceDataset(final, dataset.with_table(covered))
+    elif final.exists():
         raise FileExistsError(f"{final}: exists but has no {MANIFEST} (not written by this cache); delete it")
+    if not dataset.table.images_verified:
+        dataset = dataset.with_table(load_preference_table(dataset.table.source, **dataset.table.options))
+    if (final / MANIFEST).is_file():  # the verified table's pairs are the cached ones
+        return CachedPreferenceDataset(final, dataset)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -327,6 +340,7 @@ def _write_cache(
         "prompt_id_rejected": prompt_rejected,
         "original_size": torch.tensor([g.original_size for g in geometry], dtype=torch.long).reshape(n, 2),
         "crop_top_left": torch.tensor([g.crop_top_left for g in geometry], dtype=torch.long).reshape(n, 2),
+        "source_row": torch.tensor([rec.original_index for rec in dataset.table.records], dtype=torch.long),
     }
     save_file(index, str(folder / "index.safetensors"))
     (folder / "prompts.json").write_text(json.dumps(prompts, ensure_ascii=False))

@@ -25,7 +25,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,6 +93,7 @@ class PreferenceTable:
     source_fingerprint: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     row_sources: list[_ArrowRows] = field(default_factory=list, repr=False)
+    images_verified: bool = True  # False: loaded with verify_images=False (labels and captions checked only)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -106,6 +107,14 @@ class PreferenceTable:
         fingerprint) and of the loading options: a cache key component."""
         blob = json.dumps({"source": self.source_fingerprint, "options": self.options}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def restricted_to(self, source_rows: Sequence[int]) -> PreferenceTable | None:
+        """The table of the records whose ``original_index`` is in ``source_rows``, in that order, or ``None`` if
+        some row is not among this table's records (used to match a latent cache's pairs without reading images)."""
+        by_row = {rec.original_index: rec for rec in self.records}
+        if any(r not in by_row for r in source_rows):
+            return None
+        return replace(self, records=[by_row[r] for r in source_rows])
 
     def image_bytes(self, i: int) -> tuple[bytes, bytes]:
         """The encoded (winner, loser) images of pair ``i``, read from the source now."""
@@ -321,6 +330,7 @@ def load_preference_table(
     caption_column: str = "caption",
     dual_captions: bool = False,
     max_samples: int | None = None,
+    verify_images: bool = True,
 ) -> PreferenceTable:
     """Load preference pairs from a parquet file, a folder of parquet files, or a ``datasets`` hub name.
 
@@ -335,6 +345,9 @@ def load_preference_table(
         dual_captions: DCPO mode: ``caption_0, caption_1`` are required and become ``prompt_chosen`` /
             ``prompt_rejected`` (swapped with the images).
         max_samples: stop after this many kept pairs (the first ones in source order).
+        verify_images: ``False`` reads only the label and caption columns, so no image byte is touched (what a run
+            whose latent cache covers the data needs: see :func:`diffalign.data.cache.build_preference_cache`);
+            ``table.images_verified`` records the choice. It is not a loading option: the fingerprint is the same.
 
     A row is bad when an image is missing or does not pass ``PIL.Image.verify``, a label is not in {0, 0.5, 1} or
     ``label_0 + label_1 != 1``, or a used caption is empty or blank. Ties are recognised before the caption and
@@ -349,7 +362,7 @@ def load_preference_table(
     skipped: Counter[str] = Counter()
     ties = 0
     rows_read = 0
-    for report in _row_reports(parts, caption_column, dual_captions):
+    for report in _row_reports(parts, caption_column, dual_captions, verify_images=verify_images):
         rows_read += 1
         if report.is_tie and not keep_ties:
             ties += 1
@@ -397,6 +410,7 @@ def load_preference_table(
         source_fingerprint=json.dumps([p.fingerprint for p in parts]),
         options=options,
         row_sources=[part.rows for part in parts],
+        images_verified=verify_images,
     )
 
 
@@ -437,12 +451,16 @@ def _required_columns(caption_column: str, dual_captions: bool) -> tuple[str, ..
     return (*IMAGE_COLUMNS, *LABEL_COLUMNS, *(DUAL_CAPTION_COLUMNS if dual_captions else (caption_column,)))
 
 
-def _row_reports(parts: Sequence[_Part], caption_column: str, dual_captions: bool) -> Iterator[RowReport]:
+def _row_reports(
+    parts: Sequence[_Part], caption_column: str, dual_captions: bool, *, verify_images: bool = True
+) -> Iterator[RowReport]:
     required = _required_columns(caption_column, dual_captions)
+    if not verify_images:
+        required = tuple(c for c in required if c not in IMAGE_COLUMNS)
     for part_index, row, global_row, values in _iter_rows(parts, required, caption_column if dual_captions else None):
         name = parts[part_index].name
         rec, images, reason, is_tie = _check_row(
-            values, name, part_index, row, global_row, caption_column, dual_captions
+            values, name, part_index, row, global_row, caption_column, dual_captions, verify_images=verify_images
         )
         yield RowReport(file=name, row=row, problem=reason, is_tie=is_tie, record=rec, images=images)
 
@@ -466,10 +484,18 @@ def _iter_rows(
 
 
 def _check_row(
-    values: dict[str, Any], file: str, part: int, row: int, global_row: int, caption_column: str, dual: bool
+    values: dict[str, Any],
+    file: str,
+    part: int,
+    row: int,
+    global_row: int,
+    caption_column: str,
+    dual: bool,
+    *,
+    verify_images: bool = True,
 ) -> tuple[PreferenceRecord | None, tuple[bytes, bytes] | None, str | None, bool]:
     """Validate one row: ``(record, (winner bytes, loser bytes), None, is_tie)`` if good, ``(None, None, reason,
-    is_tie)`` if bad."""
+    is_tie)`` if bad; without ``verify_images`` the images are not read and the bytes are ``None``."""
     label_0, label_1 = values["label_0"], values["label_1"]
     problem = _label_problem(label_0, label_1)
     if problem is not None:
@@ -481,7 +507,7 @@ def _check_row(
         if problem is not None:
             return None, None, problem, is_tie
     images = []
-    for col in IMAGE_COLUMNS:
+    for col in IMAGE_COLUMNS if verify_images else ():
         data, problem = image_cell_bytes(values[col], col)
         if problem is not None:
             return None, None, problem, is_tie
@@ -491,6 +517,7 @@ def _check_row(
     if swap:
         images.reverse()
         captions.reverse()
+    pair = (images[0], images[1]) if images else None
     caption = values.get(caption_column) if dual else values[caption_column]
     rec = PreferenceRecord(
         prompt_chosen=captions[0],
@@ -503,4 +530,4 @@ def _check_row(
         row=row,
         part=part,
     )
-    return rec, (images[0], images[1]), None, is_tie
+    return rec, pair, None, is_tie

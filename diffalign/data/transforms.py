@@ -23,6 +23,7 @@ So a sample is the same on any process, after any resume, and in the cached and 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Sequence
@@ -151,6 +152,12 @@ class PreferencePairDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def with_table(self, table: PreferenceTable) -> PreferencePairDataset:
+        """The same transforms over another table (e.g. the table with its images verified)."""
+        other = copy.copy(self)
+        other.table = table
+        return other
 
     def __len__(self) -> int:
         return len(self.table)

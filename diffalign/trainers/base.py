@@ -22,13 +22,14 @@ from accelerate.utils import DistributedType, ProjectConfiguration, extract_mode
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from diffalign.config import Config, config_to_dict, save_config
 from diffalign.trainers.batching import EpochBatches
 from diffalign.trainers.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from diffalign.trainers.loader import LoaderSettings, micro_batch_loader
 from diffalign.trainers.metrics import MetricsWriter
 from diffalign.trainers.optimizers import build_optimizer
+from diffalign.trainers.progress import StepProgress, count, format_summary
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,8 @@ class Trainer(ABC):
 
     def micro_batch_stream(self, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(epoch, local batch) for the run's micro-batch ``start`` onwards: by default deterministic shuffled batches
-        of ``self.dataset`` (:class:`EpochBatches`)."""
-        acc, tc = self.accelerator, self.config.train
+        of ``self.dataset`` (:class:`EpochBatches`) read through a DataLoader with ``data.num_workers`` workers."""
+        acc, tc, dc = self.accelerator, self.config.train, self.config.data
         batches = EpochBatches(
             len(self.dataset),
             tc.train_batch_size,
@@ -101,7 +102,8 @@ class Trainer(ABC):
             process_index=acc.process_index,
             seed=tc.seed,
         )
-        return self._micro_batches(batches, start)
+        settings = LoaderSettings(dc.num_workers, dc.pin_memory, dc.persistent_workers, dc.prefetch_factor)
+        return micro_batch_loader(self.dataset, self.collate, batches, start, settings, acc.device)
 
     # -- shared machinery ---------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -159,15 +161,6 @@ class Trainer(ABC):
     def _trainer_state(self, global_step: int, nonfinite: int) -> dict[str, Any]:
         return {"global_step": global_step, "nonfinite_steps": nonfinite, "config": config_to_dict(self.config)}
 
-    def _micro_batches(self, batches: EpochBatches, start: int):
-        """Yield (epoch, collated local batch) for global micro-batch ``start`` onwards, forever."""
-        k = start
-        while True:
-            epoch, indices = batches.local_indices(k)
-            self.dataset.set_epoch(epoch)
-            yield epoch, self.collate([self.dataset[i] for i in indices])
-            k += 1
-
     def _reduce_metrics(self, sums: dict[str, list[torch.Tensor]]) -> dict[str, float]:
         out = {}
         for name, values in sums.items():
@@ -176,52 +169,33 @@ class Trainer(ABC):
             out[name] = gathered.nanmean().item()  # NaN marks "not applicable to this sample" (e.g. KTO's classes)
         return out
 
-    def train(self) -> TrainResult:
-        tc = self.config.train
-        acc = self.accelerator
-        started = time.perf_counter()
-        self.build()
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.config, self.output_dir / "config.yaml")
-        optimizer = self._build_optimizer()
-        lr_scheduler = get_scheduler(
-            self.config.optim.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=self.config.optim.warmup_steps * acc.num_processes,
-            num_training_steps=tc.max_steps * acc.num_processes,
-        )
-        self._configure_distributed()
-        self.model, optimizer, lr_scheduler = acc.prepare(self.model, optimizer, lr_scheduler)
-        self.after_prepare()
-        trained = self.trainable_parameters()  # once: walking every parameter each step costs ~5 ms on a tiny UNet
-        if tc.ema:
-            self.ema = EMAModel(self.trainable_parameters(), decay=tc.ema_decay)
-            self.ema.to(acc.device)
-            acc.register_for_checkpointing(self.ema)
-        if tc.report_to and acc.is_main_process:
-            acc.init_trackers("diffalign", config=_flatten(config_to_dict(self.config)))
-
-        global_step, nonfinite_total = 0, 0
-        checkpoint = resolve_checkpoint(self.output_dir, tc.resume_from_checkpoint)
-        if checkpoint is not None:
-            state = load_checkpoint(acc, checkpoint)
-            global_step, nonfinite_total = state["global_step"], state["nonfinite_steps"]
-            logger.info("resumed from %s at step %d", checkpoint, global_step)
-        writer = MetricsWriter(acc, self.output_dir, resume_step=global_step if checkpoint else None)
-
+    def _train_steps(
+        self,
+        micro: Iterator[tuple[int, dict[str, Any]]],
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        writer: MetricsWriter,
+        global_step: int,
+        nonfinite_total: int,
+    ) -> tuple[int, int, dict[str, float]]:
+        """Optimizer steps from ``global_step`` to ``train.max_steps``; returns (steps, non-finite steps, last
+        metrics)."""
+        tc, acc = self.config.train, self.accelerator
         accumulation = self.micro_batches_per_step()
-        micro = self.micro_batch_stream(global_step * accumulation)
+        trained = self.trainable_parameters()  # once: walking every parameter each step costs ~5 ms on a tiny UNet
         consecutive_bad = 0
         last: dict[str, float] = {}
-        bar = tqdm(total=tc.max_steps, initial=global_step, disable=not (tc.progress_bar and acc.is_local_main_process))
+        progress = StepProgress(
+            tc.max_steps, global_step, accumulation, enabled=tc.progress_bar and acc.is_local_main_process
+        )
         self.model.train()
         while global_step < tc.max_steps:
             step_start = time.perf_counter()
             collected: dict[str, list[torch.Tensor]] = defaultdict(list)
             bad = False
-            for _ in range(accumulation):
+            for k in range(1, accumulation + 1):
                 epoch, batch = next(micro)
+                progress.micro_batch(k)
                 if bad:
                     continue  # keep the data position; the step is discarded anyway
                 with acc.accumulate(self.model):
@@ -257,8 +231,8 @@ class Trainer(ABC):
                 if self.ema is not None:
                     self.ema.step(trained)
                 collected["grad_norm"].append(torch.as_tensor(grad_norm).reshape(1))
-            bar.update(1)
-            if global_step % tc.log_every == 0 or global_step == tc.max_steps:
+            logged = global_step % tc.log_every == 0 or global_step == tc.max_steps
+            if logged:
                 last = self._reduce_metrics(collected) if collected else {}
                 last.update(
                     lr=lr_scheduler.get_last_lr()[0],
@@ -267,7 +241,7 @@ class Trainer(ABC):
                     epoch=epoch,
                 )
                 writer.log(global_step, last)
-                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
+            progress.step(last.get("loss", float("nan")) if logged else None)
             if global_step % tc.checkpointing_steps == 0 or global_step == tc.max_steps:
                 save_checkpoint(
                     acc,
@@ -276,7 +250,93 @@ class Trainer(ABC):
                     self._trainer_state(global_step, nonfinite_total),
                     tc.checkpoints_total_limit,
                 )
-        bar.close()
+        progress.close()
+        return global_step, nonfinite_total, last
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """Rows of the start-up summary about the data and the batch; trainers extend or replace them."""
+        tc, acc = self.config.train, self.accelerator
+        accumulation = tc.gradient_accumulation_steps
+        effective = tc.train_batch_size * accumulation * acc.num_processes
+        epochs = tc.max_steps * effective / max(len(self.dataset), 1)
+        rows = [
+            ("examples", f"{len(self.dataset):,}"),
+            ("batch per device", str(tc.train_batch_size)),
+            ("accumulation", str(accumulation)),
+            ("processes", str(acc.num_processes)),
+            ("effective batch", str(effective)),
+            ("optimizer steps", f"{tc.max_steps:,} ({epochs:.2f} epochs)"),
+        ]
+        if self.micro_batches_per_step() != accumulation:
+            rows.append(("backward passes per step", str(self.micro_batches_per_step())))
+        return rows
+
+    def start_up_summary(self, global_step: int, checkpoint: Path | None) -> str:
+        """The block printed once by the main process before the first step."""
+        tc, mc = self.config.train, self.config.model
+        params = list(self.model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        kind = f"LoRA rank {self.config.lora.rank}" if self.config.lora.enabled else "full fine-tune"
+        adapter = getattr(self, "adapter", None)
+        rows = [
+            ("model", f"{mc.pretrained}" + (f" ({type(adapter).__name__})" if adapter is not None else "")),
+            *self.summary_rows(),
+            ("trainable parameters", f"{count(trainable)} of {count(total)} ({kind})"),
+            ("mixed precision", self.accelerator.mixed_precision),
+            ("data loader workers", str(self.config.data.num_workers)),
+        ]
+        reference = getattr(self, "reference", None)
+        if reference is not None:
+            rows.append(("reference", reference.describe()))
+        if checkpoint is not None:
+            rows.append(("resumed from", f"step {global_step} ({checkpoint.name})"))
+        rows.append(("output", str(self.output_dir)))
+        title = f"Running training: {tc.method} ({type(self).__name__})"
+        return format_summary(title, rows)
+
+    def train(self) -> TrainResult:
+        tc = self.config.train
+        acc = self.accelerator
+        started = time.perf_counter()
+        self.build()
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.output_dir / "config.yaml")
+        optimizer = self._build_optimizer()
+        lr_scheduler = get_scheduler(
+            self.config.optim.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=self.config.optim.warmup_steps * acc.num_processes,
+            num_training_steps=tc.max_steps * acc.num_processes,
+        )
+        self._configure_distributed()
+        self.model, optimizer, lr_scheduler = acc.prepare(self.model, optimizer, lr_scheduler)
+        self.after_prepare()
+        if tc.ema:
+            self.ema = EMAModel(self.trainable_parameters(), decay=tc.ema_decay)
+            self.ema.to(acc.device)
+            acc.register_for_checkpointing(self.ema)
+        if tc.report_to and acc.is_main_process:
+            acc.init_trackers("diffalign", config=_flatten(config_to_dict(self.config)))
+
+        global_step, nonfinite_total = 0, 0
+        checkpoint = resolve_checkpoint(self.output_dir, tc.resume_from_checkpoint)
+        if checkpoint is not None:
+            state = load_checkpoint(acc, checkpoint)
+            global_step, nonfinite_total = state["global_step"], state["nonfinite_steps"]
+            logger.info("resumed from %s at step %d", checkpoint, global_step)
+        writer = MetricsWriter(acc, self.output_dir, resume_step=global_step if checkpoint else None)
+
+        if acc.is_main_process:
+            print(self.start_up_summary(global_step, checkpoint), flush=True)
+        micro = self.micro_batch_stream(global_step * self.micro_batches_per_step())
+        try:
+            global_step, nonfinite_total, last = self._train_steps(
+                micro, optimizer, lr_scheduler, writer, global_step, nonfinite_total
+            )
+        finally:
+            _close(micro)
         acc.wait_for_everyone()
         if self.ema is not None:
             self.ema.copy_to(self.trainable_parameters())
@@ -285,6 +345,13 @@ class Trainer(ABC):
         acc.wait_for_everyone()
         acc.end_training()
         return TrainResult(self.output_dir, global_step, nonfinite_total, time.perf_counter() - started, last)
+
+
+def _close(stream: Iterator[Any]) -> None:
+    """Stop a micro-batch stream's DataLoader workers (or a generator) now, not at garbage collection."""
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
