@@ -246,3 +246,28 @@ def test_snr_weighting_scales_each_samples_mse(method, weighting, pixel_pipeline
         expected = torch.nn.functional.softplus(0.5 * cfg.loss.beta * w * delta).mean()
         assert abs(float(expected) - 0.6931471805599453) > 1e-3
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_ema_is_checkpointed_as_safetensors_and_resumes_exactly(pixel_pipeline, pairs, tmp_path):
+    def ema_config(out: Path, **train) -> Config:
+        cfg = make_config(pixel_pipeline, pairs, out, ema=True, ema_decay=0.5, **train)
+        cfg.lora.enabled = False  # full fine-tune: the export is the EMA of every UNet weight
+        return cfg
+
+    train(ema_config(tmp_path / "full"))
+    train(ema_config(tmp_path / "resumed", max_steps=2))
+    train(ema_config(tmp_path / "resumed", resume_from_checkpoint="latest"))
+    checkpoint = list_checkpoints(tmp_path / "resumed")[-1]
+    # no custom_checkpoint_0.pkl (accelerate unpickles it with weights_only=False); its RNG file loads weights_only
+    assert (checkpoint / "ema.safetensors").is_file() and not list(checkpoint.glob("custom_checkpoint_*"))
+    ema = load_file(str(checkpoint / "ema.safetensors"))
+    assert ema.keys() == trainable_state(tmp_path / "resumed").keys()
+    exported = {
+        name: load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+        for name, out in (("full", tmp_path / "full"), ("resumed", tmp_path / "resumed"))
+    }
+    assert exported["full"].keys() == exported["resumed"].keys()
+    assert all(torch.equal(exported["full"][k], exported["resumed"][k]) for k in exported["full"])
+    last = trainable_state(tmp_path / "full")  # the raw weights after step 4; the export is their EMA
+    assert any(not torch.equal(exported["full"][k], last[k]) for k in last)
+    assert all(torch.equal(exported["full"][k], ema[k]) for k in ema)

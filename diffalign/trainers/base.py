@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from diffalign.config import Config, config_to_dict, save_config
 from diffalign.trainers.batching import EpochBatches
 from diffalign.trainers.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from diffalign.trainers.ema import load_ema, save_ema
 from diffalign.trainers.loader import LoaderSettings, micro_batch_loader
 from diffalign.trainers.metrics import MetricsWriter
 from diffalign.trainers.optimizers import build_optimizer
@@ -110,13 +111,15 @@ class Trainer(ABC):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def _save_trainable_only(self, models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
-        """Checkpoint only parameters that train (LoRA adapters, or the whole denoiser when fully fine-tuned);
-        frozen weights come back from the base model."""
+        """Checkpoint only parameters that train (LoRA adapters, or the whole denoiser when fully fine-tuned), and the
+        EMA of them as safetensors (:mod:`diffalign.trainers.ema`); frozen weights come back from the base model."""
         if self.accelerator.is_main_process:
             for i, model in enumerate(models):
                 params = extract_model_from_parallel(model).named_parameters()
                 state = {n: p.detach().contiguous() for n, p in params if p.requires_grad}
                 save_file(state, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+            if self.ema is not None:
+                save_ema(self.ema, self._trainable_names(), output_dir)
         weights.clear()
 
     def _load_trainable_only(self, models: list[torch.nn.Module], input_dir: str) -> None:
@@ -131,7 +134,13 @@ class Trainer(ABC):
                     "with different lora settings?"
                 )
             module.load_state_dict(state, strict=False)
+        if self.ema is not None:
+            load_ema(self.ema, self._trainable_names(), input_dir)
         models.clear()
+
+    def _trainable_names(self) -> list[str]:
+        """Names of the trained parameters, in :meth:`trainable_parameters` order (the EMA's order)."""
+        return [n for n, p in extract_model_from_parallel(self.model).named_parameters() if p.requires_grad]
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         oc, tc = self.config.optim, self.config.train
@@ -316,7 +325,6 @@ class Trainer(ABC):
         if tc.ema:
             self.ema = EMAModel(self.trainable_parameters(), decay=tc.ema_decay)
             self.ema.to(acc.device)
-            acc.register_for_checkpointing(self.ema)
         if tc.report_to and acc.is_main_process:
             acc.init_trackers("diffalign", config=_flatten(config_to_dict(self.config)))
 
