@@ -8,6 +8,7 @@ micro-batch → loss and metrics) and ``save_final`` (weights in a format diffus
 from __future__ import annotations
 
 import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -18,7 +19,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, extract_model_from_parallel, set_seed
+from accelerate.utils import (
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    extract_model_from_parallel,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -65,6 +72,7 @@ class Trainer(ABC):
             mixed_precision=tc.mixed_precision,
             log_with=tc.report_to or None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir)),
+            kwargs_handlers=_process_group_kwargs(),
         )
         set_seed(tc.seed)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -353,6 +361,15 @@ class Trainer(ABC):
         acc.wait_for_everyone()
         acc.end_training()
         return TrainResult(self.output_dir, global_step, nonfinite_total, time.perf_counter() - started, last)
+
+
+def _process_group_kwargs() -> list[InitProcessGroupKwargs]:
+    """DeepSpeed without an accelerator (a CPU test run): accelerate picks no process-group backend there, so every
+    process would believe it is rank 0 of 1; gloo is what DeepSpeed's CPU accelerator uses when oneCCL is absent. On
+    GPUs accelerate's own choice (nccl) stands."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
 
 
 def _close(stream: Iterator[Any]) -> None:
