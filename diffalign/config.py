@@ -713,6 +713,12 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
             "is the same network with its adapters disabled and costs no memory: use 'auto' (or 'precomputed' to "
             "also skip the reference forward)",
         )
+    if t.reference == "precomputed" and t.method == "grpo":
+        c.fail(
+            "train.reference",
+            "train.reference 'precomputed' stores values of a fixed data set, but GRPO evaluates its KL reference on "
+            "fresh rollouts; use train.reference=auto (or frozen_copy_offload under full fine-tuning)",
+        )
     if t.reference != "auto" and t.method in ("mapo", "sft", "soar"):
         c.fail(
             "train.reference",

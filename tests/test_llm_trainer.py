@@ -221,8 +221,9 @@ def test_precomputed_reference_equals_frozen_copy_and_resume_is_exact(tiny_lm, d
     LLMPreferenceTrainer(pre_run).train()
     a, b = read_metrics(tmp_path / "copy"), read_metrics(tmp_path / "pre")
     assert a[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # bit for bit: the 4 steps are epoch 0, whose training batches are exactly the pass's chunks (same padding)
     for key in ("loss", "rewards/margins", "logps/chosen"):
-        assert [m[key] for m in a] == pytest.approx([m[key] for m in b], abs=1e-5), key
+        assert [m[key] for m in a] == [m[key] for m in b], key
     assert list((tmp_path / "pre" / "reference_logps").glob("*.safetensors"))
 
     # interrupted after step 2 (its checkpoint), resumed to 4 == uninterrupted
@@ -263,6 +264,62 @@ def test_two_processes_equal_one(tiny_lm, data, tmp_path, run_train_script) -> N
     for key in ("loss", "grad_norm", "rewards/margins"):
         assert [m[key] for m in metrics[0]] == [m[key] for m in metrics[1]], key
     assert len({m["loss"] for m in metrics[0]}) == 3  # the loss moved: a real comparison
+
+
+def test_precomputed_reference_on_two_processes_stores_what_one_stores(
+    tiny_lm, data, tmp_path, run_train_script
+) -> None:
+    """LoRA precomputed: 2 processes x batch 2 store exactly the values 1 process x batch 2 x 2 accumulation steps
+    stores (each process computes its chunks of epoch 0's order) and train the same; and LoRA precomputed == LoRA auto
+    bit for bit (the 2 steps are epoch 0: the pass's chunks are the training batches)."""
+    train = {"train_batch_size": 2, "max_steps": 2, "reference": "precomputed"}
+    one = make_config(tiny_lm, data["pairs"], tmp_path / "one", train={**train, "gradient_accumulation_steps": 2})
+    LLMPreferenceTrainer(one).train()
+    auto = {**train, "gradient_accumulation_steps": 2, "reference": "auto"}
+    LLMPreferenceTrainer(make_config(tiny_lm, data["pairs"], tmp_path / "auto", train=auto)).train()
+    from diffalign.config import save_config
+
+    two = make_config(tiny_lm, data["pairs"], tmp_path / "two", train=train)
+    launched = run_train_script(["--config", str(save_config(two, tmp_path / "two.yaml"))], processes=2)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    (a,) = (tmp_path / "one" / "reference_logps").glob("*.safetensors")
+    (b,) = (tmp_path / "two" / "reference_logps").glob("*.safetensors")
+    assert a.name == b.name and torch.equal(load_file(str(a))["reference"], load_file(str(b))["reference"])
+    metrics = {name: read_metrics(tmp_path / name) for name in ("one", "two", "auto")}
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        assert [m[key] for m in metrics["one"]] == [m[key] for m in metrics["two"]] == [m[key] for m in metrics["auto"]]
+    assert metrics["one"][1]["loss"] != metrics["one"][0]["loss"]  # step 2 is off the reference: a real comparison
+
+
+def test_reference_pass_shares_uneven_chunks_with_equal_forward_counts(tiny_lm, data, tmp_path) -> None:
+    """8 examples in chunks of 3 over 2 processes: process 1's second chunk repeats the last one, so both run two
+    forwards; together they cover every example with exactly the one-process values."""
+    from diffalign.trainers.reference_store import ProcessGroup
+
+    config = make_config(tiny_lm, data["pairs"], tmp_path, lora={"enabled": False}, train={"reference": "precomputed"})
+    config.train.train_batch_size = 3
+    trainer = LLMPreferenceTrainer(config)
+    trainer.build()
+    forwards: list[list[int]] = []
+    collate = trainer.collate
+
+    def counting_collate(items: list[dict]) -> dict:
+        forwards.append([item["index"] for item in items])
+        return collate(items)
+
+    trainer.collate = counting_collate
+    alone = trainer.reference_pass(ProcessGroup())
+    assert len(forwards) == 3
+    chunks = list(forwards)
+    shares, per_rank = [], []
+    for rank in range(2):
+        forwards.clear()
+        shares.append(trainer.reference_pass(ProcessGroup(2, rank)))  # the gather returns only its own share
+        per_rank.append(list(forwards))
+    assert per_rank == [[chunks[0], chunks[2]], [chunks[1], chunks[2]]]  # process 1 repeats the last chunk
+    covered = (shares[0] != 0).all(dim=1) | (shares[1] != 0).all(dim=1)
+    assert covered.all()
+    assert torch.equal(torch.where((shares[0] != 0).all(dim=1, keepdim=True), shares[0], shares[1]), alone)
 
 
 def test_conversational_pairs_train_through_the_chat_template(tiny_lm, data, tmp_path) -> None:
@@ -377,9 +434,7 @@ def test_grpo_rollouts_are_reproducible_and_the_on_policy_loss_is_closed_form(ti
 
 
 def test_grpo_with_a_constant_reward_learns_nothing(tiny_lm, data, tmp_path) -> None:
-    trainer = LLMGRPOTrainer(
-        grpo_config(tiny_lm, data, tmp_path, reward_functions=[f"{__file__}:constant_reward"])
-    )
+    trainer = LLMGRPOTrainer(grpo_config(tiny_lm, data, tmp_path, reward_functions=[f"{__file__}:constant_reward"]))
     trainer.build()
     loss, metrics = trainer.compute_loss(trainer.collate([trainer.dataset[i] for i in range(2)]), epoch=0)
     assert loss.item() == 0.0 and metrics["frac_reward_zero_std"].mean().item() == 1.0

@@ -4,22 +4,25 @@ the live frozen copy, step for step; the store is atomic, complete for the plann
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffalign.config import Config, ConfigError, config_from_dict, config_to_dict
+from diffalign.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
 from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
 from diffalign.models.tiny import save_tiny_sd_pipeline
 from diffalign.trainers.batching import EpochBatches
 from diffalign.trainers.checkpointing import list_checkpoints
 from diffalign.trainers.metrics import read_metrics
 from diffalign.trainers.offline import OfflinePreferenceTrainer
+from diffalign.trainers.reference import PrecomputedReference
 from diffalign.trainers.reference_store import (
     MissingReferenceError,
     OffloadedReference,
+    ProcessGroup,
     ReferenceLogpStore,
     plan_micro_batches,
     planned_epochs,
@@ -70,9 +73,9 @@ class CountingTrainer(OfflinePreferenceTrainer):
 
     precomputed_batches = 0
 
-    def _precompute_reference_batch(self, epoch, indices):
+    def reference_pass_batch(self, epoch, indices):
         type(self).precomputed_batches += 1
-        return super()._precompute_reference_batch(epoch, indices)
+        return super().reference_pass_batch(epoch, indices)
 
 
 def run(cfg: Config) -> OfflinePreferenceTrainer:
@@ -117,7 +120,9 @@ def precomputed_run(pixel_pipeline, pairs, tmp_path_factory) -> tuple[Path, Offl
 
 def test_precomputed_training_equals_frozen_copy_step_for_step(frozen_copy_run, precomputed_run):
     out, trainer = precomputed_run
-    assert trainer.adapter.reference_denoiser is None  # no second network was ever built
+    assert isinstance(trainer.reference, PrecomputedReference)  # no second network was ever built
+    with pytest.raises(RuntimeError, match="holds no reference network"):
+        trainer.reference.network()
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 0, 0, 0, 1, 1]  # the epoch boundary is crossed
     assert records[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-7)  # policy == reference at step 1
@@ -139,7 +144,8 @@ def test_precomputed_training_equals_frozen_copy_step_for_step(frozen_copy_run, 
 def test_offloaded_frozen_copy_equals_frozen_copy(pixel_pipeline, pairs, frozen_copy_run, tmp_path):
     cfg = full_ft_config(pixel_pipeline, pairs, tmp_path / "off", "frozen_copy_offload", max_steps=2)
     trainer = run(cfg)
-    reference = trainer.adapter.reference_denoiser
+    assert trainer.reference.mode == "frozen_copy_offload"
+    reference = trainer.reference.module
     assert isinstance(reference, OffloadedReference)
     assert {p.device.type for p in reference.module.parameters()} == {"meta"}  # weights live in the offload map
     assert not any(p.requires_grad for p in reference.parameters())
@@ -185,12 +191,14 @@ def test_resumed_run_reads_the_store_and_computes_nothing(pixel_pipeline, pairs,
     assert_same_training(tmp_path / "first", tmp_path / "second", steps=range(3, STEPS + 1), atol=0.0)
 
 
-def test_missing_values_after_a_restore_are_refused(pixel_pipeline, pairs, tmp_path):
-    trainer = OfflinePreferenceTrainer(full_ft_config(pixel_pipeline, pairs, tmp_path / "o", "precomputed"))
-    trainer._refuse_trained_weights(3)  # initial weights: computing is fine
-    trainer._policy_restored = True
-    with pytest.raises(MissingReferenceError, match="already restored from a checkpoint"):
-        trainer._refuse_trained_weights(3)
+def test_missing_values_after_training_started_are_refused(precomputed_run):
+    """The pass runs in after_prepare, before a checkpoint is restored and before the first step; once the stored
+    values are loaded, nothing more can be computed: the policy's weights are no longer the reference."""
+    trainer = precomputed_run[1]
+    with pytest.raises(MissingReferenceError, match="only be computed before training starts"):
+        trainer.reference_pass_batch(2, [0, 1])
+    with pytest.raises(MissingReferenceError, match="no precomputed reference log-likelihood for epoch 2"):
+        trainer.reference_store.get(2, [0, 1])
 
 
 def test_lora_precomputed_equals_lora_adapters_disabled(pixel_pipeline, pairs, tmp_path):
@@ -265,6 +273,65 @@ def test_plan_covers_every_process_batch_in_training_order():
     assert planned_epochs(plan) == [0, 1, 2]
 
 
+class _WriteNever(ReferenceLogpStore):
+    def put(self, *args, **kwargs):
+        raise AssertionError("only process 0 writes the store")
+
+
+def _threaded_group(size: int) -> list[ProcessGroup]:
+    """``size`` processes played by threads: a real all-gather and barrier (a 30 s timeout instead of a hang)."""
+    barrier = threading.Barrier(size, timeout=30)
+    slots: list = [None] * size
+
+    def gather_of(rank: int):
+        def gather(obj):
+            slots[rank] = obj
+            barrier.wait()
+            out = list(slots)
+            barrier.wait()
+            return out
+
+        return gather
+
+    return [ProcessGroup(size, rank, gather_of(rank), barrier.wait) for rank in range(size)]
+
+
+def test_every_process_computes_its_share_of_the_same_micro_batches_and_process_0_writes(tmp_path):
+    plan = plan_micro_batches(8, 2, num_processes=2, seed=0, num_micro_batches=3)  # 2 per epoch: epochs 0, 0, 1
+
+    def value(epoch, indices):
+        x = torch.tensor([-(100.0 * epoch + i) for i in indices])
+        return x, x - 1
+
+    folder = tmp_path / "s"
+    seeded = ReferenceLogpStore(folder, 8)
+    for epoch, indices in (plan[0], plan[2], plan[3]):  # micro-batch 0 lacks process 1's values, 1 is complete
+        seeded.put(epoch, indices, *value(epoch, indices))
+    seeded.flush()
+    calls: dict[int, list] = {0: [], 1: []}
+    results: dict[int, int] = {}
+
+    def process(group: ProcessGroup) -> None:
+        store = (ReferenceLogpStore if group.index == 0 else _WriteNever)(folder, 8)
+
+        def compute(epoch, indices):
+            calls[group.index].append((epoch, indices))
+            return value(epoch, indices)
+
+        results[group.index] = precompute_reference_logps(store, plan, compute, processes=group, show_progress=False)
+
+    threads = [threading.Thread(target=process, args=(group,)) for group in _threaded_group(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {0: 2, 1: 2}  # both decided on micro-batches 0 and 2: the same number of forwards
+    assert calls == {0: [plan[0], plan[4]], 1: [plan[1], plan[5]]}
+    fresh = ReferenceLogpStore(folder, 8)
+    for epoch, indices in plan:
+        assert torch.equal(torch.stack(fresh.get(epoch, indices)), torch.stack(value(epoch, indices)))
+
+
 # ------------------------------------------------------------------------------------------------------ config
 
 
@@ -314,28 +381,20 @@ def test_store_is_keyed_by_what_the_values_depend_on(pixel_pipeline, pairs, tmp_
     assert key(model__pretrained=str(copy)) != base
 
 
-@pytest.mark.slow  # two accelerate launches of 2 processes: about a minute on 2 cores
-def test_two_processes_precomputed_equals_frozen_copy(pixel_pipeline, pairs, tmp_path, run_train_script):
-    """The main process computes every process's batches (the others wait); each then reads its own."""
-    for reference in ("frozen_copy", "precomputed"):
-        launched = run_train_script(
-            [
-                "--config",
-                str(REPO / "configs" / "toy" / "dpo.yaml"),
-                f"model.pretrained={pixel_pipeline}",
-                f"data.path={pairs}",
-                f"data.cache_dir={tmp_path / 'cache'}",
-                "data.proportion_empty_prompts=0.2",
-                "optim.lr=1e-3",
-                "train.max_steps=5",  # 16 pairs / (2 x 2) = 4 micro-batches per epoch: into epoch 1
-                "train.train_batch_size=2",
-                "train.progress_bar=false",
-                f"train.reference={reference}",
-                f"train.output_dir={tmp_path / reference}",
-            ],
-            processes=2,
-        )
-        assert launched.returncode == 0, launched.stderr[-3000:]
-    (store,) = (tmp_path / "cache").glob("*/reference/*")
-    assert sorted(p.name for p in store.glob("epoch-*")) == ["epoch-00000.safetensors", "epoch-00001.safetensors"]
-    assert_same_training(tmp_path / "frozen_copy", tmp_path / "precomputed")
+def test_two_processes_store_what_one_process_stores(
+    pixel_pipeline, pairs, precomputed_run, tmp_path, run_train_script
+):
+    """2 processes x batch 2 == 1 process x batch 2 x 2 accumulation steps (``precomputed_run``): the same
+    micro-batches, so each process's share of the pass stores bit for bit what one process computes alone, and
+    training is the same bit for bit (the gradient (g0 + g1) / 2 is exact either way). One process at batch 4 would
+    round differently (convolutions at batch 4 vs 2: 1 ulp)."""
+    cfg = full_ft_config(pixel_pipeline, pairs, tmp_path / "two", "precomputed", gradient_accumulation_steps=1)
+    launched = run_train_script(["--config", str(save_config(cfg, tmp_path / "two.yaml"))], processes=2)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one = precomputed_run[1].reference_store.folder
+    (two,) = (tmp_path / "two" / "reference_logps").iterdir()
+    assert two.name == one.name  # the same key: the process count is not part of it
+    for epoch in ("epoch-00000.safetensors", "epoch-00001.safetensors"):
+        a, b = load_file(str(one / epoch)), load_file(str(two / epoch))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), epoch
+    assert_same_training(precomputed_run[0], tmp_path / "two", atol=0.0)

@@ -235,7 +235,8 @@ def sequence_logps(token_logps: Tensor, mask: Tensor, *, average: bool = False) 
 
 class CausalLMAdapter:
     """A causal LM and its reference: a frozen copy (``reference_model``) or, when that is ``None``, the same model
-    with its peft adapters disabled (TRL's PEFT path)."""
+    with its peft adapters disabled (TRL's PEFT path). For direct use (tests, scripts): the trainers pick their
+    reference network with :mod:`diffalign.trainers.reference` and evaluate it with :func:`completion_token_stats`."""
 
     def __init__(self, model: torch.nn.Module, *, reference_model: torch.nn.Module | None = None) -> None:
         self.model = model

@@ -13,8 +13,10 @@ paired 2B forward, the reference context); a subclass per backbone family suppli
 rule, the target and one denoiser call. :class:`SDAdapter` covers SD 1.x/2.x (``UNet2DConditionModel`` +
 ``DDPMScheduler``), in latent space with an ``AutoencoderKL`` or directly in pixel space without one.
 
-The reference model is either a frozen copy (``reference_denoiser``, full fine-tuning) or, when that is ``None``, the
-same network with its LoRA adapters disabled — as diffusers' ``train_diffusion_dpo.py`` does.
+Which network is the reference is the trainer's decision (:mod:`diffalign.trainers.reference`); a trainer evaluates the
+network it picked through :meth:`DiffusionAdapter.with_denoiser`. For direct use (tests, scripts) the adapter keeps its
+own reference too: a frozen copy (``reference_denoiser``) or, when that is ``None``, the same network with its LoRA
+adapters disabled — as diffusers' ``train_diffusion_dpo.py`` does.
 """
 
 from __future__ import annotations
@@ -342,6 +344,16 @@ class DiffusionAdapter(ABC):
                 yield
             finally:
                 self._reference_depth -= 1
+
+    def with_denoiser(self, module: torch.nn.Module) -> DiffusionAdapter:
+        """This adapter evaluating ``module`` instead of its denoiser: a shallow view that shares the encoders, the
+        scheduler and the settings, with no reference of its own (how a trainer runs the reference network its
+        :mod:`~diffalign.trainers.reference` strategy picked, or a judge runs another round's denoiser)."""
+        view = copy.copy(self)
+        view.denoiser = module
+        view.reference_denoiser = None
+        view._reference_depth = 0
+        return view
 
     def freeze_reference_copy(self) -> torch.nn.Module:
         """Set ``reference_denoiser`` to a frozen deep copy of the (unwrapped) denoiser, in eval mode; return it."""

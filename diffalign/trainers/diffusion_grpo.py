@@ -11,9 +11,10 @@ micro-batches × all trained steps, so the gradient is the mean over both, as in
 Per (micro-batch, step) the loss is :func:`~diffalign.losses.policy.flow_grpo_policy_loss` (PPO clip on the ratio of
 the step's mean-over-latent log-probs) or :func:`~diffalign.losses.policy.grpo_guard_policy_loss` (RatioNorm with the
 means stored at sampling time, gradient reweighted by 1/|Δσ|), plus ``β ·`` the code-form KL
-:func:`~diffalign.losses.policy.flow_grpo_kl` to the reference (LoRA adapters disabled, or a frozen copy). Rollouts
-are addressed by (seed, rollout epoch, sample), so a run resumed from a checkpoint at a rollout boundary continues
-exactly (checkpoints must fall on one).
+:func:`~diffalign.losses.policy.flow_grpo_kl` to the reference network (``self.reference``: LoRA adapters disabled,
+or a frozen or offloaded copy; ``train.reference=precomputed`` is refused, no pass can store values of fresh rollouts).
+Rollouts are addressed by (seed, rollout epoch, sample), so a run resumed from a checkpoint at a rollout boundary
+continues exactly (checkpoints must fall on one).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
     def build(self) -> None:
         oc, dc, tc = self.config.online, self.config.data, self.config.train
         acc = self.accelerator
-        adapter = self.build_policy(needs_reference=oc.beta > 0)
+        adapter = self.build_policy(needs_reference=oc.beta > 0, stored_reference=False)
         self.settings = SamplerSettings(
             kind=oc.sampler,
             steps=oc.sample_steps,
@@ -112,9 +113,6 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
                 )
         guided = self.settings.guidance_scale != 1.0
         self.uncond = conditioning(adapter, [""], dc.resolution) if guided else None  # one row, broadcast per batch
-
-    def after_prepare(self) -> None:
-        self.adapter.denoiser = self.model
 
     # -- rollouts ---------------------------------------------------------------------------------------------
     def _window(self, r: int) -> tuple[int, int] | None:
@@ -272,9 +270,9 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
         metrics[f"ratio_mean/step_{j}"] = out.metrics["ratio/mean"].detach().reshape(1)
         metrics[f"ratio_std/step_{j}"] = out.metrics["ratio/std"].detach().reshape(1)
         if oc.beta > 0:
-            with torch.no_grad():
+            with self.reference.network() as reference, torch.no_grad():
                 ref = step_log_prob(
-                    self.adapter, self.settings, self.schedule, j, x, x_next, cond, uncond, reference=True
+                    self.adapter.with_denoiser(reference), self.settings, self.schedule, j, x, x_next, cond, uncond
                 )
             kl = flow_grpo_kl(step.mean, ref.mean, step.std_dev_t)
             loss = loss + oc.beta * kl

@@ -1,29 +1,38 @@
 """What every diffusion trainer does with its model: load the backbone adapter, place the frozen encoders, make the
-denoiser trainable (LoRA adapters or full fine-tune), set up the reference, and save the result the way diffusers
-loads it back."""
+denoiser trainable (LoRA adapters or full fine-tune), build its reference (:func:`~diffalign.trainers.reference.
+build_reference`), weigh per-sample terms by timestep, and save the result the way diffusers loads it back."""
 
 from __future__ import annotations
 
-import copy
 import logging
-from typing import Any
 
 import diffusers
 import torch
 
-from diffalign.config import REFERENCE_MODES
 from diffalign.models.diffusion import DiffusionAdapter
 from diffalign.models.loading import adapter_from_config
 from diffalign.models.lora import DEFAULT_TARGET_MODULES, add_lora, save_lora
-from diffalign.trainers.reference_store import offloaded_frozen_copy
+from diffalign.trainers.reference import ReferenceModel, build_reference
 
 logger = logging.getLogger(__name__)
 
 
-class DiffusionPolicyMixin:
-    """Mixed into a :class:`~diffalign.trainers.base.Trainer`; sets ``self.adapter`` and ``self.model``."""
+def timestep_weighted(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """ω(t)·values: a per-sample timestep weight on a log-likelihood surrogate (or an MSE), shared by the pair and by
+    policy and reference; ``None`` is the constant weighting."""
+    return values if weights is None else values * weights
 
-    def build_policy(self, *, needs_reference: bool) -> DiffusionAdapter:
+
+class DiffusionPolicyMixin:
+    """Mixed into a :class:`~diffalign.trainers.base.Trainer`; sets ``self.adapter``, ``self.model`` (the trained
+    denoiser) and ``self.reference`` (a :class:`~diffalign.trainers.reference.ReferenceModel`, or ``None`` when the
+    objective has no reference)."""
+
+    reference: ReferenceModel | None
+
+    def build_policy(self, *, needs_reference: bool, stored_reference: bool = True) -> DiffusionAdapter:
+        """Load the adapter and make its denoiser the policy; ``stored_reference=False`` for trainers whose reference
+        runs on inputs no pass can store in advance (``train.reference=precomputed`` is then refused)."""
         mc, tc = self.config.model, self.config.train
         device = self.accelerator.device
         adapter = adapter_from_config(mc)
@@ -47,33 +56,35 @@ class DiffusionPolicyMixin:
             for p in denoiser.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
-            if needs_reference and tc.reference == "frozen_copy":
-                raise ValueError("train.reference: 'frozen_copy' is for full fine-tuning; LoRA uses adapters disabled")
         else:
-            if needs_reference:  # before .to(device): an offloaded copy is made on the CPU and stays there
-                self._set_up_full_ft_reference(adapter, denoiser)
-            denoiser.to(device)
             denoiser.requires_grad_(True)
+        self.reference = None
+        if needs_reference:  # full fine-tune: still on the CPU, so that an offloaded copy never occupies the device
+            self.reference = build_reference(
+                tc.reference,
+                denoiser,
+                lora=self.config.lora.enabled,
+                device=device,
+                dtype=self.weight_dtype,
+                stored_values=stored_reference,
+            )
+        denoiser.to(device)
         if tc.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
         self.adapter = adapter
         self.model = denoiser
         return adapter
 
-    def _set_up_full_ft_reference(self, adapter: Any, denoiser: torch.nn.Module) -> None:
-        """Full fine-tuning: a frozen copy on the device (``auto``, ``frozen_copy``), a frozen copy kept on the CPU and
-        streamed per forward (``frozen_copy_offload``), or no second network (``precomputed``: the values come from a
-        :class:`~diffalign.trainers.reference_store.ReferenceLogpStore`)."""
-        mode = self.config.train.reference
-        device = self.accelerator.device
-        if mode in ("auto", "frozen_copy"):
-            adapter.reference_denoiser = copy.deepcopy(denoiser).requires_grad_(False).to(device, self.weight_dtype)
-        elif mode == "frozen_copy_offload":
-            adapter.reference_denoiser = offloaded_frozen_copy(denoiser, device, self.weight_dtype)
-        elif mode == "precomputed":
-            adapter.reference_denoiser = None
-        else:
-            raise ValueError(f"train.reference: {mode!r} is not one of {REFERENCE_MODES}")
+    def after_prepare(self) -> None:
+        """The adapter runs the prepared policy (e.g. DDP-wrapped: its forward is what synchronises gradients)."""
+        self.adapter.denoiser = self.model
+
+    def timestep_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """ω(t) of ``loss.weighting`` per sample, (N,); ``None`` for the constant weighting."""
+        lc = self.config.loss
+        if lc.weighting == "constant":
+            return None
+        return self.adapter.snr_weights(timesteps, lc.snr_gamma, lc.weighting)
 
     def save_final(self) -> None:
         denoiser = self.accelerator.unwrap_model(self.model)

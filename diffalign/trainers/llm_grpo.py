@@ -11,7 +11,7 @@ Each micro-batch of prompts (``prompt`` column; every other column is passed to 
    scaling, RLOO, MC-GRPO, BNPO, best-of-K);
 4. one forward of prompt+completion with gradient, token log-probs at the sampling temperature, and the clipped
    objective :func:`diffalign.losses.policy.clipped_policy_loss` (TRL aggregations, token or sequence ratios, k3 KL to
-   the reference when ``online.beta > 0``).
+   the reference, ``self.reference``, when ``online.beta > 0``).
 
 Policy updates are on-policy (TRL's ``num_iterations = 1``): the ratio is 1 in value and the loss is the policy
 gradient; several optimizer passes over one rollout batch are not offered. Logged with TRL's names: ``reward``,
@@ -58,7 +58,7 @@ def reward_name(spec: str) -> str:
 class LLMGRPOTrainer(CausalLMTrainer):
     def build(self) -> None:
         oc, dc = self.config.online, self.config.data
-        self.build_policy(needs_reference=oc.beta > 0)
+        self.build_policy(needs_reference=oc.beta > 0, stored_reference=False)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token: GRPO needs one to end completions")
         self.reward_fns = [load_reward_function(spec) for spec in oc.reward_functions]
@@ -129,9 +129,10 @@ class LLMGRPOTrainer(CausalLMTrainer):
         options = {"temperature": oc.temperature, "with_details": False}
         stats = completion_token_stats(self.model, ids, attention, completion, **options)
         ref_logps = None
-        if oc.beta > 0:
-            with self.adapter.reference_mode() as reference, torch.no_grad():
-                ref_logps = completion_token_stats(reference, ids, attention, completion, **options).logps
+        if self.reference is not None:
+            ref_logps = self.reference.logps(
+                batch, epoch, lambda module: completion_token_stats(module, ids, attention, completion, **options).logps
+            )
         out = clipped_policy_loss(
             stats.logps,
             None,

@@ -1,17 +1,17 @@
-"""What the causal-LM trainers share: the policy (LoRA through peft, or every weight), its reference, the final save."""
+"""What the causal-LM trainers share: the policy (LoRA through peft, or every weight), its reference
+(:func:`~diffalign.trainers.reference.build_reference`), the final save."""
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
 
 from diffalign.config import Config
-from diffalign.models.causal_lm import CausalLMAdapter, disable_dropout, load_causal_lm
+from diffalign.models.causal_lm import disable_dropout, load_causal_lm
 from diffalign.models.reference import unwrap
 from diffalign.trainers.base import Trainer
-from diffalign.trainers.reference_store import offloaded_frozen_copy
+from diffalign.trainers.reference import ReferenceModel, build_reference
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,16 @@ def lora_model(model: torch.nn.Module, config: Config) -> torch.nn.Module:
 
 class CausalLMTrainer(Trainer):
     """Base of the causal-LM trainers: :meth:`build_policy` sets ``self.model``, ``self.tokenizer`` and
-    ``self.adapter`` (a :class:`CausalLMAdapter` whose reference follows ``train.reference``)."""
+    ``self.reference`` (a :class:`~diffalign.trainers.reference.ReferenceModel` of ``train.reference``, or ``None``
+    when the objective has none)."""
 
-    def build_policy(self, needs_reference: bool) -> None:
-        """Load the model; LoRA: adapters on a frozen base (the reference is the base, adapters disabled); full
-        fine-tune: every weight trains, the reference is a frozen copy (``auto`` / ``frozen_copy``), a CPU-held
-        copy (``frozen_copy_offload``) or nothing (``precomputed``: the subclass supplies stored values)."""
+    reference: ReferenceModel | None
+
+    def build_policy(self, needs_reference: bool, stored_reference: bool = True) -> None:
+        """Load the model; LoRA: adapters on a frozen base; full fine-tune: every weight trains. The reference is
+        built while the model is still on the CPU (an offloaded copy never occupies the device);
+        ``stored_reference=False`` for trainers whose reference runs on fresh rollouts (``precomputed`` is then
+        refused)."""
         mc, tc = self.config.model, self.config.train
         device = self.accelerator.device
         model, tokenizer = load_causal_lm(
@@ -52,7 +56,6 @@ class CausalLMTrainer(Trainer):
         disable_dropout(model)
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        reference_model = None
         if self.config.lora.enabled:
             model = lora_model(model, self.config)
             for p in model.parameters():
@@ -60,16 +63,13 @@ class CausalLMTrainer(Trainer):
                     p.data = p.data.float()
         else:
             model.requires_grad_(True)
-            if needs_reference and tc.reference in ("auto", "frozen_copy"):
-                reference_model = copy.deepcopy(model).requires_grad_(False).eval().to(device)
-            elif needs_reference and tc.reference == "frozen_copy_offload":
-                reference_model = offloaded_frozen_copy(model, device, model.dtype)
+        self.reference = None
+        if needs_reference:
+            self.reference = build_reference(
+                tc.reference, model, lora=self.config.lora.enabled, device=device, stored_values=stored_reference
+            )
         model.to(device)
         self.model, self.tokenizer = model, tokenizer
-        self.adapter = CausalLMAdapter(model, reference_model=reference_model)
-
-    def after_prepare(self) -> None:
-        self.adapter.model = self.model
 
     def save_final(self) -> None:
         """``save_pretrained`` of the model (a peft adapter folder under LoRA) and the tokenizer."""

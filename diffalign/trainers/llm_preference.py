@@ -13,10 +13,13 @@ gets exactly the inputs its signature names:
 * any other tensor a loss requires (``preference_probs`` for iREPO, ``reward_margins`` for MADPO) from the data
   column of that name. An optional ``weight`` column weights each example's loss.
 
-The reference (``train.reference``): LoRA → the same model with its adapters disabled; full fine-tune → a frozen copy
-(``frozen_copy_offload``: kept in CPU memory); ``precomputed`` → one no-grad pass over the data before training
-(TRL's ``precompute_ref_log_probs``), stored in ``<output_dir>/reference_logps/<key>.safetensors`` and reused on
-resume, so training holds one network. Logged with TRL's names: ``rewards/chosen|rejected|accuracies|margins``,
+The reference (``train.reference``, :mod:`diffalign.trainers.reference`): LoRA → the same model with its adapters
+disabled; full fine-tune → a frozen copy (``frozen_copy_offload``: kept in CPU memory); ``precomputed`` → one
+no-grad pass over the data before training (TRL's ``precompute_ref_log_probs``) that every process shares out
+(:meth:`LLMPreferenceTrainer.reference_pass`), stored in ``<output_dir>/reference_logps/<key>.safetensors`` and
+reused on resume, so training holds one network. Every mode gives the loss the same values, each example's summed
+completion log-likelihoods, LD-adjusted when the loss uses ``ld_alpha`` (``_reference_forward``; the pass stores
+exactly what that forward returns). Logged with TRL's names: ``rewards/chosen|rejected|accuracies|margins``,
 ``logps/chosen|rejected`` (summed), ``logits/chosen|rejected``, ``mean_token_accuracy``, ``kl`` (KTO), plus the
 loss's own metrics. The final model is written with ``save_pretrained`` (a peft adapter folder under LoRA).
 """
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +43,12 @@ from diffalign.config import Config
 from diffalign.data.llm import LAYOUT_OF_KIND, TextCollator, TextPreferenceDataset, load_text_rows
 from diffalign.losses import get_loss
 from diffalign.losses.dpo_family import TENSOR_INPUTS, ld_adjusted_logps
-from diffalign.models.causal_lm import (
-    CausalLMAdapter,
-    TokenStats,
-    completion_token_stats,
-    sequence_logps,
-)
-from diffalign.models.reference import unwrap
+from diffalign.models.causal_lm import TokenStats, completion_token_stats, sequence_logps
 from diffalign.trainers.base import TrainResult
+from diffalign.trainers.batching import EpochBatches
 from diffalign.trainers.llm_policy import CausalLMTrainer
-from diffalign.trainers.reference_store import reference_key, weights_fingerprint
+from diffalign.trainers.reference import PrecomputedReference
+from diffalign.trainers.reference_store import ProcessGroup, reference_key, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,7 @@ class LLMPreferenceTrainer(CausalLMTrainer):
         self.loss_params = {k: v for k, v in {"beta": lc.beta, **lc.params}.items() if k in accepted}
         self.token_inputs = "policy_chosen_token_logps" in accepted
         self.data_columns = loss_data_columns(self.loss_fn)
-        self.needs_reference = bool(getattr(self.loss_fn, "needs_reference", False))
-        self.build_policy(self.needs_reference)
+        self.build_policy(bool(getattr(self.loss_fn, "needs_reference", False)))
         tokenizer = self.tokenizer
 
         rows = load_text_rows(
@@ -103,12 +102,10 @@ class LLMPreferenceTrainer(CausalLMTrainer):
         )
         self.dataset = TextPreferenceDataset(rows, tokenizer, self.layout, extra_columns=self.data_columns)
         self.collate = TextCollator(tokenizer.pad_token_id, dc.max_length, self.data_columns)
-        self.reference_values: torch.Tensor | None = None
 
     def after_prepare(self) -> None:
-        super().after_prepare()
-        if self.needs_reference and self.config.train.reference == "precomputed":
-            self.reference_values = self._load_or_precompute_reference()
+        if isinstance(self.reference, PrecomputedReference):
+            self._fill_reference_values()  # here: before a checkpoint is restored, the weights are the initial ones
 
     # -- one micro-batch ----------------------------------------------------------------------------------------
     def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, policy: bool) -> TokenStats:
@@ -118,21 +115,32 @@ class LLMPreferenceTrainer(CausalLMTrainer):
         with_sum_sq = policy and bool(self.loss_params.get("use_weighting", False))
         return completion_token_stats(model, ids, attention, completion, with_sum_sq=with_sum_sq, with_details=policy)
 
-    def _reference_stats(self, batch: dict[str, torch.Tensor]) -> TokenStats:
-        with self.adapter.reference_mode() as reference, torch.no_grad():
-            return self._forward(reference, batch, policy=False)
+    def _reference_forward(self, batch: dict[str, torch.Tensor]) -> Callable[[torch.nn.Module], torch.Tensor]:
+        """How the reference network evaluates a batch: (B, n) float32 summed completion log-likelihoods per
+        example, LD-adjusted when the loss uses ``ld_alpha`` (what a summed reference must hold, TRL's convention)."""
+        size = batch["index"].numel()
+        ld_alpha = self.loss_params.get("ld_alpha")
+
+        def forward(module: torch.nn.Module) -> torch.Tensor:
+            with self.accelerator.autocast():  # as the prepared policy runs, whichever network this is
+                stats = self._forward(module, batch, policy=False)
+            if self.layout == "pairs" and ld_alpha is not None:
+                chosen, rejected = ld_adjusted_logps(
+                    stats.logps[:size], stats.mask[:size], stats.logps[size:], stats.mask[size:], ld_alpha
+                )
+                return torch.stack([chosen, rejected], dim=1)
+            return per_example(sequence_logps(stats.logps, stats.mask), size)
+
+        return forward
 
     def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         device = self.accelerator.device
         stats = self._forward(self.model, batch, policy=True)
         size = batch["index"].numel()
         sums = per_example(sequence_logps(stats.logps, stats.mask), size)  # (B, n)
-        reference: TokenStats | torch.Tensor | None = None
-        if self.needs_reference:
-            if self.reference_values is not None:
-                reference = self.reference_values[batch["index"]].to(device)  # (B, n) stored sums
-            else:
-                reference = self._reference_stats(batch)
+        reference = None
+        if self.reference is not None:
+            reference = self.reference.logps(batch, epoch, self._reference_forward(batch)).to(device)  # (B, n)
         kwargs = self._loss_inputs(stats, sums, reference, batch, size)
         out = self.loss_fn(**kwargs, **self.loss_params)
         weight = batch["weight"].to(device)
@@ -143,24 +151,17 @@ class LLMPreferenceTrainer(CausalLMTrainer):
         self,
         stats: TokenStats,
         sums: torch.Tensor,
-        reference: TokenStats | torch.Tensor | None,
+        ref_sums: torch.Tensor | None,
         batch: dict[str, Any],
         size: int,
     ) -> dict[str, Any]:
         device = self.accelerator.device
         lengths = per_example(stats.mask.sum(-1).float(), size)
-        if isinstance(reference, TokenStats):
-            ref_sums = per_example(sequence_logps(reference.logps, reference.mask), size)
-        else:
-            ref_sums = reference
         kw: dict[str, Any] = {}
         if self.layout == "pairs" and self.token_inputs:
             kw["policy_chosen_token_logps"], kw["policy_rejected_token_logps"] = stats.logps[:size], stats.logps[size:]
             kw["chosen_mask"], kw["rejected_mask"] = stats.mask[:size], stats.mask[size:]
-            if isinstance(reference, TokenStats):
-                kw["reference_chosen_token_logps"] = reference.logps[:size]
-                kw["reference_rejected_token_logps"] = reference.logps[size:]
-            elif ref_sums is not None:
+            if ref_sums is not None:
                 kw["reference_chosen_logps"], kw["reference_rejected_logps"] = ref_sums[:, 0], ref_sums[:, 1]
             if stats.log_sum_sq_probs is not None:
                 kw["chosen_log_sum_sq_probs"] = stats.log_sum_sq_probs[:size]
@@ -233,50 +234,57 @@ class LLMPreferenceTrainer(CausalLMTrainer):
         }
         return self.output_dir / "reference_logps" / f"{reference_key(parts)}.safetensors"
 
-    def _load_or_precompute_reference(self) -> torch.Tensor:
-        """(N, n) reference sums for every example, computed once on the main process (others wait) with the
-        initial weights; LD-adjusted when the loss uses ``ld_alpha``."""
+    def _fill_reference_values(self) -> None:
+        """``train.reference=precomputed``: the (N, n) reference values of every example, from the file of this
+        key, or computed now by every process's share of :meth:`reference_pass` and written by the main process."""
         path, acc = self._reference_file(), self.accelerator
-        if acc.is_main_process and not path.is_file():
-            values = self._precompute_reference()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-            save_file({"reference": values}, str(tmp), metadata={"examples": str(len(self.dataset))})
-            os.replace(tmp, path)
-            (path.with_suffix(".json")).write_text(json.dumps({"data": self.config.data.path}) + "\n")
+        stored = path.is_file()  # every process looks before anyone writes, so all agree on computing
         acc.wait_for_everyone()
+        if not stored:
+            values = self.reference_pass(ProcessGroup.of(acc))
+            if acc.is_main_process:
+                _write_reference_values(path, values, self.config.data.path)
+            acc.wait_for_everyone()
         values = load_file(str(path))["reference"]
         if values.shape[0] != len(self.dataset):
-            raise RuntimeError(f"{path}: holds {values.shape[0]} examples, the data has {len(self.dataset)}")
+            raise RuntimeError(
+                f"{path}: holds {values.shape[0]} examples, the data has {len(self.dataset)}; delete it to recompute"
+            )
+        self.reference.load(lambda batch, epoch: values[batch["index"]], str(path))
+
+    def reference_pass(self, processes: ProcessGroup) -> torch.Tensor:
+        """The (N, n) reference values of every example, float32, from the initial weights (on every process).
+
+        The batches are epoch 0's training order cut into chunks of ``train.train_batch_size``: wherever epoch 0
+        draws an example, its chunk is exactly its training batch (the same padding, so the same rounding as a live
+        frozen copy), on any number of processes. Chunk ``c`` is computed by process ``c mod P``; every process runs
+        the same number of forwards (the final chunk is repeated where the chunks do not divide evenly: with sharded
+        weights each forward is a collective).
+        """
+        tc, n = self.config.train, len(self.dataset)
+        order = EpochBatches(n, tc.train_batch_size, seed=tc.seed).order(0)
+        chunks = [order[start : start + tc.train_batch_size] for start in range(0, n, tc.train_batch_size)]
+        rounds = -(-len(chunks) // processes.count)
+        mine = [chunks[min(r * processes.count + processes.index, len(chunks) - 1)] for r in range(rounds)]
+        show = tc.progress_bar and self.accelerator.is_local_main_process
+        computed = []
+        for indices in tqdm(mine, desc="reference log-probs", disable=not show):
+            batch = self.collate([self.dataset[i] for i in indices])
+            computed.append((indices, self.reference.compute(self._reference_forward(batch)).float().cpu()))
+        everything = [item for share in processes.gather(computed) for item in share]
+        values = torch.zeros(n, everything[0][1].shape[1])
+        for indices, chunk in everything:
+            values[indices] = chunk
         return values
 
-    def _precompute_reference(self) -> torch.Tensor:
-        bare = unwrap(self.model)
-        # full fine-tune: before training (and before any checkpoint is restored) the policy IS the reference
-        adapter = CausalLMAdapter(bare, reference_model=None if self.config.lora.enabled else bare)
-        was_training = bare.training
-        bare.eval()
-        batch_size = self.config.train.train_batch_size
-        chunks = []
-        indices = list(range(len(self.dataset)))
-        show = self.config.train.progress_bar and self.accelerator.is_local_main_process
-        try:
-            for start in tqdm(range(0, len(indices), batch_size), desc="reference log-probs", disable=not show):
-                batch = self.collate([self.dataset[i] for i in indices[start : start + batch_size]])
-                with adapter.reference_mode() as reference, torch.no_grad():
-                    stats = self._forward(reference, batch, policy=False)
-                size = batch["index"].numel()
-                ld_alpha = self.loss_params.get("ld_alpha")
-                if self.layout == "pairs" and ld_alpha is not None:
-                    c, r = ld_adjusted_logps(
-                        stats.logps[:size], stats.mask[:size], stats.logps[size:], stats.mask[size:], ld_alpha
-                    )
-                    chunks.append(torch.stack([c, r], dim=1).cpu())
-                else:
-                    chunks.append(per_example(sequence_logps(stats.logps, stats.mask), size).cpu())
-        finally:
-            bare.train(was_training)
-        return torch.cat(chunks).float().contiguous()
+
+def _write_reference_values(path: Path, values: torch.Tensor, data: str) -> None:
+    """``values`` as ``{"reference": (N, n)}`` at ``path``, atomically, with a note of the data beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    save_file({"reference": values.contiguous()}, str(tmp), metadata={"examples": str(values.shape[0])})
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps({"data": data}) + "\n")
 
 
 def train(config: Config) -> TrainResult:

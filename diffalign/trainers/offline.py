@@ -3,16 +3,17 @@ variants), DCPO (each image under its own caption, for policy and reference), Ma
 baseline on winners.
 
 Per micro-batch: winners and losers share noise and timestep (drawn from (seed, epoch, pair index)) and go through
-one denoiser forward of 2B; the reference pass runs without grad, with LoRA adapters disabled or on a frozen copy.
+one denoiser forward of 2B. The reference's values of the same inputs come from ``self.reference``
+(:mod:`diffalign.trainers.reference`: LoRA adapters disabled, a frozen or offloaded copy, or values stored by one
+pass before training that every process shares out, :meth:`OfflinePreferenceTrainer.reference_pass_batch`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,10 @@ from diffalign.data import (
 from diffalign.losses import get_loss
 from diffalign.models.lora import DEFAULT_TARGET_MODULES
 from diffalign.trainers.base import Trainer, TrainResult
-from diffalign.trainers.diffusion_policy import DiffusionPolicyMixin
+from diffalign.trainers.diffusion_policy import DiffusionPolicyMixin, timestep_weighted
+from diffalign.trainers.reference import PrecomputedReference
 from diffalign.trainers.reference_store import (
-    MissingReferenceError,
+    ProcessGroup,
     ReferenceLogpStore,
     plan_micro_batches,
     precompute_reference_logps,
@@ -62,7 +64,17 @@ def model_fingerprint(
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+#: The arguments of ``DiffusionAdapter.pair_logps`` for one micro-batch: (x0 chosen, x0 rejected, cond chosen,
+#: cond rejected, noise, timesteps).
+PairInputs = tuple[torch.Tensor, torch.Tensor, dict, dict, torch.Tensor, torch.Tensor]
+
+
 class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
+    """Offline preference training of a diffusion model on a table of pairs (see the module docstring); SOAR and
+    SAIL's DPO rounds train through it too."""
+
+    reference_store: ReferenceLogpStore | None = None
+
     def build(self) -> None:
         mc, dc, lc, tc = self.config.model, self.config.data, self.config.loss, self.config.train
         self.loss_fn = get_loss(lc.name)
@@ -81,6 +93,7 @@ class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
             caption_column=dc.caption_column,
             dual_captions=dc.dual_captions,
             max_samples=dc.max_samples,
+            verify_images=dc.cache_dir is None,  # with a cache, images are read only if it must be (re)built
         )
         dataset = PreferencePairDataset(
             table,
@@ -116,8 +129,9 @@ class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
         return self.adapter.encode_images(pixels.to(self.accelerator.device, dtype=vae_dtype)).float()
 
     def after_prepare(self) -> None:
-        self.adapter.denoiser = self.model
-        self._prepare_reference_store()  # here: before a checkpoint is restored, the weights are the initial ones
+        super().after_prepare()
+        if isinstance(self.reference, PrecomputedReference):
+            self._fill_reference_store()  # here: before a checkpoint is restored, the weights are the initial ones
 
     def _features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
         device = self.accelerator.device
@@ -153,34 +167,41 @@ class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
         noise = adapter.sample_noise(tuple(x0.shape[1:]), seed, epoch, indices.tolist()).to(device, dtype=x0.dtype)
         return timesteps, noise
 
-    def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        adapter = self.adapter
+    def _pair_inputs(self, batch: dict[str, Any], epoch: int) -> PairInputs:
         x0_c, x0_r, cond_c, cond_r = self._features(batch)
         timesteps, noise = self._draws(batch, epoch, x0_c)
+        return x0_c, x0_r, cond_c, cond_r, noise, timesteps
+
+    def _reference_forward(self, inputs: PairInputs) -> Callable[[torch.nn.Module], tuple[torch.Tensor, torch.Tensor]]:
+        """How the reference network evaluates a micro-batch: (chosen, rejected) surrogates, unweighted, (B,) each."""
+        return lambda module: self.adapter.with_denoiser(module).pair_logps(*inputs)
+
+    def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        adapter = self.adapter
+        inputs = self._pair_inputs(batch, epoch)
+        x0_c, _, cond_c, _, noise, timesteps = inputs
         metrics: dict[str, torch.Tensor] = {}
         with self.accelerator.autocast():
-            lc = self.config.loss
-            weights = None if lc.weighting == "constant" else adapter.snr_weights(timesteps, lc.snr_gamma, lc.weighting)
+            weights = self.timestep_weights(timesteps)
             if self.config.train.method == "sft":
                 logp_c = adapter.denoising_logp(x0_c, noise, timesteps, cond_c)
                 metrics["mse_policy_chosen"] = -2 * logp_c.detach()
-                out = self.loss_fn(policy_chosen_logps=_weighted(logp_c, weights))
+                out = self.loss_fn(policy_chosen_logps=timestep_weighted(logp_c, weights))
                 return out.losses.mean(), metrics
-            logp_c, logp_r = adapter.pair_logps(x0_c, x0_r, cond_c, cond_r, noise, timesteps)
+            logp_c, logp_r = adapter.pair_logps(*inputs)
             metrics["mse_policy_chosen"] = -2 * logp_c.detach()
             metrics["mse_policy_rejected"] = -2 * logp_r.detach()
             logps = {
-                "policy_chosen_logps": _weighted(logp_c, weights),
-                "policy_rejected_logps": _weighted(logp_r, weights),
+                "policy_chosen_logps": timestep_weighted(logp_c, weights),
+                "policy_rejected_logps": timestep_weighted(logp_r, weights),
             }
-            if self.loss_fn.needs_reference:
-                ref_c, ref_r = self._reference_pair_logps(
-                    batch, epoch, (x0_c, x0_r, cond_c, cond_r, noise, timesteps), (logp_c, logp_r)
-                )
+            if self.reference is not None:
+                ref_c, ref_r = self.reference.logps(batch, epoch, self._reference_forward(inputs))
                 metrics["mse_reference_chosen"] = -2 * ref_c
                 metrics["mse_reference_rejected"] = -2 * ref_r
                 logps.update(
-                    reference_chosen_logps=_weighted(ref_c, weights), reference_rejected_logps=_weighted(ref_r, weights)
+                    reference_chosen_logps=timestep_weighted(ref_c, weights),
+                    reference_rejected_logps=timestep_weighted(ref_r, weights),
                 )
             out = self.loss_fn(**logps, **self.loss_params)
         if out.logits is not None:
@@ -193,32 +214,6 @@ class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
         for name, value in out.metrics.items():
             metrics[name] = value
         return out.losses.mean(), metrics
-
-    def _reference_pair_logps(
-        self,
-        batch: dict[str, Any],
-        epoch: int,
-        inputs: tuple[Any, ...],
-        policy: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference (chosen, rejected) log-likelihood surrogates of a micro-batch, unweighted, float32, (B,) each.
-
-        Live (frozen copy, offloaded copy or LoRA adapters disabled): one no-grad forward on ``inputs`` (the
-        arguments of ``adapter.pair_logps``). ``precomputed``: looked up by ``(epoch, batch["index"])``. During the
-        precompute pass itself the policy still holds the reference weights, so its own values ``policy`` are the
-        reference: they are recorded and returned (the loss of that pass is ln 2 and is discarded).
-        """
-        if getattr(self, "_capturing_reference", False):
-            captured = (policy[0].detach().float(), policy[1].detach().float())
-            self._captured_reference = captured
-            return captured
-        store = getattr(self, "reference_store", None)
-        if store is not None:
-            ref_c, ref_r = store.get(epoch, batch["index"].tolist())
-            device = self.accelerator.device
-            return ref_c.to(device), ref_r.to(device)
-        with torch.no_grad():
-            return self.adapter.pair_logps(*inputs, reference=True)
 
     def _reference_key_parts(self) -> dict[str, Any]:
         """Everything the stored reference values depend on (hashed into the store's folder name)."""
@@ -250,19 +245,11 @@ class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
             ),
         }
 
-    def _prepare_reference_store(self) -> None:
-        """``train.reference=precomputed``: open the store and compute, on the main process and with the initial
-        weights, the values of every micro-batch this run will draw that the store lacks; other processes wait."""
+    def _fill_reference_store(self) -> None:
+        """``train.reference=precomputed``: open the store, let every process compute its share of the planned
+        micro-batches the store lacks (:meth:`reference_pass_batch`; process 0 writes), then read training's values
+        from it."""
         tc, acc = self.config.train, self.accelerator
-        self.reference_store = None
-        if not getattr(self.loss_fn, "needs_reference", False):
-            return
-        if self.config.lora.enabled and tc.reference == "frozen_copy_offload":
-            raise ValueError(
-                "train.reference: 'frozen_copy_offload' is for full fine-tuning; LoRA uses adapters disabled"
-            )
-        if tc.reference != "precomputed":
-            return
         parts = self._reference_key_parts()
         root = Path(self.dataset.folder) / "reference" if self.cached else self.output_dir / "reference_logps"
         plan = plan_micro_batches(
@@ -272,71 +259,37 @@ class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
             seed=tc.seed,
             num_micro_batches=tc.max_steps * tc.gradient_accumulation_steps,
         )
-        with acc.main_process_first():
+        with acc.main_process_first():  # the main process writes the manifest
             store = ReferenceLogpStore(root / reference_key(parts), len(self.dataset), parts)
-            if acc.is_main_process:
-                with self._initial_policy_as_reference():
-                    computed = precompute_reference_logps(
-                        store,
-                        plan,
-                        self._precompute_reference_batch,
-                        show_progress=tc.progress_bar and acc.is_local_main_process,
-                        before_compute=self._refuse_trained_weights,
-                    )
-                logger.info(
-                    "reference log-likelihoods: %s (%d batches computed now, %d planned)",
-                    store.folder,
-                    computed,
-                    len(plan),
-                )
+        computed = precompute_reference_logps(
+            store,
+            plan,
+            self.reference_pass_batch,
+            processes=ProcessGroup.of(acc),
+            show_progress=tc.progress_bar and acc.is_local_main_process,
+        )
+        logger.info(
+            "reference log-likelihoods: %s (%d micro-batches computed now, %d planned)",
+            store.folder,
+            computed,
+            len(plan) // acc.num_processes,
+        )
+        device = acc.device
+
+        def lookup(batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+            chosen, rejected = store.get(epoch, batch["index"].tolist())
+            return chosen.to(device), rejected.to(device)
+
+        self.reference.load(lookup, str(store.folder))
         self.reference_store = store
 
-    @contextlib.contextmanager
-    def _initial_policy_as_reference(self) -> Iterator[None]:
-        """The unwrapped policy in eval mode (as a frozen copy runs), restored on exit; with LoRA, adapters off."""
-        wrapped = self.adapter.denoiser
-        bare = self.accelerator.unwrap_model(self.model)
-        was_training = bare.training
-        self.adapter.denoiser = bare  # one process computes: no DDP forward (its buffer sync would wait for peers)
-        bare.eval()
-        try:
-            with contextlib.ExitStack() as stack:
-                if self.config.lora.enabled:
-                    stack.enter_context(self.adapter.reference_mode())
-                yield
-        finally:
-            self.adapter.denoiser = wrapped
-            bare.train(was_training)
-
-    def _precompute_reference_batch(self, epoch: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference values of one planned micro-batch: the training loss path, no grad, policy values captured."""
+    def reference_pass_batch(self, epoch: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored reference values of one planned local micro-batch: the batch training will draw, and the live
+        reference's inputs and forward (:meth:`_reference_forward`) on the initial network; (B,) float32 each."""
         self.dataset.set_epoch(epoch)
         batch = self.collate([self.dataset[i] for i in indices])
-        self._capturing_reference = True
-        try:
-            with torch.no_grad():
-                self.compute_loss(batch, epoch)
-            return self._captured_reference
-        finally:
-            self._capturing_reference = False
-
-    def _refuse_trained_weights(self, num_batches: int) -> None:
-        if getattr(self, "_policy_restored", False) and not self.config.lora.enabled:
-            raise MissingReferenceError(
-                f"train.reference=precomputed: {num_batches} planned micro-batches have no stored reference values, "
-                "and the policy was already restored from a checkpoint, so they cannot be computed from the initial "
-                "weights any more. Run from the initial weights once (the precompute pass fills the store), or use "
-                "train.reference=frozen_copy"
-            )
-
-    def _load_trainable_only(self, models: list[torch.nn.Module], input_dir: str) -> None:
-        self._policy_restored = True  # from here on the policy's weights are no longer the initial ones
-        super()._load_trainable_only(models, input_dir)
-
-
-def _weighted(logps: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """ω(t)·logp: a per-sample timestep weight on the MSE, shared by the pair and by policy and reference."""
-    return logps if weights is None else logps * weights
+        with self.accelerator.autocast():
+            return self.reference.compute(self._reference_forward(self._pair_inputs(batch, epoch)))
 
 
 def train(config: Config) -> TrainResult:

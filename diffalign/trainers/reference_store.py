@@ -22,10 +22,12 @@ when one is used (runs with the same model, data and seed share the values), els
 ``<train.output_dir>/reference_logps/<key>/`` (a resumed run finds them there).
 
 How they are computed (:func:`precompute_reference_logps`): for every micro-batch the run will touch
-(``max_steps × gradient_accumulation_steps`` global micro-batches, every process's share, :func:`plan_micro_batches`),
-in the training order and with the training batch composition, one no-grad forward of the trainer's own loss path
-with the initial weights. Same batches as the live reference forward means the same floating-point sums, so
-precomputed training equals frozen-copy training bit for bit on one device (a test); a store reused by a run with
+(``max_steps × gradient_accumulation_steps`` global micro-batches, :func:`plan_micro_batches`), in the training order
+and with the training batch composition, one no-grad forward of the live reference's own inputs and forward with the
+initial weights (the trainer's reference pass, :class:`diffalign.trainers.reference.PrecomputedReference`). Every
+process computes its own share; process 0 gathers and writes the values. Same batches as the live reference forward
+means the same floating-point sums, so precomputed training equals frozen-copy training bit for bit on one device,
+and 2 processes store exactly what 1 process with 2 accumulation steps stores (tests); a store reused by a run with
 another batch layout differs only by float rounding. The pass costs exactly the reference forwards that training
 would have run, once.
 
@@ -42,6 +44,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -259,38 +262,94 @@ def planned_epochs(plan: Iterable[PlannedBatch]) -> list[int]:
     return sorted({epoch for epoch, _ in plan})
 
 
+def _alone(obj: Any) -> list[Any]:
+    return [obj]
+
+
+def _no_wait() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """The processes that share a precompute pass: ``count`` of them, this one being ``index`` (process 0 writes).
+
+    ``gather(obj)`` returns every process's ``obj`` in process order, on every process; ``barrier()`` waits for all
+    of them. The default is a run of one process. :meth:`of` takes them from an ``accelerate.Accelerator``.
+    """
+
+    count: int = 1
+    index: int = 0
+    gather: Callable[[Any], list[Any]] = _alone
+    barrier: Callable[[], None] = _no_wait
+
+    @classmethod
+    def of(cls, accelerator: Any) -> ProcessGroup:
+        """The processes of ``accelerator``'s run (objects are all-gathered with ``accelerate.utils.gather_object``)."""
+        from accelerate.utils import gather_object
+
+        return cls(
+            accelerator.num_processes,
+            accelerator.process_index,
+            lambda obj: gather_object([obj]),
+            accelerator.wait_for_everyone,
+        )
+
+
 def precompute_reference_logps(
     store: ReferenceLogpStore,
     plan: Sequence[PlannedBatch],
     compute: ComputeReference,
     *,
+    processes: ProcessGroup = ProcessGroup(),
     show_progress: bool = True,
-    before_compute: Callable[[int], None] | None = None,
 ) -> int:
-    """Fill ``store`` with the values of every planned batch that it lacks; returns the number of batches computed.
+    """Fill ``store`` with the values of every planned global micro-batch it lacks; returns how many were computed.
 
-    Batches run in plan order, one ``compute(epoch, indices)`` each, so each forward sees the batch that training
-    would show the live reference. Values are flushed at each epoch change and at the end (an interrupted pass keeps
-    the epochs it finished). ``before_compute(n)`` is called once with the number of batches to compute when there
-    is at least one (the trainer uses it to refuse computing from weights that are no longer the initial ones).
+    ``plan`` holds every process's local batch of each global micro-batch (:func:`plan_micro_batches`). Each process
+    reads the store as it is on disk and picks the micro-batches of which any process's batch lacks a value, before
+    anything is written (a barrier follows): all processes pick the same ones and run the same number of forwards
+    (with sharded weights every forward is a collective). Each process computes its own batch of each,
+    ``compute(epoch, indices)``, in plan order, so each forward sees the batch that training shows the live
+    reference; the values are gathered to process 0, the store's only writer (a flush is not safe against
+    concurrent writers), which flushes at each epoch change and at the end (an interrupted pass keeps the epochs it
+    finished). A barrier ends the pass, so every process then reads a complete store.
     """
-    todo = [(epoch, indices) for epoch, indices in plan if store.missing(epoch, indices)]
-    if not todo:
-        return 0
-    if before_compute is not None:
-        before_compute(len(todo))
-    logger.info("precomputing reference log-likelihoods: %d batches into %s", len(todo), store.folder)
+    if len(plan) % processes.count:
+        raise ValueError(f"a plan of {len(plan)} local batches does not split over {processes.count} processes")
+    groups = [plan[k : k + processes.count] for k in range(0, len(plan), processes.count)]
+    todo = [group for group in groups if any(store.missing(epoch, indices) for epoch, indices in group)]
+    processes.barrier()  # every process has decided before the writer changes the store
+    if todo:
+        logger.info("precomputing reference log-likelihoods: %d micro-batches into %s", len(todo), store.folder)
+        _compute_into(store, todo, compute, processes, show_progress)
+    processes.barrier()
+    return len(todo)
+
+
+def _compute_into(
+    store: ReferenceLogpStore,
+    todo: Sequence[Sequence[PlannedBatch]],
+    compute: ComputeReference,
+    processes: ProcessGroup,
+    show_progress: bool,
+) -> None:
     current: int | None = None
     try:
-        for epoch, indices in tqdm(todo, desc="precomputing reference", disable=not show_progress):
+        for group in tqdm(todo, desc="precomputing reference", disable=not show_progress):
+            epoch, indices = group[processes.index]
+            chosen, rejected = compute(epoch, list(indices))
+            mine = (epoch, list(indices), chosen.detach().float().cpu(), rejected.detach().float().cpu())
+            values = processes.gather(mine)
+            if processes.index != 0:
+                continue
             if current is not None and epoch != current:
                 store.flush()
             current = epoch
-            chosen, rejected = compute(epoch, list(indices))
-            store.put(epoch, indices, chosen, rejected)
+            for batch_epoch, batch_indices, batch_chosen, batch_rejected in values:
+                store.put(batch_epoch, batch_indices, batch_chosen, batch_rejected)
     finally:
-        store.flush()
-    return len(todo)
+        store.flush()  # a no-op on the other processes: they never put
 
 
 # ------------------------------------------------------------------------------------------ the offloaded copy

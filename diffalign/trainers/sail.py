@@ -98,9 +98,9 @@ def _adapter(config: Config, folder: Path) -> DiffusionAdapter:
 
 
 def _with_denoiser(adapter: DiffusionAdapter, folder: Path, subfolder: str) -> DiffusionAdapter:
-    other = copy.copy(adapter)
-    other.denoiser = DENOISER_CLASSES[subfolder].from_pretrained(folder, subfolder=subfolder).to(adapter.device).eval()
-    return other
+    """``adapter`` evaluating the denoiser saved in ``folder`` (a judge's policy or reference)."""
+    denoiser = DENOISER_CLASSES[subfolder].from_pretrained(folder, subfolder=subfolder)
+    return adapter.with_denoiser(denoiser.to(adapter.device).eval())
 
 
 def sample_and_judge(config: Config, round_index: int, models: list[Path], subfolder: str) -> tuple[list, dict]:

@@ -16,7 +16,8 @@ from diffalign.config import Config
 from diffalign.losses.soar import soar_loss
 from diffalign.models.soar import SOARSettings, soar_aux_points
 from diffalign.trainers.base import TrainResult
-from diffalign.trainers.offline import OfflinePreferenceTrainer, _weighted
+from diffalign.trainers.diffusion_policy import timestep_weighted
+from diffalign.trainers.offline import OfflinePreferenceTrainer
 
 
 class SOARTrainer(OfflinePreferenceTrainer):
@@ -37,12 +38,10 @@ class SOARTrainer(OfflinePreferenceTrainer):
         adapter, seed, indices = self.adapter, self.config.train.seed, batch["index"].tolist()
         x0, _, cond, _ = self._features(batch)
         timesteps, noise = self._draws(batch, epoch, x0)  # SFT's draws: lambda 0 gives SFT's loss exactly
-        lc = self.config.loss
-        weigh = None if lc.weighting == "constant" else lambda t: adapter.snr_weights(t, lc.snr_gamma, lc.weighting)
         with self.accelerator.autocast():
             logp = adapter.denoising_logp(x0, noise, timesteps, cond)
             metrics = {"mse_main": -2 * logp.detach()}
-            main = -_weighted(logp, weigh(timesteps) if weigh else None)
+            main = -timestep_weighted(logp, self.timestep_weights(timesteps))
             if self.soar.lambda_aux == 0:
                 return self.loss_fn(policy_chosen_logps=-main).losses.mean(), metrics
             uncond = self._empty_prompt()
@@ -52,7 +51,7 @@ class SOARTrainer(OfflinePreferenceTrainer):
             rows = points.sample_index
             pred = adapter.predict(points.inputs, points.timesteps, {k: v[rows] for k, v in cond.items()})
             aux_mse = (pred.float() - points.targets).pow(2).mean(dim=tuple(range(1, pred.ndim)))
-            aux = 0.5 * _weighted(aux_mse, weigh(points.timesteps) if weigh else None)
+            aux = 0.5 * timestep_weighted(aux_mse, self.timestep_weights(points.timesteps))
             loss = soar_loss(main, aux, lambda_aux=self.soar.lambda_aux, count=self._normaliser(main, aux))
         per_sample = torch.zeros(len(indices), device=aux_mse.device).index_add_(
             0, points.sample_index, aux_mse.detach()
