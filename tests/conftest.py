@@ -47,17 +47,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def run_train_script() -> Callable[..., subprocess.CompletedProcess]:
-    """``run(args, processes=1)``: ``scripts/train.py args`` as a subprocess, under accelerate's multi-process CPU
-    launch (torchrun-style workers on gloo, no MPI) when ``processes > 1``; one intra-op thread each."""
+    """``run(args, processes=1, accelerate_config=None)``: ``scripts/train.py args`` as a subprocess, under
+    accelerate's multi-process CPU launch (torchrun-style workers on gloo, no MPI) when ``processes > 1``, with
+    ``accelerate_config`` (a file of configs/accelerate/, e.g. ``"fsdp.yaml"``) instead of plain ``--multi_gpu`` when
+    given; one intra-op thread each."""
 
-    def run(args: Sequence[str], *, processes: int = 1) -> subprocess.CompletedProcess:
+    def run(
+        args: Sequence[str], *, processes: int = 1, accelerate_config: str | None = None
+    ) -> subprocess.CompletedProcess:
         script = [str(REPO / "scripts" / "train.py"), *args]
         if processes == 1:
             command = [sys.executable, *script]
         else:
-            command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]
-            command += [str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-            command += script
+            command = [sys.executable, "-m", "accelerate.commands.launch"]
+            if accelerate_config is None:
+                command.append("--multi_gpu")
+            else:
+                command += ["--config_file", str(REPO / "configs" / "accelerate" / accelerate_config)]
+            command += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"]
+            command += ["--dynamo_backend", "no", "--main_process_port", "0", *script]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
         return subprocess.run(command, capture_output=True, text=True, env=env)
 

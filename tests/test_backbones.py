@@ -22,8 +22,10 @@ from diffalign.models.sdxl import SDXLAdapter
 from diffalign.models.tiny import save_tiny_sd_pipeline
 from diffalign.models.tiny_sd3 import SD3_LORA_TARGETS, save_tiny_sd3_pipeline, tiny_sd3_components
 from diffalign.models.tiny_sdxl import save_tiny_sdxl_pipeline, tiny_sdxl_components
+from diffalign.trainers.reference import AdaptersDisabled
 
 PROMPTS = ["a red circle", "a blue square on a grey background"]
+BATCH = {"index": torch.tensor([0, 1])}  # live references ignore the batch: the forward carries its inputs
 
 
 def sdxl_adapter(components: dict, **kwargs) -> SDXLAdapter:
@@ -184,8 +186,9 @@ def test_sd3_dpo_is_ln2_at_init_and_matches_the_hand_computed_loss(sd3_component
     noise = adapter.sample_noise((4, 16, 16), 0, 0, [0, 1])
     t = adapter.sample_timesteps(0, 0, [0, 1])
     dpo = get_loss("dpo")
+    reference = AdaptersDisabled(adapter.denoiser)  # the trainers' LoRA reference
     pol = adapter.pair_logps(x0_w, x0_l, cond, None, noise, t)
-    ref = adapter.pair_logps(x0_w, x0_l, cond, None, noise, t, reference=True)
+    ref = reference.logps(BATCH, 0, lambda m: adapter.with_denoiser(m).pair_logps(x0_w, x0_l, cond, None, noise, t))
     out = dpo(
         policy_chosen_logps=pol[0],
         policy_rejected_logps=pol[1],
@@ -199,7 +202,7 @@ def test_sd3_dpo_is_ln2_at_init_and_matches_the_hand_computed_loss(sd3_component
             if "lora_B" in name:
                 p.add_(0.05 * torch.randn_like(p))
     lw, ll = adapter.pair_mse(x0_w, x0_l, cond, None, noise, t)
-    rw, rl = adapter.pair_mse(x0_w, x0_l, cond, None, noise, t, reference=True)
+    rw, rl = reference.logps(BATCH, 0, lambda m: adapter.with_denoiser(m).pair_mse(x0_w, x0_l, cond, None, noise, t))
     # by hand: x_t = (1 - sigma) x0 + sigma eps, v = eps - x0, per-sample mean squared error
     sigma = (t / 1000).reshape(-1, 1, 1, 1)
     full_cond = {k: torch.cat([v, v]) for k, v in cond.items()}

@@ -1,5 +1,5 @@
-"""The causal-LM adapter: TRL-style tokenisation, completion log-probs against a hand loop, padding invariance,
-and the reference as a frozen copy or with LoRA adapters disabled."""
+"""Causal LMs: TRL-style tokenisation, completion log-probs against a hand loop, padding invariance, and the
+reference through its strategies (:mod:`diffalign.trainers.reference`): LoRA adapters disabled, or a frozen copy."""
 
 from __future__ import annotations
 
@@ -13,18 +13,34 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from diffalign.losses import get_loss
 from diffalign.models.causal_lm import (
-    CausalLMAdapter,
     collate_preference,
     common_prefix_length,
+    completion_token_stats,
     sequence_logps,
     tokenize_preference,
 )
 from diffalign.models.clip_tokenizer import build_clip_tokenizer
+from diffalign.trainers.reference import AdaptersDisabled, FrozenCopy
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|startoftext|>{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
     "{% if add_generation_prompt %}<|startoftext|>assistant:{% endif %}"
 )
+
+
+def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token log-probs (2B, T−1), completion mask) of a :func:`collate_preference` batch under ``model``."""
+    stats = completion_token_stats(
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], with_details=False
+    )
+    return stats.logps, stats.mask
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed completion log-likelihoods, each (B,), float32: the trainers' reference forward."""
+    logps = sequence_logps(*token_logps(model, batch))
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:]
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +95,7 @@ def test_completion_logps_equal_a_hand_loop_and_ignore_padding(tokenizer, model)
         tokenize_preference(tokenizer, "draw a big yellow", " triangle", " circle"),
     ]
     batch = collate_preference(examples, pad_token_id=tokenizer.pad_token_id)
-    adapter = CausalLMAdapter(model)
-    chosen, rejected = adapter.pair_logps(batch)
+    chosen, rejected = pair_logps(model, batch)
     # hand loop over each unpadded sequence on its own
     with torch.no_grad():
         for i, (ex, side) in enumerate([(e, s) for s in ("chosen_ids", "rejected_ids") for e in examples]):
@@ -90,9 +105,9 @@ def test_completion_logps_equal_a_hand_loop_and_ignore_padding(tokenizer, model)
             expected = sum(logp[t - 1, ids[0, t]].item() for t in range(start, ids.shape[1]))
             got = (chosen if side == "chosen_ids" else rejected)[i % 2].item()
             assert got == pytest.approx(expected, abs=1e-4)
-    token_logps, mask = adapter.token_logps(batch)
+    logps, mask = token_logps(model, batch)
     lengths = mask.sum(-1).float()
-    averaged = sequence_logps(token_logps, mask, average=True)
+    averaged = sequence_logps(logps, mask, average=True)
     torch.testing.assert_close(averaged, torch.cat([chosen, rejected]) / lengths)
     truncated = collate_preference(examples, pad_token_id=tokenizer.pad_token_id, max_length=4)
     assert truncated["input_ids"].shape[1] == 4
@@ -101,11 +116,17 @@ def test_completion_logps_equal_a_hand_loop_and_ignore_padding(tokenizer, model)
 def test_reference_by_adapters_disabled_or_frozen_copy_and_dpo_ln2(tokenizer, model):
     examples = [tokenize_preference(tokenizer, "a red", " circle", " square")]
     batch = collate_preference(examples, pad_token_id=tokenizer.pad_token_id)
-    base = CausalLMAdapter(model).pair_logps(batch)
+
+    def forward(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return pair_logps(module, batch)
+
+    with torch.no_grad():
+        base = pair_logps(model, batch)
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    adapter = CausalLMAdapter(peft_model)
-    pol = adapter.pair_logps(batch)
-    ref = adapter.pair_logps(batch, reference=True)
+    reference = AdaptersDisabled(peft_model)
+    pol = pair_logps(peft_model, batch)
+    ref = reference.logps(batch, 0, forward)
+    assert pol[0].requires_grad and not ref[0].requires_grad
     dpo = get_loss("trl_sigmoid")
     out = dpo(
         policy_chosen_logps=pol[0],
@@ -119,12 +140,17 @@ def test_reference_by_adapters_disabled_or_frozen_copy_and_dpo_ln2(tokenizer, mo
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.add_(0.5)
-    moved = adapter.pair_logps(batch)
-    ref_after = adapter.pair_logps(batch, reference=True)
+    moved = pair_logps(peft_model, batch)
+    ref_after = reference.logps(batch, 0, forward)
     torch.testing.assert_close(torch.stack(ref_after), torch.stack(base), atol=1e-5, rtol=0)
-    assert (torch.stack(moved) - torch.stack(base)).abs().max() > 1e-3
-    copy_adapter = CausalLMAdapter(model)
-    copy_adapter.freeze_reference_copy()
-    torch.testing.assert_close(torch.stack(copy_adapter.pair_logps(batch, reference=True)), torch.stack(base))
-    with pytest.raises(RuntimeError, match="no reference model"):
-        CausalLMAdapter(model).pair_logps(batch, reference=True)
+    assert (torch.stack(moved).detach() - torch.stack(base)).abs().max() > 1e-3
+    policy = copy.deepcopy(model)  # a full fine-tune: the reference is a frozen copy of the initial weights
+    frozen = FrozenCopy.of(policy, "cpu")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    torch.testing.assert_close(torch.stack(frozen.logps(batch, 0, forward)), torch.stack(base))
+    assert (torch.stack(forward(policy)).detach() - torch.stack(base)).abs().max() > 1e-3
+    with pytest.raises(RuntimeError, match="no peft adapters"):
+        AdaptersDisabled(model).logps(batch, 0, forward)

@@ -180,7 +180,7 @@ def test_reconstruction_with_the_exact_velocity_recovers_x0(tiny_dirs, tmp_path)
     x0 = torch.randn(2, 3, 16, 16)
     captured = {}
 
-    def exact_velocity(x_t, timesteps, cond, reference=False):
+    def exact_velocity(x_t, timesteps, cond):
         sigma = (timesteps.float() / 1000).reshape(-1, 1, 1, 1)
         eps = (x_t - (1 - sigma) * x0) / sigma
         captured["eps"] = eps

@@ -1,4 +1,5 @@
-"""LoRA attach/save/load and the reference model (adapters disabled, or a frozen full copy)."""
+"""LoRA attach/save/load and the reference model through its strategies (:mod:`diffalign.trainers.reference`:
+adapters disabled, or a frozen full copy), evaluated by the adapter (``adapter.with_denoiser(module)``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from diffusers import StableDiffusionPipeline
 from diffalign.models.diffusion import SDAdapter
 from diffalign.models.loading import load_sd_adapter
 from diffalign.models.lora import add_lora, load_lora_into_unet, save_lora
+from diffalign.models.reference import adapters_disabled
 from diffalign.models.tiny import tiny_sd_components
+from diffalign.trainers.reference import AdaptersDisabled, FrozenCopy
+
+BATCH = {"index": torch.tensor([0, 1])}  # live references ignore the batch: the forward carries its inputs
 
 
 def pixel_adapter(seed: int = 0) -> tuple[SDAdapter, dict]:
@@ -27,6 +32,11 @@ def fixed_batch(adapter: SDAdapter, batch: int = 2):
     t = torch.tensor([100, 700, 400, 50][:batch])
     cond = adapter.encode_prompts(["a red circle", "a blue square", "a green circle", ""][:batch])
     return x0_w, x0_l, noise, t, cond
+
+
+def pair_forward(adapter: SDAdapter, x0_w, x0_l, noise, t, cond):
+    """How a trainer evaluates a reference network on the pair (``OfflinePreferenceTrainer._reference_forward``)."""
+    return lambda module: adapter.with_denoiser(module).pair_logps(x0_w, x0_l, cond, None, noise, t)
 
 
 def perturb_(params: list[torch.nn.Parameter], seed: int = 0, scale: float = 0.2) -> None:
@@ -47,13 +57,13 @@ def test_add_lora_starts_at_the_base_and_reference_equals_policy():
     trainable = {id(p) for p in c["unet"].parameters() if p.requires_grad}
     assert trainable == {id(p) for p in params}
     policy = adapter.pair_logps(x0_w, x0_l, cond, None, noise, t)
-    reference = adapter.pair_logps(x0_w, x0_l, cond, None, noise, t, reference=True)
+    reference = AdaptersDisabled(c["unet"]).logps(BATCH, 0, pair_forward(adapter, x0_w, x0_l, noise, t, cond))
     for got, ref, base in zip(policy, reference, (base_w, base_l), strict=True):
         assert torch.equal(got.detach(), ref) and torch.equal(ref, base.detach())
         assert not ref.requires_grad
 
 
-def test_reference_mode_disables_lora_and_restores_it():
+def test_adapters_disabled_reference_is_the_base_and_restores_the_lora():
     adapter, c = pixel_adapter(seed=1)
     base = copy.deepcopy(c["unet"])
     params = add_lora(c["unet"], rank=4, alpha=8)
@@ -65,33 +75,42 @@ def test_reference_mode_disables_lora_and_restores_it():
         base_out = base(x_t, t, ehs).sample
     policy_before = adapter.predict(x_t, t, cond)
     assert policy_before.requires_grad and (policy_before - base_out).abs().max() > 1e-3
-    reference = adapter.predict(x_t, t, cond, reference=True)
+    strategy = AdaptersDisabled(c["unet"])
+
+    def predict(module: torch.nn.Module) -> torch.Tensor:
+        return adapter.with_denoiser(module).predict(x_t, t, cond)
+
+    reference = strategy.logps(BATCH, 0, predict)
     assert torch.equal(reference, base_out) and not reference.requires_grad
-    with adapter.reference_mode():
-        assert torch.equal(adapter.predict(x_t, t, cond).detach(), base_out)
-        with adapter.reference_mode():  # nesting keeps the reference
-            assert torch.equal(adapter.predict(x_t, t, cond).detach(), base_out)
-        assert torch.equal(adapter.predict(x_t, t, cond).detach(), base_out)
+    with strategy.network() as module:
+        assert module is c["unet"]
+        assert torch.equal(predict(module).detach(), base_out)
+        with strategy.network() as inner:  # nesting keeps the reference
+            assert torch.equal(predict(inner).detach(), base_out)
+        assert torch.equal(predict(module).detach(), base_out)
     assert torch.equal(adapter.predict(x_t, t, cond).detach(), policy_before.detach())
     assert all(p.requires_grad for p in params)
     # a frozen adapter stays frozen after the context (peft's re-enable alone would unfreeze it)
     for p in params:
         p.requires_grad_(False)
-    adapter.predict(x_t, t, cond, reference=True)
+    strategy.logps(BATCH, 0, predict)
     assert not any(p.requires_grad for p in params)
 
 
-def test_reference_mode_with_a_frozen_full_copy():
+def test_frozen_full_copy_reference_keeps_the_initial_weights():
     adapter, c = pixel_adapter(seed=2)
     x0_w, x0_l, noise, t, cond = fixed_batch(adapter)
-    with pytest.raises(RuntimeError, match="no reference model"):
-        adapter.pair_logps(x0_w, x0_l, cond, None, noise, t, reference=True)
+    forward = pair_forward(adapter, x0_w, x0_l, noise, t, cond)
+    with pytest.raises(RuntimeError, match="no peft adapters"):  # without LoRA, disabling adapters is no reference
+        AdaptersDisabled(c["unet"]).logps(BATCH, 0, forward)
     original = adapter.pair_logps(x0_w, x0_l, cond, None, noise, t)
-    reference_unet = adapter.freeze_reference_copy()
+    strategy = FrozenCopy.of(c["unet"], "cpu")
+    reference_unet = strategy.module
     assert reference_unet is not c["unet"] and not any(p.requires_grad for p in reference_unet.parameters())
+    assert not reference_unet.training
     perturb_(list(c["unet"].parameters()), scale=0.01)  # a full fine-tuning step, in effect
     policy = adapter.pair_logps(x0_w, x0_l, cond, None, noise, t)
-    reference = adapter.pair_logps(x0_w, x0_l, cond, None, noise, t, reference=True)
+    reference = strategy.logps(BATCH, 0, forward)
     for pol, ref, orig in zip(policy, reference, original, strict=True):
         assert torch.equal(ref, orig.detach()) and not ref.requires_grad
         assert (pol.detach() - ref).abs().max() > 1e-6
@@ -114,7 +133,7 @@ def test_saved_lora_loads_in_stable_diffusion_pipeline(tmp_path, tiny_sd_dirs):
     with torch.no_grad():
         ours = adapter.denoiser(x_t, t, ehs).sample
         theirs = pipe.unet(x_t, t, ehs).sample
-        with adapter.reference_mode():
+        with adapters_disabled(adapter.denoiser):
             base = adapter.denoiser(x_t, t, ehs).sample
     assert (ours - base).abs().max() > 1e-3  # the LoRA matters, so equality below is informative
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)

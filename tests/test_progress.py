@@ -35,7 +35,8 @@ def test_a_run_prints_its_summary_before_training(pixel_pipeline, pairs, tmp_pat
     rows = dict(re.findall(r"^  (\S.*?\S)  +(.*)$", out, flags=re.M))
     assert rows["model"] == f"{pixel_pipeline} (SDAdapter)"
     assert rows["examples"] == "16" and rows["batch per device"] == "2" and rows["accumulation"] == "2"
-    assert rows["effective batch"] == "4" and rows["optimizer steps"] == "1 (0.25 epochs)"
+    assert rows["processes"] == "1 (single process)" and rows["effective batch"] == "4"
+    assert rows["optimizer steps"] == "1 (0.25 epochs)"
     assert re.fullmatch(r"\S+ of \S+ \(LoRA rank 4\)", rows["trainable parameters"])
     assert rows["output"] == str(tmp_path / "run") and "resumed from" not in rows
     cfg.train.max_steps, cfg.train.resume_from_checkpoint = 2, "latest"

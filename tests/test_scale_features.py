@@ -24,6 +24,7 @@ from diffalign.trainers import base as trainer_base
 from diffalign.trainers.metrics import read_metrics
 from diffalign.trainers.offline import OfflinePreferenceTrainer, train
 from diffalign.trainers.optimizers import ADAFACTOR_KWARGS, build_optimizer
+from diffalign.trainers.reference import AdaptersDisabled
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
@@ -259,11 +260,13 @@ def test_bf16_mixed_precision_keeps_loss_math_in_fp32(pixel_pipeline, pairs, tmp
     x0_c, x0_r, cond_c, cond_r = trainer._features(batch)
     t = adapter.sample_timesteps(0, 0, [0, 1])
     noise = adapter.sample_noise(tuple(x0_c.shape[1:]), 0, 0, [0, 1])
+    assert isinstance(trainer.reference, AdaptersDisabled)
     with trainer.accelerator.autocast():
         pred = adapter.predict(adapter.add_noise(x0_c, noise, t), t, cond_c)
         logp_c, logp_r = adapter.pair_logps(x0_c, x0_r, cond_c, cond_r, noise, t)
-        with torch.no_grad():
-            ref_c, _ = adapter.pair_logps(x0_c, x0_r, cond_c, cond_r, noise, t, reference=True)
+        ref_c, _ = trainer.reference.logps(
+            batch, 0, lambda m: adapter.with_denoiser(m).pair_logps(x0_c, x0_r, cond_c, cond_r, noise, t)
+        )
     assert pred.dtype == torch.bfloat16  # the network really runs in bf16 ...
     assert logp_c.dtype == logp_r.dtype == ref_c.dtype == torch.float32  # ... the per-sample MSEs are fp32
     loss, metrics = trainer.compute_loss(batch, epoch=0)

@@ -1,4 +1,4 @@
-"""Causal-LM adapter: preference examples in, summed / averaged completion log-probs out (TRL's conventions).
+"""Causal LMs: preference examples in, summed / averaged completion log-probs out (TRL's conventions).
 
 Tokenisation follows TRL 1.16's ``DPOTrainer`` (research/llm_losses.md §1.2): standard (string) data gets the EOS
 token appended to each completion; conversational data (lists of ``{"role", "content"}`` messages) goes through the
@@ -13,20 +13,19 @@ tokens. The log-likelihood of a completion is
 
 optionally divided by the number of completion tokens (SimPO / ORPO / IPO-style averages). The per-token values
 are returned too, for LD-DPO, WPO and the GRPO losses. Computed in float32 whatever the model dtype.
+
+The functions evaluate whichever model they are given. Which network is the reference is the trainer's decision
+(:mod:`diffalign.trainers.reference`); the trainer runs :func:`completion_token_stats` on the network it picked.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-
-from diffalign.models.reference import adapters_disabled, has_adapters, unwrap
 
 
 def is_conversational(value: Any) -> bool:
@@ -219,67 +218,10 @@ def completion_token_stats(
     return TokenStats(token_logps.masked_fill(~mask, 0.0), mask, mean_logits, top1, sum_sq)
 
 
-def completion_token_logps(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs of each next token, float32 (N, T−1), zero outside the completion, and that mask."""
-    stats = completion_token_stats(model, input_ids, attention_mask, completion_mask, with_details=False)
-    return stats.logps, stats.mask
-
-
 def sequence_logps(token_logps: Tensor, mask: Tensor, *, average: bool = False) -> Tensor:
     """Σ over completion tokens (``average``: divided by their number); (N,)."""
     total = (token_logps * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
-
-
-class CausalLMAdapter:
-    """A causal LM and its reference: a frozen copy (``reference_model``) or, when that is ``None``, the same model
-    with its peft adapters disabled (TRL's PEFT path). For direct use (tests, scripts): the trainers pick their
-    reference network with :mod:`diffalign.trainers.reference` and evaluate it with :func:`completion_token_stats`."""
-
-    def __init__(self, model: torch.nn.Module, *, reference_model: torch.nn.Module | None = None) -> None:
-        self.model = model
-        self.reference_model = reference_model
-
-    def freeze_reference_copy(self) -> torch.nn.Module:
-        """Set ``reference_model`` to a frozen deep copy of the (unwrapped) model; return it."""
-        reference = copy.deepcopy(unwrap(self.model)).requires_grad_(False).eval()
-        self.reference_model = reference
-        return reference
-
-    @contextmanager
-    def reference_mode(self) -> Iterator[torch.nn.Module]:
-        """Yield the module that computes reference log-probs (the copy, or the model with adapters disabled)."""
-        if self.reference_model is not None:
-            yield self.reference_model
-            return
-        if not has_adapters(self.model):
-            raise RuntimeError(
-                "no reference model: the model has no peft adapters and reference_model is None; add LoRA or call "
-                "freeze_reference_copy()"
-            )
-        with adapters_disabled(self.model):
-            yield self.model
-
-    def token_logps(self, batch: Mapping[str, Tensor], *, reference: bool = False) -> tuple[Tensor, Tensor]:
-        """(per-token log-probs (2B, T−1), completion mask) of a :func:`collate_preference` batch; the reference
-        runs under ``torch.no_grad()``."""
-        device = next(unwrap(self.model).parameters()).device
-        args = [batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")]
-        if not reference:
-            return completion_token_logps(self.model, *args)
-        with self.reference_mode() as model, torch.no_grad():
-            return completion_token_logps(model, *args)
-
-    def pair_logps(
-        self, batch: Mapping[str, Tensor], *, reference: bool = False, average: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """(chosen, rejected) completion log-likelihoods, each (B,), float32."""
-        token_logps, mask = self.token_logps(batch, reference=reference)
-        logps = sequence_logps(token_logps, mask, average=average)
-        half = logps.shape[0] // 2
-        return logps[:half], logps[half:]
 
 
 def load_causal_lm(

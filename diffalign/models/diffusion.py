@@ -9,22 +9,20 @@ same quantity, the per-sample denoising error at one noise draw and one timestep
     logp = −0.5 · L                                               (the project's log-likelihood surrogate)
 
 :class:`DiffusionAdapter` holds the backbone-independent parts (addressable noise and timesteps, the fp32 MSE, the
-paired 2B forward, the reference context); a subclass per backbone family supplies prompt/image encoding, the noising
-rule, the target and one denoiser call. :class:`SDAdapter` covers SD 1.x/2.x (``UNet2DConditionModel`` +
-``DDPMScheduler``), in latent space with an ``AutoencoderKL`` or directly in pixel space without one.
+paired 2B forward); a subclass per backbone family supplies prompt/image encoding, the noising rule, the target and one
+denoiser call. :class:`SDAdapter` covers SD 1.x/2.x (``UNet2DConditionModel`` + ``DDPMScheduler``), in latent space
+with an ``AutoencoderKL`` or directly in pixel space without one.
 
-Which network is the reference is the trainer's decision (:mod:`diffalign.trainers.reference`); a trainer evaluates the
-network it picked through :meth:`DiffusionAdapter.with_denoiser`. For direct use (tests, scripts) the adapter keeps its
-own reference too: a frozen copy (``reference_denoiser``) or, when that is ``None``, the same network with its LoRA
-adapters disabled — as diffusers' ``train_diffusion_dpo.py`` does.
+An adapter evaluates one network, its ``denoiser``. Which network is the reference is the trainer's decision
+(:mod:`diffalign.trainers.reference`); the trainer evaluates the network it picked through
+:meth:`DiffusionAdapter.with_denoiser`.
 """
 
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +30,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 from torch import Tensor
 
-from diffalign.models.reference import adapters_disabled, has_adapters, unwrap
+from diffalign.models.reference import unwrap
 from diffalign.utils.randomness import NOISE, TIMESTEP, per_sample_normal, per_sample_randint
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -42,24 +40,14 @@ class DiffusionAdapter(ABC):
     """Backbone-independent surface shared by the SD, SDXL and SD3 adapters.
 
     Attributes:
-        denoiser: the trained network. A trainer may replace it with an accelerate-wrapped one; the adapter always
-            calls it as given and unwraps it only to toggle LoRA adapters or read its device/dtype.
+        denoiser: the network the adapter evaluates. A trainer may replace it with an accelerate-wrapped one; the
+            adapter always calls it as given and unwraps it only to read its config, device and dtype.
         vae: the ``AutoencoderKL`` between pixels and the denoiser's space, or ``None`` in pixel space.
-        reference_denoiser: a frozen copy for full fine-tuning, or ``None``, in which case the reference is the
-            denoiser with its LoRA adapters disabled.
     """
 
-    def __init__(
-        self,
-        denoiser: torch.nn.Module,
-        *,
-        vae: AutoencoderKL | None = None,
-        reference_denoiser: torch.nn.Module | None = None,
-    ) -> None:
+    def __init__(self, denoiser: torch.nn.Module, *, vae: AutoencoderKL | None = None) -> None:
         self.denoiser = denoiser
         self.vae = vae
-        self.reference_denoiser = reference_denoiser
-        self._reference_depth = 0
         if vae is not None:
             vae.requires_grad_(False)
 
@@ -89,7 +77,7 @@ class DiffusionAdapter(ABC):
 
     @abstractmethod
     def _denoise(self, model: torch.nn.Module, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        """One forward of ``model`` (the denoiser or the reference copy)."""
+        """One forward of ``model`` (the adapter's denoiser)."""
 
     #: subfolder of the denoiser in a diffusers pipeline folder, and the pipeline class that loads its LoRA files
     denoiser_subfolder = "unet"
@@ -138,10 +126,9 @@ class DiffusionAdapter(ABC):
         return int(unwrap(self.denoiser).config.in_channels), height // factor, width // factor
 
     def to(self, device: torch.device | str) -> DiffusionAdapter:
-        """Move every held module (denoiser, reference, VAE, text encoders) to ``device``; dtypes are kept."""
-        for module in (self.denoiser, self.reference_denoiser, *self.frozen_modules()):
-            if module is not None:
-                module.to(device)
+        """Move every held module (denoiser, VAE, text encoders) to ``device``; dtypes are kept."""
+        for module in (self.denoiser, *self.frozen_modules()):
+            module.to(device)
         return self
 
     @torch.no_grad()
@@ -185,11 +172,6 @@ class DiffusionAdapter(ABC):
         """Device of the denoiser's parameters."""
         return next(unwrap(self.denoiser).parameters()).device
 
-    @property
-    def has_reference(self) -> bool:
-        """Whether :meth:`reference_mode` can work: a frozen copy is set or the denoiser carries LoRA adapters."""
-        return self.reference_denoiser is not None or has_adapters(self.denoiser)
-
     def sample_timesteps(
         self, seed: int, epoch: int, indices: Sequence[int], *, device: torch.device | str | None = None
     ) -> Tensor:
@@ -214,25 +196,11 @@ class DiffusionAdapter(ABC):
         noise = per_sample_normal(tuple(shape_per_sample), seed, epoch, indices, NOISE)
         return noise.to(self.device if device is None else device)
 
-    def _active_denoiser(self) -> torch.nn.Module:
-        if self._reference_depth > 0 and self.reference_denoiser is not None:
-            return self.reference_denoiser
-        return self.denoiser
+    def predict(self, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """The denoiser's output at ``x_t`` (in the model's dtype); grad is the caller's business."""
+        return self._denoise(self.denoiser, x_t, timesteps, cond)
 
-    def predict(self, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor], *, reference: bool = False) -> Tensor:
-        """The denoiser's output at ``x_t`` (in the model's dtype).
-
-        ``reference=True`` runs the reference (frozen copy, or LoRA adapters disabled) under ``torch.no_grad()``.
-        Inside :meth:`reference_mode`, every call uses the reference.
-        """
-        if reference:
-            with self.reference_mode(), torch.no_grad():
-                return self._denoise(self._active_denoiser(), x_t, timesteps, cond)
-        return self._denoise(self._active_denoiser(), x_t, timesteps, cond)
-
-    def per_sample_mse(
-        self, x0: Tensor, noise: Tensor, timesteps: Tensor, cond: dict[str, Tensor], *, reference: bool = False
-    ) -> Tensor:
+    def per_sample_mse(self, x0: Tensor, noise: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """L_i = mean_{c,h,w} (f(x_t, t, c) − target)², computed in float32; shape (N,).
 
         Prediction and target are both cast to float32 before the difference, as diffusers' DPO scripts do (the
@@ -246,14 +214,12 @@ class DiffusionAdapter(ABC):
             )
         x_t = self.add_noise(x0, noise, timesteps)
         target = self.target(x0, noise, timesteps)
-        pred = self.predict(x_t, timesteps, cond, reference=reference)
+        pred = self.predict(x_t, timesteps, cond)
         return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
 
-    def denoising_logp(
-        self, x0: Tensor, noise: Tensor, timesteps: Tensor, cond: dict[str, Tensor], *, reference: bool = False
-    ) -> Tensor:
+    def denoising_logp(self, x0: Tensor, noise: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """Log-likelihood surrogate logp_i = −0.5 · L_i (see :meth:`per_sample_mse`); shape (N,), float32."""
-        return -0.5 * self.per_sample_mse(x0, noise, timesteps, cond, reference=reference)
+        return -0.5 * self.per_sample_mse(x0, noise, timesteps, cond)
 
     def pair_mse(
         self,
@@ -263,8 +229,6 @@ class DiffusionAdapter(ABC):
         cond_rejected: dict[str, Tensor] | None,
         noise: Tensor,
         timesteps: Tensor,
-        *,
-        reference: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Per-sample MSEs (L^w, L^l), each (B,), from ONE denoiser forward of 2B rows.
 
@@ -296,7 +260,6 @@ class DiffusionAdapter(ABC):
             torch.cat([noise, noise]),
             torch.cat([timesteps, timesteps]),
             cond,
-            reference=reference,
         )
         return mse[:batch], mse[batch:]
 
@@ -308,60 +271,18 @@ class DiffusionAdapter(ABC):
         cond_rejected: dict[str, Tensor] | None,
         noise: Tensor,
         timesteps: Tensor,
-        *,
-        reference: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """(logp_chosen, logp_rejected) = −0.5 · :meth:`pair_mse`; one forward of 2B, each output (B,), float32."""
-        mse_chosen, mse_rejected = self.pair_mse(
-            x0_chosen, x0_rejected, cond_chosen, cond_rejected, noise, timesteps, reference=reference
-        )
+        mse_chosen, mse_rejected = self.pair_mse(x0_chosen, x0_rejected, cond_chosen, cond_rejected, noise, timesteps)
         return -0.5 * mse_chosen, -0.5 * mse_rejected
-
-    @contextmanager
-    def reference_mode(self) -> Iterator[None]:
-        """Within the block, :meth:`predict` evaluates the reference model.
-
-        Full fine-tuning (``reference_denoiser`` set): calls are routed to the frozen copy. LoRA: every enabled peft
-        LoRA layer of the unwrapped denoiser is disabled and re-enabled on exit
-        (:func:`diffalign.models.reference.adapters_disabled`; ``requires_grad`` is never touched).
-        Nesting is allowed. No grad is switched off here; :meth:`predict` with ``reference=True`` does that.
-        """
-        if self.reference_denoiser is not None:
-            self._reference_depth += 1
-            try:
-                yield
-            finally:
-                self._reference_depth -= 1
-            return
-        if not has_adapters(self.denoiser):
-            raise RuntimeError(
-                "no reference model: the denoiser has no LoRA adapters and reference_denoiser is None; "
-                "add LoRA (diffalign.models.lora.add_lora) or set a frozen copy (adapter.freeze_reference_copy())"
-            )
-        with adapters_disabled(self.denoiser):
-            self._reference_depth += 1
-            try:
-                yield
-            finally:
-                self._reference_depth -= 1
 
     def with_denoiser(self, module: torch.nn.Module) -> DiffusionAdapter:
         """This adapter evaluating ``module`` instead of its denoiser: a shallow view that shares the encoders, the
-        scheduler and the settings, with no reference of its own (how a trainer runs the reference network its
-        :mod:`~diffalign.trainers.reference` strategy picked, or a judge runs another round's denoiser)."""
+        scheduler and the settings (how a trainer runs the reference network its :mod:`~diffalign.trainers.reference`
+        strategy picked, or a judge runs another round's denoiser)."""
         view = copy.copy(self)
         view.denoiser = module
-        view.reference_denoiser = None
-        view._reference_depth = 0
         return view
-
-    def freeze_reference_copy(self) -> torch.nn.Module:
-        """Set ``reference_denoiser`` to a frozen deep copy of the (unwrapped) denoiser, in eval mode; return it."""
-        reference = copy.deepcopy(unwrap(self.denoiser))
-        reference.requires_grad_(False)
-        reference.eval()
-        self.reference_denoiser = reference
-        return reference
 
 
 def _gather_per_sample(values: Tensor, timesteps: Tensor, like: Tensor) -> Tensor:
@@ -394,10 +315,9 @@ class SDAdapter(DiffusionAdapter):
         vae: AutoencoderKL | None = None,
         text_encoder: torch.nn.Module | None = None,
         tokenizer: Any | None = None,
-        reference_denoiser: torch.nn.Module | None = None,
         prediction_type: str | None = None,
     ) -> None:
-        super().__init__(unet, vae=vae, reference_denoiser=reference_denoiser)
+        super().__init__(unet, vae=vae)
         scheduler = DDPMScheduler.from_config(scheduler.config)  # a private copy: the override must not leak out
         if prediction_type is not None:
             _check_prediction_type(prediction_type)

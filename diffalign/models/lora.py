@@ -76,16 +76,18 @@ def save_lora(
     adapter_name: str = "default",
     pipeline_cls: type = StableDiffusionPipeline,
     component: str = "unet",
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``output_dir/pytorch_lora_weights.safetensors`` in diffusers' LoRA format; returns the file path.
 
     ``pipeline_cls.save_lora_weights`` writes it, with the layers passed as ``{component}_lora_layers``
-    (``"unet"`` for SD/SDXL, ``"transformer"`` for SD3).
+    (``"unet"`` for SD/SDXL, ``"transformer"`` for SD3). ``state_dict``: the adapter weights to write instead of the
+    module's own (an FSDP2-sharded module's, gathered by :func:`diffalign.trainers.sharding.gather_full_state_dict`).
     """
     bare = unwrap(unet)
     if adapter_name not in getattr(bare, "peft_config", {}):
         raise ValueError(f"the {component} has no LoRA adapter named {adapter_name!r}; call add_lora first")
-    layers = get_peft_model_state_dict(bare, adapter_name=adapter_name)
+    layers = get_peft_model_state_dict(bare, state_dict=state_dict, adapter_name=adapter_name)
     if component == "unet":  # diffusers' UNet scripts convert to its own key format; the SD3 script saves peft keys
         layers = convert_state_dict_to_diffusers(layers)
     pipeline_cls.save_lora_weights(

@@ -1,5 +1,5 @@
-"""The reference model as "the same network with its peft adapters disabled", shared by the diffusion and causal-LM
-adapters."""
+"""peft LoRA layers of a model and the switch that disables them: the "same network with its adapters disabled"
+reference of :class:`diffalign.trainers.reference.AdaptersDisabled`, for diffusion denoisers and causal LMs alike."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
     if not layers:
         raise RuntimeError("the model has no peft adapters to disable")
     if any(layer.merged for layer in layers):
-        raise RuntimeError("LoRA weights are merged into the base weights; unmerge them before reference_mode")
+        raise RuntimeError("LoRA weights are merged into the base weights; unmerge them before disabling the adapters")
     was_enabled = [layer for layer in layers if not layer.disable_adapters]
     for layer in was_enabled:
         layer._disable_adapters = True

@@ -148,8 +148,6 @@ def guided_prediction(
     cond: dict[str, Tensor],
     uncond: dict[str, Tensor] | None,
     guidance_scale: float,
-    *,
-    reference: bool = False,
 ) -> Tensor:
     """The (guided) denoiser output at ``x``: one forward of ``[uncond; cond]`` when ``uncond`` is given.
 
@@ -160,12 +158,10 @@ def guided_prediction(
     if timesteps.numel() == 1:
         timesteps = timesteps.expand(n)
     if uncond is None or guidance_scale == 1.0:
-        return adapter.predict(x, timesteps, cond, reference=reference)
+        return adapter.predict(x, timesteps, cond)
     unc = {k: uncond[k].expand(n, *uncond[k].shape[1:]) if k in uncond else cond[k] for k in cond}
     both = {k: torch.cat([unc[k], cond[k]]) for k in cond}
-    out_u, out_c = adapter.predict(
-        torch.cat([x, x]), torch.cat([timesteps, timesteps]), both, reference=reference
-    ).chunk(2)
+    out_u, out_c = adapter.predict(torch.cat([x, x]), torch.cat([timesteps, timesteps]), both).chunk(2)
     return out_u + guidance_scale * (out_c - out_u)
 
 
@@ -292,13 +288,10 @@ def step_log_prob(
     next_latents: Tensor,
     cond: dict[str, Tensor],
     uncond: dict[str, Tensor] | None,
-    *,
-    reference: bool = False,
 ) -> StepOutput:
-    """Re-evaluate stochastic step ``k`` (``latents → next_latents``) with the current (or reference) weights."""
-    out = guided_prediction(
-        adapter, latents, schedule.timesteps[k], cond, uncond, settings.guidance_scale, reference=reference
-    )
+    """Re-evaluate stochastic step ``k`` (``latents → next_latents``) with the adapter's denoiser: the current weights,
+    or a reference network through ``adapter.with_denoiser(module)``."""
+    out = guided_prediction(adapter, latents, schedule.timesteps[k], cond, uncond, settings.guidance_scale)
     return sampler_step(
         settings, schedule, k, out, latents, prev_sample=next_latents, prediction_type=adapter.prediction_type
     )

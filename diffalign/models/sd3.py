@@ -51,14 +51,13 @@ class SD3Adapter(DiffusionAdapter):
         tokenizer: Any | None = None,
         tokenizer_2: Any | None = None,
         tokenizer_3: Any | None = None,
-        reference_denoiser: torch.nn.Module | None = None,
         max_sequence_length: int = 77,
         timestep_density: str = "logit_normal",
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
     ) -> None:
-        super().__init__(transformer, vae=vae, reference_denoiser=reference_denoiser)
+        super().__init__(transformer, vae=vae)
         if timestep_density not in TIMESTEP_DENSITIES:
             raise ValueError(f"timestep_density={timestep_density!r}: expected one of {TIMESTEP_DENSITIES}")
         if max_sequence_length < 1:

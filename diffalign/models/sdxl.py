@@ -33,8 +33,8 @@ TIME_ID_CONVENTIONS = ("constant", "from_data")
 class SDXLAdapter(SDAdapter):
     """Stable Diffusion XL: ``UNet2DConditionModel`` with ``addition_embed_type="text_time"`` + two CLIP encoders.
 
-    Noising, targets (epsilon / v-prediction), SNR weights, VAE encoding and the reference context are SD's
-    (:class:`SDAdapter`); only the text conditioning and the added ``time_ids`` differ.
+    Noising, targets (epsilon / v-prediction), SNR weights and VAE encoding are SD's (:class:`SDAdapter`); only the
+    text conditioning and the added ``time_ids`` differ.
     """
 
     def __init__(
@@ -47,7 +47,6 @@ class SDXLAdapter(SDAdapter):
         text_encoder_2: torch.nn.Module | None = None,
         tokenizer: Any | None = None,
         tokenizer_2: Any | None = None,
-        reference_denoiser: torch.nn.Module | None = None,
         prediction_type: str | None = None,
         time_ids: str = "constant",
     ) -> None:
@@ -57,7 +56,6 @@ class SDXLAdapter(SDAdapter):
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
-            reference_denoiser=reference_denoiser,
             prediction_type=prediction_type,
         )
         if time_ids not in TIME_ID_CONVENTIONS:

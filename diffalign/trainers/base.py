@@ -12,7 +12,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,15 @@ from diffalign.trainers.loader import LoaderSettings, micro_batch_loader
 from diffalign.trainers.metrics import MetricsWriter
 from diffalign.trainers.optimizers import build_optimizer
 from diffalign.trainers.progress import StepProgress, count, format_summary
+from diffalign.trainers.sharding import (
+    SHARDED_DIR,
+    fsdp2_settings,
+    full_tensor,
+    load_sharded,
+    local_state_bytes,
+    save_sharded,
+    shard_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +88,7 @@ class Trainer(ABC):
             self.accelerator.mixed_precision, torch.float32
         )
         self.ema: EMAModel | None = None
+        self.fsdp2 = fsdp2_settings(self.accelerator)  # FSDP2 launch: the trainer shards and checkpoints by itself
         self.accelerator.register_save_state_pre_hook(self._save_trainable_only)
         self.accelerator.register_load_state_pre_hook(self._load_trainable_only)
 
@@ -91,7 +101,9 @@ class Trainer(ABC):
         """Return the scalar loss of one local micro-batch and per-sample (or scalar) metric tensors to average."""
 
     @abstractmethod
-    def save_final(self) -> None: ...
+    def save_final(self) -> None:
+        """Write the trained weights the way diffusers / transformers load them back. Called on the main process
+        only, except under FSDP2 (``self.fsdp2`` set), where every rank calls it to gather the shards."""
 
     def after_prepare(self) -> None:  # noqa: B027 - optional hook
         """Called once ``self.model`` is wrapped by accelerate (DDP, FSDP, ...)."""
@@ -126,7 +138,7 @@ class Trainer(ABC):
                 params = extract_model_from_parallel(model).named_parameters()
                 state = {n: p.detach().contiguous() for n, p in params if p.requires_grad}
                 save_file(state, str(Path(output_dir) / f"trainable_{i}.safetensors"))
-            if self.ema is not None:
+            if self.ema is not None and self.fsdp2 is None:  # FSDP2: the EMA is in the sharded checkpoint
                 save_ema(self.ema, self._trainable_names(), output_dir)
         weights.clear()
 
@@ -142,7 +154,7 @@ class Trainer(ABC):
                     "with different lora settings?"
                 )
             module.load_state_dict(state, strict=False)
-        if self.ema is not None:
+        if self.ema is not None and self.fsdp2 is None:
             load_ema(self.ema, self._trainable_names(), input_dir)
         models.clear()
 
@@ -162,18 +174,44 @@ class Trainer(ABC):
 
     def _configure_distributed(self) -> None:
         """DeepSpeed: batch size and clipping from our config (no DataLoader goes through ``prepare``, and DeepSpeed
-        clips with its own value). FSDP: refused until checkpoints gather the shards (they are written from the main
-        process's parameters, which under FSDP are one shard)."""
+        clips with its own value). FSDP2: the trainer shards the model itself (:mod:`diffalign.trainers.sharding`),
+        the same way on GPUs and CPUs; fp16 is refused there (accelerate's gradient scaler does not see a model kept
+        out of ``prepare``)."""
         acc = self.accelerator
         if acc.distributed_type == DistributedType.DEEPSPEED:
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = self.config.train.train_batch_size
             ds["gradient_clipping"] = self.config.optim.max_grad_norm
-        elif acc.distributed_type == DistributedType.FSDP:
-            raise NotImplementedError(
-                "FSDP is not supported yet: diffalign's checkpoints would hold only the main process's shard. Launch "
-                "with configs/accelerate/ddp.yaml or configs/accelerate/deepspeed_zero2.yaml instead"
-            )
+        if self.fsdp2 is not None and acc.mixed_precision == "fp16":
+            raise ValueError("train.mixed_precision: fp16 is not supported under FSDP2; use bf16 (or no)")
+
+    def _shard(self) -> None:
+        """FSDP2: shard the policy and a frozen reference copy block by block, before the optimizer sees them."""
+        shard_model(self.model, self.fsdp2)
+        reference = getattr(self, "reference", None)
+        frozen = reference.shardable_module() if reference is not None else None
+        if frozen is not None:
+            shard_model(frozen, self.fsdp2)
+
+    def _save_shards(self, optimizer: torch.optim.Optimizer) -> Callable[[Path], None] | None:
+        """FSDP2: what every rank writes into a checkpoint folder (trained parameters, optimizer state and EMA,
+        sharded with torch.distributed.checkpoint); ``None`` otherwise (accelerate's ``save_state`` and our hooks)."""
+        if self.fsdp2 is None:
+            return None
+
+        def write(folder: Path) -> None:
+            save_sharded(folder / SHARDED_DIR, self.model, optimizer, extra=self._sharded_extra())
+
+        return write
+
+    def _sharded_extra(self) -> dict[str, Any] | None:
+        return {"ema": self.ema.state_dict()} if self.ema is not None else None
+
+    def _load_shards(self, checkpoint: Path, optimizer: torch.optim.Optimizer) -> None:
+        extra = self._sharded_extra()
+        load_sharded(checkpoint / SHARDED_DIR, self.model, optimizer, extra=extra)
+        if extra is not None:
+            self.ema.load_state_dict(extra["ema"])
 
     def _trainer_state(self, global_step: int, nonfinite: int) -> dict[str, Any]:
         return {"global_step": global_step, "nonfinite_steps": nonfinite, "config": config_to_dict(self.config)}
@@ -200,6 +238,13 @@ class Trainer(ABC):
         tc, acc = self.config.train, self.accelerator
         accumulation = self.micro_batches_per_step()
         trained = self.trainable_parameters()  # once: walking every parameter each step costs ~5 ms on a tiny UNet
+        write_shards = self._save_shards(optimizer)
+        # DDP: no gradient all-reduce before the last micro-batch. FSDP2: the model is not accelerate's, so its
+        # gradients are reduce-scattered at every backward and stay sharded (sync on the last one only would hold
+        # unsharded gradients between micro-batches)
+        sync_models = (self.model,) if self.fsdp2 is None else ()
+        state_mib: torch.Tensor | None = None  # this process's parameters + gradients + optimizer state
+        unlogged_state: list[torch.Tensor] = []
         consecutive_bad = 0
         last: dict[str, float] = {}
         progress = StepProgress(
@@ -215,7 +260,7 @@ class Trainer(ABC):
                 progress.micro_batch(k)
                 if bad:
                     continue  # keep the data position; the step is discarded anyway
-                with acc.accumulate(self.model):
+                with acc.accumulate(*sync_models):
                     loss, metrics = self.compute_loss(batch, epoch)
                     finite = acc.gather(torch.isfinite(loss.detach()).reshape(1).to(acc.device)).all().item()
                     if not finite:
@@ -233,7 +278,11 @@ class Trainer(ABC):
                 logger.warning("non-finite loss at step %d: step skipped (%d in a row)", global_step, consecutive_bad)
                 if consecutive_bad >= tc.max_nonfinite_steps:
                     path = save_checkpoint(
-                        acc, self.output_dir, global_step, self._trainer_state(global_step, nonfinite_total)
+                        acc,
+                        self.output_dir,
+                        global_step,
+                        self._trainer_state(global_step, nonfinite_total),
+                        write_shards=write_shards,
                     )
                     raise NonFiniteLossError(
                         f"{consecutive_bad} consecutive non-finite losses (last at step {global_step}); training "
@@ -241,8 +290,11 @@ class Trainer(ABC):
                     )
             else:
                 consecutive_bad = 0
-                grad_norm = acc.clip_grad_norm_(trained, self.config.optim.max_grad_norm)
+                grad_norm = full_tensor(acc.clip_grad_norm_(trained, self.config.optim.max_grad_norm))
                 optimizer.step()
+                if state_mib is None:  # once, while gradients and optimizer state are both allocated
+                    state_mib = torch.tensor([local_state_bytes(self.model, optimizer) / 2**20])
+                    unlogged_state = [state_mib]
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
@@ -250,6 +302,8 @@ class Trainer(ABC):
                 collected["grad_norm"].append(torch.as_tensor(grad_norm).reshape(1))
             logged = global_step % tc.log_every == 0 or global_step == tc.max_steps
             if logged:
+                if unlogged_state:  # logged with the first logged step (mean over processes)
+                    collected["train_state_mib"], unlogged_state = unlogged_state, []
                 last = self._reduce_metrics(collected) if collected else {}
                 last.update(
                     lr=lr_scheduler.get_last_lr()[0],
@@ -266,6 +320,7 @@ class Trainer(ABC):
                     global_step,
                     self._trainer_state(global_step, nonfinite_total),
                     tc.checkpoints_total_limit,
+                    write_shards=write_shards,
                 )
         progress.close()
         return global_step, nonfinite_total, last
@@ -280,13 +335,21 @@ class Trainer(ABC):
             ("examples", f"{len(self.dataset):,}"),
             ("batch per device", str(tc.train_batch_size)),
             ("accumulation", str(accumulation)),
-            ("processes", str(acc.num_processes)),
+            ("processes", f"{acc.num_processes} ({self._parallelism()})"),
             ("effective batch", str(effective)),
             ("optimizer steps", f"{tc.max_steps:,} ({epochs:.2f} epochs)"),
         ]
         if self.micro_batches_per_step() != accumulation:
             rows.append(("backward passes per step", str(self.micro_batches_per_step())))
         return rows
+
+    def _parallelism(self) -> str:
+        acc = self.accelerator
+        if self.fsdp2 is not None:
+            return "FSDP2, sharded by the trainer"
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            return f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}"
+        return "DDP" if acc.num_processes > 1 else "single process"
 
     def start_up_summary(self, global_step: int, checkpoint: Path | None) -> str:
         """The block printed once by the main process before the first step."""
@@ -320,15 +383,20 @@ class Trainer(ABC):
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.output_dir / "config.yaml")
+        self._configure_distributed()
+        if self.fsdp2 is not None:
+            self._shard()
         optimizer = self._build_optimizer()
-        lr_scheduler = get_scheduler(
+        lr_scheduler = get_scheduler(  # accelerate's scheduler steps once per process for each optimizer step
             self.config.optim.lr_scheduler,
             optimizer=optimizer,
             num_warmup_steps=self.config.optim.warmup_steps * acc.num_processes,
             num_training_steps=tc.max_steps * acc.num_processes,
         )
-        self._configure_distributed()
-        self.model, optimizer, lr_scheduler = acc.prepare(self.model, optimizer, lr_scheduler)
+        if self.fsdp2 is None:
+            self.model, optimizer, lr_scheduler = acc.prepare(self.model, optimizer, lr_scheduler)
+        else:  # a sharded model and its optimizer stay out of prepare (DDP would wrap them; see sharding.py)
+            lr_scheduler = acc.prepare(lr_scheduler)
         self.after_prepare()
         if tc.ema:
             self.ema = EMAModel(self.trainable_parameters(), decay=tc.ema_decay)
@@ -340,6 +408,8 @@ class Trainer(ABC):
         checkpoint = resolve_checkpoint(self.output_dir, tc.resume_from_checkpoint)
         if checkpoint is not None:
             state = load_checkpoint(acc, checkpoint)
+            if self.fsdp2 is not None:
+                self._load_shards(checkpoint, optimizer)
             global_step, nonfinite_total = state["global_step"], state["nonfinite_steps"]
             logger.info("resumed from %s at step %d", checkpoint, global_step)
         writer = MetricsWriter(acc, self.output_dir, resume_step=global_step if checkpoint else None)
@@ -356,7 +426,7 @@ class Trainer(ABC):
         acc.wait_for_everyone()
         if self.ema is not None:
             self.ema.copy_to(self.trainable_parameters())
-        if acc.is_main_process:
+        if acc.is_main_process or self.fsdp2 is not None:  # FSDP2: every rank takes part in gathering the weights
             self.save_final()
         acc.wait_for_everyone()
         acc.end_training()

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,20 @@ def save_checkpoint(
     step: int,
     state: dict[str, Any],
     total_limit: int | None = None,
+    *,
+    write_shards: Callable[[Path], None] | None = None,
 ) -> Path:
+    """Write ``checkpoint-{step}`` atomically: ``accelerator.save_state`` (and ``write_shards(folder)``, run on every
+    process, for state accelerate does not hold: FSDP2's sharded model and optimizer) into ``.partial``, then the
+    trainer state, then the rename; keep the newest ``total_limit``."""
     final = Path(output_dir) / f"checkpoint-{step}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    if write_shards is not None:
+        write_shards(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp_state = partial / (STATE_FILE + ".tmp")

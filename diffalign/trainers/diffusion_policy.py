@@ -13,6 +13,7 @@ from diffalign.models.diffusion import DiffusionAdapter
 from diffalign.models.loading import adapter_from_config
 from diffalign.models.lora import DEFAULT_TARGET_MODULES, add_lora, save_lora
 from diffalign.trainers.reference import ReferenceModel, build_reference
+from diffalign.trainers.sharding import export_denoiser, export_lora
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +88,22 @@ class DiffusionPolicyMixin:
         return self.adapter.snr_weights(timesteps, lc.snr_gamma, lc.weighting)
 
     def save_final(self) -> None:
-        denoiser = self.accelerator.unwrap_model(self.model)
+        """LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights``); full fine-tune: the denoiser's
+        folder (``from_pretrained(output_dir, subfolder=...)``). Under FSDP2 every rank gathers, the main one writes."""
         subfolder = self.adapter.denoiser_subfolder
-        if self.config.lora.enabled:
-            pipeline_cls = getattr(diffusers, self.adapter.pipeline_class_name)
-            save_lora(denoiser, self.output_dir, pipeline_cls=pipeline_cls, component=subfolder)
+        pipeline_cls = getattr(diffusers, self.adapter.pipeline_class_name)
+        if self.fsdp2 is not None:
+            if self.config.lora.enabled:
+                export_lora(self.model, self.output_dir, pipeline_cls=pipeline_cls, component=subfolder)
+            else:
+                export_denoiser(self.model, self.output_dir / subfolder)
+        elif self.config.lora.enabled:
+            save_lora(
+                self.accelerator.unwrap_model(self.model),
+                self.output_dir,
+                pipeline_cls=pipeline_cls,
+                component=subfolder,
+            )
         else:
-            denoiser.save_pretrained(self.output_dir / subfolder)
+            self.accelerator.unwrap_model(self.model).save_pretrained(self.output_dir / subfolder)
         logger.info("final weights written to %s", self.output_dir)

@@ -38,6 +38,7 @@ from diffalign.rewards.correction import CorrectionVector, save_correction
 from diffalign.rewards.from_config import build_online_reward, reward_from_name
 from diffalign.trainers.base import Trainer
 from diffalign.trainers.diffusion_policy import DiffusionPolicyMixin
+from diffalign.trainers.sharding import full_tensor
 from diffalign.utils.randomness import per_sample_normal, per_sample_uniform, sample_key
 
 GENERATION_STREAM, SIGMA_STREAM, RECON_NOISE_STREAM = 41, 42, 43
@@ -146,5 +147,8 @@ class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
         if self.stage == "generator":
             super().save_final()
             return
+        vector = full_tensor(self.model_vector())  # FSDP2: a collective on every rank
+        if not self.accelerator.is_main_process:
+            return
         name = self.config.online.reward_functions[0]
-        save_correction(self.model_vector(), self.output_dir, omega=self.config.online.correction_omega, reward=name)
+        save_correction(vector, self.output_dir, omega=self.config.online.correction_omega, reward=name)

@@ -12,6 +12,7 @@ from diffalign.models.causal_lm import disable_dropout, load_causal_lm
 from diffalign.models.reference import unwrap
 from diffalign.trainers.base import Trainer
 from diffalign.trainers.reference import ReferenceModel, build_reference
+from diffalign.trainers.sharding import export_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,12 @@ class CausalLMTrainer(Trainer):
         self.model, self.tokenizer = model, tokenizer
 
     def save_final(self) -> None:
-        """``save_pretrained`` of the model (a peft adapter folder under LoRA) and the tokenizer."""
-        unwrap(self.model).save_pretrained(self.output_dir, safe_serialization=True)
+        """``save_pretrained`` of the model (a peft adapter folder under LoRA) and the tokenizer; under FSDP2 every
+        rank gathers the weights and the main one writes them."""
+        if self.fsdp2 is not None:
+            if export_pretrained(self.model, self.output_dir) is None:
+                return
+        else:
+            unwrap(self.model).save_pretrained(self.output_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(self.output_dir)
         logger.info("final weights written to %s", self.output_dir)

@@ -64,6 +64,10 @@ class ReferenceModel(ABC):
     def describe(self) -> str:
         """One line for the start-up summary."""
 
+    def shardable_module(self) -> torch.nn.Module | None:
+        """A second network to shard with the policy under FSDP2 (the frozen copy), or ``None``."""
+        return None
+
 
 class LiveReference(ReferenceModel):
     """A reference that is a network during training: :meth:`logps` runs ``forward`` on :meth:`network`."""
@@ -117,6 +121,9 @@ class FrozenCopy(LiveReference):
     def describe(self) -> str:
         return f"frozen copy on {next(self.module.parameters()).device}"
 
+    def shardable_module(self) -> torch.nn.Module | None:
+        return self.module
+
 
 class OffloadedCopy(FrozenCopy):
     """Full fine-tuning: the frozen copy in CPU memory, streamed to the execution device per forward."""
@@ -131,6 +138,9 @@ class OffloadedCopy(FrozenCopy):
 
     def describe(self) -> str:
         return f"frozen copy in CPU memory, streamed to {self.module.anchor.device} per forward"
+
+    def shardable_module(self) -> torch.nn.Module | None:
+        return None  # it lives in CPU memory on every process; nothing to shard
 
 
 class PrecomputedReference(ReferenceModel):
