@@ -70,3 +70,21 @@ def run_train_script() -> Callable[..., subprocess.CompletedProcess]:
         return subprocess.run(command, capture_output=True, text=True, env=env)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def pixel_pipeline(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny pixel-space SD pipeline (16 px UNet, no VAE) saved with ``save_pretrained``; tests only read it."""
+    from diffalign.models.tiny import save_tiny_sd_pipeline
+
+    return str(save_tiny_sd_pipeline(tmp_path_factory.mktemp("pix") / "model", with_vae=False, sample_size=16))
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """16 random 16 px preference pairs in the Pick-a-Pic layout (``make_random_pairs(16, size=16, seed=0)``)."""
+    from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
+
+    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
+    write_pickapic_parquet(path, make_random_pairs(16, size=16, seed=0))
+    return str(path)

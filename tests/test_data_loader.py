@@ -16,17 +16,11 @@ from safetensors.torch import load_file
 from diffalign.config import Config
 from diffalign.data.pickapic import BadRowError
 from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
-from diffalign.models.tiny import save_tiny_sd_pipeline
 from diffalign.trainers.batching import EpochBatches
 from diffalign.trainers.checkpointing import list_checkpoints
 from diffalign.trainers.loader import LoaderSettings, micro_batch_loader
 from diffalign.trainers.metrics import read_metrics
 from diffalign.trainers.offline import train
-
-
-@pytest.fixture(scope="module")
-def pixel_pipeline(tmp_path_factory) -> str:
-    return str(save_tiny_sd_pipeline(tmp_path_factory.mktemp("pix") / "model", with_vae=False, sample_size=16))
 
 
 @pytest.fixture(scope="module")

@@ -30,23 +30,9 @@ from safetensors.torch import load_file
 
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
 
-from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet  # noqa: E402
-from diffalign.models.tiny import save_tiny_sd_pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO2_YAML = REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"
-
-@pytest.fixture(scope="module")
-def pixel_pipeline(tmp_path_factory) -> str:
-    return str(save_tiny_sd_pipeline(tmp_path_factory.mktemp("pix") / "model", with_vae=False, sample_size=16))
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
-    write_pickapic_parquet(path, make_random_pairs(16, size=16, seed=0))
-    return str(path)
-
 
 def _free_port() -> int:
     with socket.socket() as s:

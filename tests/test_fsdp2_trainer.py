@@ -20,26 +20,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
 from diffalign.models.lora import lora_state_dict
-from diffalign.models.tiny import save_tiny_sd_pipeline
 from diffalign.trainers.checkpointing import list_checkpoints
 from diffalign.trainers.metrics import read_metrics
 from diffalign.trainers.sharding import SHARDED_DIR, load_sharded
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pixel_pipeline(tmp_path_factory) -> str:
-    return str(save_tiny_sd_pipeline(tmp_path_factory.mktemp("pix") / "model", with_vae=False, sample_size=16))
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
-    write_pickapic_parquet(path, make_random_pairs(16, size=16, seed=0))
-    return str(path)
 
 
 def args(pipeline: str, data: str, out: Path, *extra: str) -> list[str]:

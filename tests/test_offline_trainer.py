@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from diffalign.config import Config
-from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
 from diffalign.models.tiny import save_tiny_sd_pipeline
 from diffalign.trainers.base import NonFiniteLossError
 from diffalign.trainers.checkpointing import list_checkpoints
@@ -22,20 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def pixel_pipeline(tmp_path_factory) -> str:
-    return str(save_tiny_sd_pipeline(tmp_path_factory.mktemp("pix") / "model", with_vae=False, sample_size=16))
-
-
-@pytest.fixture(scope="module")
 def vae_pipeline(tmp_path_factory) -> str:
     return str(save_tiny_sd_pipeline(tmp_path_factory.mktemp("vae") / "model", with_vae=True, sample_size=16))
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
-    write_pickapic_parquet(path, make_random_pairs(16, size=16, seed=0))
-    return str(path)
 
 
 def make_config(model: str, data: str, out: Path, **train) -> Config:

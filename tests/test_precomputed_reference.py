@@ -12,8 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from diffalign.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
-from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
-from diffalign.models.tiny import save_tiny_sd_pipeline
 from diffalign.trainers.batching import EpochBatches
 from diffalign.trainers.checkpointing import list_checkpoints
 from diffalign.trainers.metrics import read_metrics
@@ -33,18 +31,6 @@ from diffalign.trainers.reference_store import (
 REPO = Path(__file__).resolve().parents[1]
 # 16 pairs, batch 2, 2 accumulation steps: 4 optimizer steps per epoch, so 6 steps cross into epoch 1.
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def pixel_pipeline(tmp_path_factory) -> str:
-    return str(save_tiny_sd_pipeline(tmp_path_factory.mktemp("pix") / "model", with_vae=False, sample_size=16))
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
-    write_pickapic_parquet(path, make_random_pairs(16, size=16, seed=0))
-    return str(path)
 
 
 def full_ft_config(model: str, data: str, out: Path, reference: str, **train) -> Config:

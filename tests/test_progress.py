@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from test_data_loader import config, pairs, pixel_pipeline  # noqa: F401 - fixtures
+from test_data_loader import config, pairs  # noqa: F401 - its 20 px pairs fixture
 
 from diffalign.trainers.offline import train
 from diffalign.trainers.progress import StepProgress, count, format_summary

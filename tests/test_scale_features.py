@@ -19,7 +19,7 @@ from diffalign.config import OPTIMIZERS, Config, ConfigError, OptimConfig, confi
 from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
 from diffalign.models.diffusion import SDAdapter
 from diffalign.models.lora import add_lora
-from diffalign.models.tiny import save_tiny_sd_pipeline, tiny_sd_components
+from diffalign.models.tiny import tiny_sd_components
 from diffalign.trainers import base as trainer_base
 from diffalign.trainers.metrics import read_metrics
 from diffalign.trainers.offline import OfflinePreferenceTrainer, train
@@ -32,11 +32,6 @@ LN2 = math.log(2.0)
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def pixel_pipeline(tmp_path_factory) -> str:
-    return str(save_tiny_sd_pipeline(tmp_path_factory.mktemp("pix") / "model", with_vae=False, sample_size=16))
 
 
 @pytest.fixture(scope="module")
