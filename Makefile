@@ -9,7 +9,7 @@ $(VENV_STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(VENV_STAMP)
 
-.PHONY: demo test lint
+.PHONY: demo test lint test-deepspeed
 demo: $(VENV_STAMP)
 	$(PY) -m diffalign.cli demo
 
@@ -19,3 +19,9 @@ lint: $(VENV_STAMP)
 test: $(VENV_STAMP)
 	.venv/bin/ruff check .
 	$(PY) -m pytest -q
+
+# DeepSpeed ZeRO-2 on 2 CPU processes (not in CI: the install compiles an op on first use, ~3 minutes in all)
+test-deepspeed: $(VENV_STAMP)
+	$(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
+	$(PY) -m pytest -q tests/test_deepspeed.py -m ''
+

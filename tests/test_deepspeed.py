@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml) on 2 CPU processes: diffalign's own trainer
 (scripts/train.py) under ``accelerate launch``, with exact checkpoint resume and a final export equal to the weights
-gathered from the ZeRO partitions. Skipped when deepspeed is not importable (CI does not install it).
+gathered from the ZeRO partitions. ``make test-deepspeed`` installs deepspeed and runs it; the tests are ``slow`` (out
+of ``make test``: DeepSpeed compiles an op on first use) and skip when deepspeed is not importable.
 
 How it runs on CPU (DeepSpeed 0.19.8, accelerate 1.15):
 
@@ -28,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
+deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (make test-deepspeed installs it)")
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,6 +116,7 @@ def assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow  # make test-deepspeed runs this file (installs deepspeed; ~3 minutes with its first-use compile)
 def test_zero2_full_finetune_resumes_exactly_and_exports_gathered_weights(
     pixel_pipeline, pairs, tmp_path, run_deepspeed_train, run_train_script
 ):
