@@ -28,9 +28,10 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from diffalign.config import REFERENCE_MODES
-from diffalign.models.reference import adapters_disabled
+from diffalign.models.reference import adapters_disabled, lora_layers
 from diffalign.trainers.reference_store import MissingReferenceError, OffloadedReference, offloaded_frozen_copy
 
 T = TypeVar("T")
@@ -90,10 +91,13 @@ class AdaptersDisabled(LiveReference):
 
     def __init__(self, policy: torch.nn.Module) -> None:
         self.policy = policy
+        self._layers: list[BaseTunerLayer] | None = None  # found at the first use (the adapters exist by then)
 
     @contextmanager
     def network(self) -> Iterator[torch.nn.Module]:
-        with adapters_disabled(self.policy):
+        if self._layers is None:
+            self._layers = lora_layers(self.policy)
+        with adapters_disabled(self.policy, self._layers):
             yield self.policy
 
     def describe(self) -> str:
