@@ -43,3 +43,11 @@ def test_a_run_prints_its_summary_before_training(pixel_pipeline, pairs, tmp_pat
     train(cfg)
     rows = dict(re.findall(r"^  (\S.*?\S)  +(.*)$", capsys.readouterr().out, flags=re.M))
     assert rows["resumed from"] == "step 1 (checkpoint-1)"
+
+
+def test_cached_data_is_read_in_the_training_process(pixel_pipeline, pairs, tmp_path, capsys) -> None:  # noqa: F811
+    cfg = config(pixel_pipeline, pairs, tmp_path / "run", workers=2, max_steps=1)
+    cfg.data.random_crop, cfg.data.cache_dir = False, str(tmp_path / "cache")  # the cache fixes the crop
+    train(cfg)
+    rows = dict(re.findall(r"^  (\S.*?\S)  +(.*)$", capsys.readouterr().out, flags=re.M))
+    assert rows["data loader workers"] == "0 (cached data reads in place; data.num_workers=2)"

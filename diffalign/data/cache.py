@@ -129,6 +129,9 @@ class CachedPreferenceDataset(Dataset):
     encoding the uncached sample ``i`` of the same epoch with the same callables.
     """
 
+    #: a sample is a slice of memory-mapped shards: DataLoader workers would only add hand-over time
+    reads_in_place = True
+
     def __init__(self, folder: str | Path, dataset: PreferencePairDataset) -> None:
         self.folder = Path(folder)
         self.manifest = json.loads((self.folder / MANIFEST).read_text())

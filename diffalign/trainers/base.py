@@ -34,7 +34,7 @@ from diffalign.config import Config, config_to_dict, save_config
 from diffalign.trainers.batching import EpochBatches
 from diffalign.trainers.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from diffalign.trainers.ema import load_ema, save_ema
-from diffalign.trainers.loader import LoaderSettings, micro_batch_loader
+from diffalign.trainers.loader import LoaderSettings, effective_workers, micro_batch_loader
 from diffalign.trainers.metrics import MetricsWriter
 from diffalign.trainers.optimizers import build_optimizer
 from diffalign.trainers.progress import StepProgress, count, format_summary
@@ -351,6 +351,11 @@ class Trainer(ABC):
             return f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}"
         return "DDP" if acc.num_processes > 1 else "single process"
 
+    def _workers_row(self) -> str:
+        requested = self.config.data.num_workers
+        used = effective_workers(self.dataset, requested) if hasattr(self, "dataset") else requested
+        return str(used) if used == requested else f"{used} (cached data reads in place; data.num_workers={requested})"
+
     def start_up_summary(self, global_step: int, checkpoint: Path | None) -> str:
         """The block printed once by the main process before the first step."""
         tc, mc = self.config.train, self.config.model
@@ -364,7 +369,7 @@ class Trainer(ABC):
             *self.summary_rows(),
             ("trainable parameters", f"{count(trainable)} of {count(total)} ({kind})"),
             ("mixed precision", self.accelerator.mixed_precision),
-            ("data loader workers", str(self.config.data.num_workers)),
+            ("data loader workers", self._workers_row()),
         ]
         reference = getattr(self, "reference", None)
         if reference is not None:

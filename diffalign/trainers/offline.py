@@ -121,12 +121,6 @@ class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
                     cache_root=dc.cache_dir,
                     show_progress=self.accelerator.is_local_main_process,
                 )
-            if dc.num_workers > 0 and self.accelerator.is_main_process:
-                logger.warning(
-                    "data.num_workers=%d with a latent cache: a cached batch reads in ~1 ms in the training process, "
-                    "and workers only add hand-over time (docs/benchmarks.md); data.num_workers=0 is faster here",
-                    dc.num_workers,
-                )
         self.dataset = dataset
         self.collate = collate_preference_batch
 
