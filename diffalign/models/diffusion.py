@@ -139,7 +139,7 @@ class DiffusionAdapter(ABC):
         With ``generator`` (one, or a list with one per image for addressable draws) ``z`` is a sample of the VAE
         posterior, as every reference training script does (research §1). With ``generator=None`` ``z`` is the
         posterior mean: deterministic, suited to a latent cache, but not what the scripts do.
-        Returned in the VAE's dtype on its device.
+        Returned in the VAE's dtype on its device, in the standard (NCHW-contiguous) layout.
         """
         if pixels.ndim != 4:
             raise ValueError(f"pixels must have shape (N, C, H, W), got {tuple(pixels.shape)}")
@@ -151,7 +151,8 @@ class DiffusionAdapter(ABC):
         shift = getattr(self.vae.config, "shift_factor", None)
         if shift is not None:
             latents = latents - shift
-        return latents * self.vae.config.scaling_factor
+        # contiguous: a channels_last VAE returns NHWC latents, which would carry its layout into the denoiser
+        return (latents * self.vae.config.scaling_factor).contiguous()
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:

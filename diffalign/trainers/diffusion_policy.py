@@ -41,6 +41,8 @@ class DiffusionPolicyMixin:
             frozen.requires_grad_(False).to(device)
             if self.weight_dtype != torch.float32:
                 frozen.to(dtype=self.weight_dtype)
+        if mc.vae_channels_last and adapter.vae is not None:
+            adapter.vae.to(memory_format=torch.channels_last)  # its convolutions run ~20 % faster in NHWC
         denoiser = adapter.denoiser
         if self.config.lora.enabled:
             denoiser.requires_grad_(False)
