@@ -50,6 +50,8 @@ from typing import Any
 
 import yaml
 
+from diffalign.errors import DiffalignError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -292,7 +294,7 @@ class Config:
     sail: SAILConfig = field(default_factory=SAILConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(DiffalignError, ValueError):
     """An invalid config file or override; the message names the source, the dotted key and what to do."""
 
 

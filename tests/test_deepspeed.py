@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from toy_args import toy_dpo_args
 
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (make test-deepspeed installs it)")
 
@@ -62,25 +63,6 @@ def run_deepspeed_train(tmp_path_factory):
         return subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
 
     return run
-
-
-def _args(pipeline: str, pairs: str, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        str(REPO / "configs" / "toy" / "dpo.yaml"),
-        f"model.pretrained={pipeline}",
-        f"data.path={pairs}",
-        "data.cache_dir=null",
-        "data.resolution=16",
-        "optim.lr=0.05",
-        "optim.adam_epsilon=1.0",
-        "train.train_batch_size=2",
-        "train.checkpointing_steps=2",
-        "train.checkpoints_total_limit=null",
-        "train.progress_bar=false",
-        f"train.output_dir={out}",
-        *extra,
-    ]
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:
@@ -121,13 +103,13 @@ def test_zero2_full_finetune_resumes_exactly_and_exports_gathered_weights(
     pixel_pipeline, pairs, tmp_path, run_deepspeed_train, run_train_script
 ):
     full, resumed, ddp = tmp_path / "full", tmp_path / "resumed", tmp_path / "ddp"
-    _ok(run_deepspeed_train(_args(pixel_pipeline, pairs, full, "train.max_steps=4")))
+    _ok(run_deepspeed_train(toy_dpo_args(pixel_pipeline, pairs, full, "train.max_steps=4")))
     _assert_zero2_checkpoint(full / "checkpoint-4")
 
     # interrupted after step 2 (its checkpoint), resumed to 4 == uninterrupted, bit for bit
-    _ok(run_deepspeed_train(_args(pixel_pipeline, pairs, resumed, "train.max_steps=2")))
+    _ok(run_deepspeed_train(toy_dpo_args(pixel_pipeline, pairs, resumed, "train.max_steps=2")))
     again = run_deepspeed_train(
-        _args(pixel_pipeline, pairs, resumed, "train.max_steps=4", "train.resume_from_checkpoint=latest")
+        toy_dpo_args(pixel_pipeline, pairs, resumed, "train.max_steps=4", "train.resume_from_checkpoint=latest")
     )
     _ok(again)
     assert "checkpoint-2" in again.stdout + again.stderr  # it did resume
@@ -144,7 +126,7 @@ def test_zero2_full_finetune_resumes_exactly_and_exports_gathered_weights(
     # ZeRO-2 trains what DDP trains: not bit for bit (ZeRO's partitioned reduction and gradient norm round
     # differently; 6e-8 measured in the weights), so weights are compared to float tolerance and losses, which
     # beta = 5000 amplifies (1 ulp of a log-likelihood is ~3e-4 in the logit), only at step 1 (ln 2 on both)
-    _ok(run_train_script(_args(pixel_pipeline, pairs, ddp, "train.max_steps=4"), processes=2))
+    _ok(run_train_script(toy_dpo_args(pixel_pipeline, pairs, ddp, "train.max_steps=4"), processes=2))
     reference = load_file(str(ddp / "unet" / "diffusion_pytorch_model.safetensors"))
     assert exported.keys() == reference.keys()
     for k in exported:
@@ -155,7 +137,8 @@ def test_zero2_full_finetune_resumes_exactly_and_exports_gathered_weights(
 @pytest.mark.slow  # one more DeepSpeed launch (~30 s on 2 cores)
 def test_zero2_lora_checkpoint_holds_the_gathered_adapters(pixel_pipeline, pairs, tmp_path, run_deepspeed_train):
     out = tmp_path / "lora"
-    _ok(run_deepspeed_train(_args(pixel_pipeline, pairs, out, "train.max_steps=2", "lora.enabled=true", "lora.rank=4")))
+    lora = ("train.max_steps=2", "lora.enabled=true", "lora.rank=4")
+    _ok(run_deepspeed_train(toy_dpo_args(pixel_pipeline, pairs, out, *lora)))
     _assert_zero2_checkpoint(out / "checkpoint-2")
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     trainable = load_file(str(out / "checkpoint-2" / "trainable_0.safetensors"))

@@ -19,33 +19,16 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
+from toy_args import toy_dpo_args
 
 from diffalign.models.lora import lora_state_dict
 from diffalign.trainers.checkpointing import list_checkpoints
 from diffalign.trainers.metrics import read_metrics
 from diffalign.trainers.sharding import SHARDED_DIR, load_sharded
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def args(pipeline: str, data: str, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        str(REPO / "configs" / "toy" / "dpo.yaml"),
-        f"model.pretrained={pipeline}",
-        f"data.path={data}",
-        "data.cache_dir=null",
-        "data.resolution=16",
-        "data.proportion_empty_prompts=0.2",
-        "optim.lr=0.05",
-        "optim.adam_epsilon=1.0",
-        "train.train_batch_size=2",
-        "train.checkpointing_steps=2",
-        "train.checkpoints_total_limit=null",
-        "train.progress_bar=false",
-        f"train.output_dir={out}",
-        *extra,
-    ]
+    return toy_dpo_args(pipeline, data, out, "data.proportion_empty_prompts=0.2", *extra)
 
 
 def launch(run_train_script, argv: list[str], processes: int) -> None:

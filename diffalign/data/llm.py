@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from diffalign.errors import DiffalignError
 from diffalign.models.causal_lm import collate_completions, is_conversational, tokenize_completions
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _MAX_REPORTED = 20
 
 
-class TextDataError(ValueError):
+class TextDataError(DiffalignError, ValueError):
     """Bad text preference data; the message names the source, the rows and what to do."""
 
 

@@ -32,6 +32,8 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 from PIL import Image
 
+from diffalign.errors import DiffalignError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
@@ -43,7 +45,7 @@ _READ_BATCH_ROWS = 4  # rows of encoded images held at once by the validation pa
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(DiffalignError, ValueError):
     """Base class of the data errors below."""
 
 

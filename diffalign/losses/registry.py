@@ -6,6 +6,7 @@ import difflib
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
+from diffalign.errors import DiffalignError
 from diffalign.losses.types import LossOutput
 
 LossKind = Literal["paired", "unpaired", "chosen_only", "listwise"]
@@ -17,7 +18,7 @@ F = TypeVar("F", bound=LossFn)
 LOSSES: dict[str, LossFn] = {}
 
 
-class UnknownLossError(KeyError, ValueError):
+class UnknownLossError(DiffalignError, KeyError, ValueError):
     """Raised by :func:`get_loss` for a name that is not registered (catchable as ``KeyError`` or ``ValueError``)."""
 
     def __str__(self) -> str:  # KeyError would otherwise print the message in quotes

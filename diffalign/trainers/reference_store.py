@@ -53,6 +53,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from diffalign.errors import DiffalignError
 from diffalign.trainers.batching import EpochBatches
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ PlannedBatch = tuple[int, list[int]]
 ComputeReference = Callable[[int, list[int]], tuple[torch.Tensor, torch.Tensor]]
 
 
-class MissingReferenceError(RuntimeError):
+class MissingReferenceError(DiffalignError, RuntimeError):
     """A precomputed reference value was requested that the store does not hold."""
 
 

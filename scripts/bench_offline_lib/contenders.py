@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +121,23 @@ def make_ours(s: Settings, config_path: Path, cache_dir: Path | None) -> Contend
         if cache_dir is not None and not any(cache_dir.glob("*/manifest.json")):
             raise RuntimeError(f"{cache_dir}: no cache was written although data.cache_dir was set")
 
+    name = "ours_cached" if cache_dir is not None else "ours_uncached"
+    return train_script_contender(name, s, argv, check, lora_file="pytorch_lora_weights.safetensors")
+
+
+def train_script_contender(
+    name: str,
+    s: Settings,
+    argv: Callable[[int, Path], list[str]],
+    check: Callable[[Path, int], None],
+    extra_env: dict[str, str] | None = None,
+    **fields: Any,
+) -> Contender:
+    """A contender that runs ``scripts/train.py`` from this checkout: its per-step seconds and losses are read from
+    the run's ``metrics.jsonl``; ``fields`` are further :class:`Contender` fields."""
     env = base_env(s)
     prepend_path(env, "PYTHONPATH", REPO_ROOT)
-    name = "ours_cached" if cache_dir is not None else "ours_uncached"
+    env.update(extra_env or {})
     return Contender(
         name,
         argv,
@@ -131,7 +146,7 @@ def make_ours(s: Settings, config_path: Path, cache_dir: Path | None) -> Contend
         check,
         step_times=lambda out: [r["step_time_s"] for r in read_metrics(out)],
         losses=lambda out: [r["loss"] for r in read_metrics(out)],
-        lora_file="pytorch_lora_weights.safetensors",
+        **fields,
     )
 
 

@@ -16,8 +16,8 @@ from diffalign.utils.benchmark import format_table
 
 from . import REPO_ROOT
 from .assets import prepare_assets
-from .common import Contender, Settings, base_env, prepend_path
-from .contenders import ours_config, read_metrics
+from .common import Contender, Settings
+from .contenders import ours_config, read_metrics, train_script_contender
 from .measure import measure, summarize
 from .report import target_lines
 
@@ -79,20 +79,9 @@ def make_full_ft(
         if precomputed and not any(cache_dir.glob("*/reference/*/epoch-*.safetensors")):
             raise RuntimeError(f"{cache_dir}: train.reference=precomputed wrote no reference store")
 
-    env = base_env(s)
-    prepend_path(env, "PYTHONPATH", REPO_ROOT)
-    if mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    return Contender(
-        name,
-        argv,
-        env,
-        REPO_ROOT,
-        check,
-        before_run=wipe_reference_store if precomputed else None,
-        step_times=lambda out: [r["step_time_s"] for r in read_metrics(out)],
-        losses=lambda out: [r["loss"] for r in read_metrics(out)],
-    )
+    extra_env = {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)} if mmap_threshold is not None else None
+    before_run = wipe_reference_store if precomputed else None
+    return train_script_contender(name, s, argv, check, extra_env, before_run=before_run)
 
 
 def safetensors_numel(folder: Path) -> int:
