@@ -14,31 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from diffalign.losses.registry import register
-from diffalign.losses.types import LossOutput, check_logps, check_positive
-
-
-def _check_2d(name: str, min_cols: int, **tensors: torch.Tensor | None) -> None:
-    """Every non-None keyword must be a floating ``(B, n)`` tensor, all of one shape and device, ``n >= min_cols``."""
-    first: tuple[str, torch.Tensor] | None = None
-    for key, value in tensors.items():
-        if value is None:
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"losses.{name}: `{key}` must be a torch.Tensor, got {type(value).__name__}.")
-        if not value.is_floating_point():
-            raise TypeError(f"losses.{name}: `{key}` has dtype {value.dtype}; pass floating values.")
-        if value.dim() != 2 or value.shape[1] < min_cols:
-            raise ValueError(
-                f"losses.{name}: `{key}` has shape {tuple(value.shape)}; pass (B, n) with n >= {min_cols}."
-            )
-        if first is None:
-            first = (key, value)
-        elif value.shape != first[1].shape or value.device != first[1].device:
-            raise ValueError(
-                f"losses.{name}: `{key}` has shape {tuple(value.shape)} on {value.device} but `{first[0]}` has "
-                f"shape {tuple(first[1].shape)} on {first[1].device}."
-            )
-
+from diffalign.losses.types import LossOutput, check_logps, check_positive, check_shape
 
 _PRO_EPS = 1e-10  # inside the log of every stage, as in the authors' compute_loss
 
@@ -63,14 +39,14 @@ def pro(
     with ``a^1`` the **summed** log-prob of the best response and λ = ``sft_weight`` (default 2).
 
     Source: Song et al. 2023, arXiv 2306.17492; ``AlibabaResearch/DAMO-ConvAI`` ``PRO/train/utils/process_manager.py``
-    (``compute_loss``), as summarised in research note §3.1 (not re-checked against the code here). ``rewards=None``
+    (``compute_loss``), written from a reading of that code (not run against it). ``rewards=None``
     is ours: every temperature is 1 (plain Plackett–Luce on the scores); the authors' no-score path sets all
     rewards equal, which makes every temperature 0 and the ranking term constant.
 
     Returns ``chosen_rewards = s^1``, ``rejected_rewards = max_{i>1} s^i`` (the strongest competitor), ``logits =
     s^1 − max_{i>1} s^i``, ``metrics``: ``ranking_loss`` and ``sft`` (``= −a^1``).
     """
-    _check_2d("pro", 2, policy_logps=policy_logps, lengths=lengths, rewards=rewards)
+    check_shape("pro", ("B", "n"), min_last=2, policy_logps=policy_logps, lengths=lengths, rewards=rewards)
     if isinstance(sft_weight, bool) or not isinstance(sft_weight, (int, float)) or not 0 <= sft_weight < math.inf:
         raise ValueError(f"losses.pro: `sft_weight` must be a finite number >= 0, got {sft_weight!r}.")
     if lengths is not None:
@@ -115,7 +91,9 @@ def _multi_negative_inputs(
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_logps(name, policy_chosen_logps=policy_chosen_logps, reference_chosen_logps=reference_chosen_logps)
-    _check_2d(name, 1, policy_rejected_logps=policy_rejected_logps, reference_rejected_logps=reference_rejected_logps)
+    check_shape(
+        name, ("B", "K"), policy_rejected_logps=policy_rejected_logps, reference_rejected_logps=reference_rejected_logps
+    )
     if policy_rejected_logps.shape[0] != policy_chosen_logps.shape[0]:
         raise ValueError(
             f"losses.{name}: `policy_rejected_logps` has {policy_rejected_logps.shape[0]} rows but "
@@ -140,7 +118,7 @@ def dmpo(
     """Multi-negative DPO (DynamicPO's base): ``loss = −ls(β·ρ_w − (β/K)·Σ_k ρ_{l_k})``.
 
     Chosen ``(B,)``, negatives ``(B, K)``. Source: DynamicPO's base objective (Hu et al. 2026, arXiv 2605.00327;
-    ``xingyuHuxingyu/DynamicPO`` ``trainer/dynamicpo_trainer.py``, research note §3.10). K = 1 is DPO. At policy ==
+    ``xingyuHuxingyu/DynamicPO`` ``trainer/dynamicpo_trainer.py``). K = 1 is DPO. At policy ==
     reference the loss is ln 2.
 
     Returns ``chosen_rewards = β·ρ_w``, ``rejected_rewards = β·mean_k ρ_{l_k}``, ``logits`` = the sigmoid argument.
@@ -206,7 +184,7 @@ def dynamicpo(
     ``β_j = β·(1 + ½·tanh((d₁ − d₂ − margin)/(|d₁| + |d₂|)))`` (fixed margin 2.0).
 
     Source: Hu et al. 2026, arXiv 2605.00327; ``xingyuHuxingyu/DynamicPO`` ``trainer/dynamicpo_trainer.py``
-    (``preference_loss``), as summarised in research note §3.10 (defaults β = 1, 5 negatives). Ours / unverified
+    (``preference_loss``; defaults β = 1, 5 negatives). Ours / unverified
     against that code: the k-means details (1-D Lloyd from quantile starts, up to 100 iterations) and the 1e-12 floor
     on ``|d₁| + |d₂|``. At policy == reference the loss is ln 2.
 

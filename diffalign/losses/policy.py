@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from diffalign.losses.types import check_shape
+
 Aggregation = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
 _AGGREGATIONS: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -37,15 +39,6 @@ class PolicyLossOutput:
     loss: torch.Tensor
     per_token_loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def _check_2d(name: str, fn: str, x: torch.Tensor, like: torch.Tensor | None = None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"losses.{fn}: `{name}` must be a torch.Tensor, got {type(x).__name__}.")
-    if x.dim() != 2:
-        raise ValueError(f"losses.{fn}: `{name}` must have shape (B, T), got {tuple(x.shape)}.")
-    if like is not None and x.shape != like.shape:
-        raise ValueError(f"losses.{fn}: `{name}` has shape {tuple(x.shape)}, expected {tuple(like.shape)}.")
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -145,14 +138,8 @@ def clipped_policy_loss(
         raise ValueError(
             f"losses.{fn}: importance_sampling_level must be one of {_IS_LEVELS}, got {importance_sampling_level!r}."
         )
-    _check_2d("logps", fn, logps)
-    if old_logps is not None:
-        _check_2d("old_logps", fn, old_logps, logps)
-    if mask is None:
-        mask = torch.ones_like(logps)
-    else:
-        _check_2d("mask", fn, mask, logps)
-        mask = mask.to(logps.dtype)
+    check_shape(fn, ("B", "T"), floating=False, logps=logps, old_logps=old_logps, mask=mask)
+    mask = torch.ones_like(logps) if mask is None else mask.to(logps.dtype)
     if epsilon_high is None:
         epsilon_high = epsilon_low
     if not (epsilon_low >= 0 and epsilon_high >= 0):
@@ -162,7 +149,7 @@ def clipped_policy_loss(
     if beta != 0.0:
         if ref_logps is None:
             raise ValueError(f"losses.{fn}: beta != 0 needs ref_logps (B, T).")
-        _check_2d("ref_logps", fn, ref_logps, logps)
+        check_shape(fn, ("B", "T"), floating=False, logps=logps, ref_logps=ref_logps)
     if gradient_accumulation_steps < 1:
         raise ValueError(f"losses.{fn}: gradient_accumulation_steps must be >= 1.")
 
@@ -254,15 +241,6 @@ def _nanmax(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _check_1d(name: str, fn: str, x: torch.Tensor, like: torch.Tensor | None = None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"losses.{fn}: `{name}` must be a torch.Tensor, got {type(x).__name__}.")
-    if x.dim() != 1:
-        raise ValueError(f"losses.{fn}: `{name}` must have shape (B,), got {tuple(x.shape)}.")
-    if like is not None and x.shape != like.shape:
-        raise ValueError(f"losses.{fn}: `{name}` has shape {tuple(x.shape)}, expected {tuple(like.shape)}.")
-
-
 def _flow_clip_metrics(ratio: torch.Tensor, log_ratio: torch.Tensor, clip_range: float) -> dict[str, torch.Tensor]:
     r = ratio.detach()
     return {
@@ -296,13 +274,11 @@ def flow_grpo_policy_loss(
     elements). Metrics: ``approx_kl = ½·mean((logp_θ − logp_old)²)``, ``clipfrac``, ``clipfrac_gt_one``,
     ``clipfrac_lt_one`` (flow_grpo names), ``ratio/mean``, ``ratio/std``.
 
-    Source: ``yifan123/flow_grpo`` ``scripts/train_sd3.py`` (research/online_diffusion.md §1.5); the KL term is
+    Source: ``yifan123/flow_grpo`` ``scripts/train_sd3.py`` (Flow-GRPO, arXiv 2505.05470); the KL term is
     :func:`flow_grpo_kl`, added by the caller as ``+ β·kl``.
     """
     fn = "flow_grpo_policy_loss"
-    _check_1d("logps", fn, logps)
-    _check_1d("old_logps", fn, old_logps, logps)
-    _check_1d("advantages", fn, advantages, logps)
+    check_shape(fn, ("B",), floating=False, logps=logps, old_logps=old_logps, advantages=advantages)
     if adv_clip_max is not None:
         advantages = torch.clamp(advantages, -adv_clip_max, adv_clip_max)
     log_ratio = logps - old_logps
@@ -319,7 +295,7 @@ def flow_grpo_kl(means: torch.Tensor, ref_means: torch.Tensor, std_dev_t: torch.
 
     ``means`` / ``ref_means``: ``(B, ...)`` predicted next-sample means of the policy and the reference (LoRA off);
     ``std_dev_t``: σ_t of the SDE step *without* the √(−Δ) factor, a number or ``(B,)``. This is the code's form;
-    the paper writes ``‖μ_θ − μ_ref‖² / (2σ_t²Δt)`` — code-KL = paper-KL·|Δ|/D (research/online_diffusion.md §1.5).
+    the paper writes ``‖μ_θ − μ_ref‖² / (2σ_t²Δt)`` — code-KL = paper-KL·|Δ|/D (flow_grpo ``train_sd3.py``).
     """
     if means.shape != ref_means.shape or means.dim() < 2:
         raise ValueError(
@@ -345,13 +321,13 @@ def grpo_guard_log_ratio(
     ``s = mean(σ_t)·mean(√(−Δ))`` (batch means, as the code takes them; all samples share the step),
     ``b = mean_dims((μ_θ − μ_old)²) / (2 s²)`` where ``μ_old`` is the transition mean **stored at sampling time**
     and ``μ_θ`` the current one. Under the sampling noise ``x' = μ_old + s·z`` this equals
-    ``mean_dims(z ⊙ (μ_θ − μ_old))`` — zero-mean, with a scale independent of ``s`` (research/online_diffusion.md
-    §4, [DERIVED, checked]). Source: ``scripts/train_sd3_GRPO_Guard.py`` (``config.rationorm``), read from the fork
-    ``zhtmike/flow_grpo@2e2f712`` that mirrors upstream ``yifan123/flow_grpo``; paper arXiv 2510.22319.
+    ``mean_dims(z ⊙ (μ_θ − μ_old))`` — zero-mean, with a scale independent of ``s`` (our algebra;
+    ``tests/test_policy_losses.py`` checks it).
+    Source: ``scripts/train_sd3_GRPO_Guard.py`` (``config.rationorm``), read from the fork ``zhtmike/flow_grpo@2e2f712``
+    that mirrors upstream ``yifan123/flow_grpo``; paper arXiv 2510.22319.
     """
     fn = "grpo_guard_log_ratio"
-    _check_1d("logps", fn, logps)
-    _check_1d("old_logps", fn, old_logps, logps)
+    check_shape(fn, ("B",), floating=False, logps=logps, old_logps=old_logps)
     if means.shape != old_means.shape or means.shape[0] != logps.shape[0]:
         raise ValueError(
             f"losses.{fn}: means {tuple(means.shape)} / old_means {tuple(old_means.shape)} must be (B, ...) and match."
@@ -384,7 +360,7 @@ def grpo_guard_policy_loss(
     log-ratio. Source: as :func:`grpo_guard_log_ratio`.
     """
     fn = "grpo_guard_policy_loss"
-    _check_1d("advantages", fn, advantages, logps)
+    check_shape(fn, ("B",), floating=False, logps=logps, advantages=advantages)
     if adv_clip_max is not None:
         advantages = torch.clamp(advantages, -adv_clip_max, adv_clip_max)
     log_ratio_hat = grpo_guard_log_ratio(logps, old_logps, means, old_means, std_dev_t=std_dev_t, sqrt_dt=sqrt_dt)

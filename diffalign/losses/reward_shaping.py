@@ -11,14 +11,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from diffalign.losses.types import check_shape
+
 EnsembleMethod = Literal["mean", "min", "median", "uwo", "mean_minus_std"]
 _METHODS: tuple[str, ...] = ("mean", "min", "median", "uwo", "mean_minus_std")
-
-
-def _check_2d(fn: str, name: str, x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"reward_shaping.{fn}: `{name}` must be a floating (N, K) tensor, got {shape}.")
 
 
 def ensemble_reward(
@@ -36,10 +32,10 @@ def ensemble_reward(
     * ``"mean_minus_std"``: ``R̄ − λ·std_k`` (population std), a common variant
 
     ``λ = uncertainty_coef``. Source: Coste et al., "Reward Model Ensembles Help Mitigate Overoptimization"
-    (ICLR 2024, arXiv 2310.02743) for mean / WCO / UWO (research/llm_losses.md §3.14, paper-level; no code read);
+    (ICLR 2024, arXiv 2310.02743) for mean / WCO / UWO (from the paper; no code read);
     members should be on comparable scales (the paper normalises each RM first).
     """
-    _check_2d("ensemble_reward", "member_rewards", member_rewards)
+    check_shape("reward_shaping.ensemble_reward", ("N", "K"), member_rewards=member_rewards)
     if method not in _METHODS:
         raise ValueError(f"reward_shaping.ensemble_reward: method must be one of {_METHODS}, got {method!r}.")
     if method == "mean":
@@ -61,7 +57,7 @@ def lsc_transform(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.Ten
     ``rewards`` and ``ref_rewards`` broadcast; ``r_ref(x)`` is a per-prompt reference reward (e.g. a high quantile
     of base-policy rewards, :func:`lsc_reference`). For ``(N, K)`` reward components the transformed components
     are summed: ``u = Σ_k log σ(r_k − r_k^ref)`` ("logical AND"). Source: Wang et al., "Transforming and Combining
-    Rewards for Aligning LLMs" (ICML 2024, arXiv 2402.00742), research/llm_losses.md §3.13 (paper-level).
+    Rewards for Aligning LLMs" (ICML 2024, arXiv 2402.00742), from the paper.
     """
     u = F.logsigmoid(rewards - ref_rewards)
     return u.sum(dim=-1) if u.dim() == 2 else u
@@ -70,11 +66,11 @@ def lsc_transform(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.Ten
 def lsc_reference(ref_rewards: torch.Tensor, *, quantile: float = 0.85) -> torch.Tensor:
     """Per-prompt LSC reference ``r_ref`` from ``(N, M)`` base-policy rewards: normal fit, ``quantile`` percentile.
 
-    ``r_ref = mean_m + Φ⁻¹(quantile)·std_m`` (population std — our choice). PAR's reimplementation of LSC fits a
-    normal to the reference rewards and takes the 85th percentile (research/llm_losses.md §3.13); the exact std
-    convention of that code was not verified.
+    ``r_ref = mean_m + Φ⁻¹(quantile)·std_m`` (population std — our choice). PAR's reimplementation of LSC fits a normal
+    to the reference rewards and takes the 85th percentile (``PorUna-byte/PAR`` ``trainers/reward_shaper.py``); the
+    exact std convention of that code was not verified.
     """
-    _check_2d("lsc_reference", "ref_rewards", ref_rewards)
+    check_shape("reward_shaping.lsc_reference", ("N", "M"), ref_rewards=ref_rewards)
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"reward_shaping.lsc_reference: quantile must be in (0, 1), got {quantile!r}.")
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(quantile, dtype=torch.float64)).item()
@@ -87,9 +83,9 @@ def par_reward(rewards: torch.Tensor, ref_rewards: torch.Tensor, *, k: float = 1
     ``rewards`` ``(N,)``; ``ref_rewards`` ``(N, M)``: rewards of M reference responses to the same prompt, sampled
     from the SFT policy (``reward_maxref`` M = 10 by default; the paper finds M = 1 already optimal); ``k = 1``.
     Source: Fu et al., "Reward Shaping to Mitigate Reward Hacking in RLHF" (arXiv 2502.18770),
-    ``PorUna-byte/PAR`` ``trainers/reward_shaper.py`` as summarised in research/llm_losses.md §3.15.
+    ``PorUna-byte/PAR`` ``trainers/reward_shaper.py``.
     """
-    _check_2d("par_reward", "ref_rewards", ref_rewards)
+    check_shape("reward_shaping.par_reward", ("N", "M"), ref_rewards=ref_rewards)
     if rewards.dim() != 1 or rewards.shape[0] != ref_rewards.shape[0]:
         raise ValueError("reward_shaping.par_reward: `rewards` must be (N,) matching ref_rewards (N, M).")
     return torch.sigmoid(k * (rewards.unsqueeze(1) - ref_rewards)).mean(dim=1)
@@ -125,8 +121,8 @@ def ches_score(
 
     High CHES predicts likelihood displacement under DPO; Razin et al. filter the highest (length-normalised)
     CHES pairs before training. Source: Razin et al., "Unintentional Unalignment" (ICLR 2025, arXiv 2410.08847),
-    ``princeton-nlp/unintentional-unalignment`` ``ches/ches.py`` (``compute_ches_scores``), as summarised in
-    research/llm_losses.md §3.12 (not re-read from the code here).
+    ``princeton-nlp/unintentional-unalignment`` ``ches/ches.py`` (``compute_ches_scores``), written from a reading
+    of that code (not run against it).
     """
     h_pos, n_pos = _summed_hidden("ches_score", "hidden_chosen", hidden_chosen, chosen_mask)
     h_neg, n_neg = _summed_hidden("ches_score", "hidden_rejected", hidden_rejected, rejected_mask)
@@ -146,7 +142,7 @@ def d2_align_text_embeds(text_embeds: torch.Tensor, correction: torch.Tensor, *,
     ``text_embeds``: ``(N, D)`` reward-model text features ``e``; ``correction``: the single learned direction
     ``b_v`` ``(D,)`` shared by all prompts; ``ω > 1`` extrapolates from ``e⁻`` toward ``e⁺`` (CFG-like; the paper's
     value is 1.5). The guided reward is ``score(Φ_img(x), ẽ)``; with a cosine score ``ẽ``'s norm does not matter
-    (the paper leaves re-normalisation unstated, research/paper_methods.md §2.1). Differentiable in ``b_v`` (stage 1
+    (the paper leaves re-normalisation unstated). Differentiable in ``b_v`` (stage 1
     learns it) and, with ``b_v = 0``, ``ẽ = normalize(e)``. Source: D²-Align (arXiv 2512.24146 v2, §3 and
     Algorithms 1-2), from the paper text; no code released.
     """

@@ -59,6 +59,37 @@ def check_logps(loss_name: str, **tensors: torch.Tensor) -> None:
             )
 
 
+def check_shape(
+    loss_name: str, dims: tuple[str, ...], *, min_last: int = 1, floating: bool = True, **tensors: torch.Tensor | None
+) -> None:
+    """Raise a clear error unless every non-None keyword is a tensor with the axes ``dims`` (e.g. ``("B", "T")``), a
+    last axis of at least ``min_last``, a floating dtype (unless ``floating=False``), and all share one shape and
+    device."""
+    want = f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
+    if min_last > 1:
+        want += f" with {dims[-1]} >= {min_last}"
+    first_key: str | None = None
+    first: torch.Tensor | None = None
+    for key, value in tensors.items():
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"losses.{loss_name}: `{key}` must be a torch.Tensor of shape {want}, got {type(value).__name__}."
+            )
+        if floating and not value.is_floating_point():
+            raise TypeError(f"losses.{loss_name}: `{key}` has dtype {value.dtype}; pass floating values.")
+        if value.dim() != len(dims) or value.shape[-1] < min_last:
+            raise ValueError(f"losses.{loss_name}: `{key}` has shape {tuple(value.shape)}; pass shape {want}.")
+        if first is None:
+            first_key, first = key, value
+        elif value.shape != first.shape or value.device != first.device:
+            raise ValueError(
+                f"losses.{loss_name}: `{key}` has shape {tuple(value.shape)} on {value.device} but `{first_key}` has "
+                f"shape {tuple(first.shape)} on {first.device}."
+            )
+
+
 def check_positive(loss_name: str, **values: float) -> None:
     """Raise ``ValueError`` unless every keyword is a finite number > 0."""
     for key, value in values.items():

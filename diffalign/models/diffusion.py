@@ -1,7 +1,8 @@
 """Backbone adapters: a diffusion model and a batch in, per-sample denoising tensors out.
 
 Every offline preference objective for diffusion models (Diffusion-DPO, MaPO, DCPO, Diffusion-KTO, SFT) consumes the
-same quantity, the per-sample denoising error at one noise draw and one timestep (research/offline_diffusion.md §1):
+same quantity, the per-sample denoising error at one noise draw and one timestep (as in
+``SalesforceAIResearch/DiffusionDPO`` ``train.py`` and diffusers' ``train_diffusion_dpo.py``):
 
     x_t  = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε                       (DDPMScheduler.add_noise)
     L(x) = mean_{c,h,w} (f_θ(x_t, t, c) − target)²               (fp32, whatever the model dtype)
@@ -137,8 +138,8 @@ class DiffusionAdapter(ABC):
         VAE's shift); identity in pixel space.
 
         With ``generator`` (one, or a list with one per image for addressable draws) ``z`` is a sample of the VAE
-        posterior, as every reference training script does (research §1). With ``generator=None`` ``z`` is the
-        posterior mean: deterministic, suited to a latent cache, but not what the scripts do.
+        posterior, as every reference training script does (``latent_dist.sample()``). With ``generator=None`` ``z``
+        is the posterior mean: deterministic, suited to a latent cache, but not what the scripts do.
         Returned in the VAE's dtype on its device, in the standard (NCHW-contiguous) layout.
         """
         if pixels.ndim != 4:
@@ -153,18 +154,6 @@ class DiffusionAdapter(ABC):
             latents = latents - shift
         # contiguous: a channels_last VAE returns NHWC latents, which would carry its layout into the denoiser
         return (latents * self.vae.config.scaling_factor).contiguous()
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Inverse of :meth:`encode_images` (pixels in about [-1, 1]); identity in pixel space."""
-        if self.vae is None:
-            return latents
-        param = next(self.vae.parameters())
-        latents = latents.to(device=param.device, dtype=param.dtype) / self.vae.config.scaling_factor
-        shift = getattr(self.vae.config, "shift_factor", None)
-        if shift is not None:
-            latents = latents + shift
-        return self.vae.decode(latents).sample
 
     # ----- shared parts -----
 
@@ -205,7 +194,7 @@ class DiffusionAdapter(ABC):
         """L_i = mean_{c,h,w} (f(x_t, t, c) − target)², computed in float32; shape (N,).
 
         Prediction and target are both cast to float32 before the difference, as diffusers' DPO scripts do (the
-        original Diffusion-DPO script takes the reference MSE in fp16, which quantises it; see research §2.1).
+        original Diffusion-DPO ``train.py`` takes the reference MSE in fp16, which quantises it).
         """
         if noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} must equal x0 shape {tuple(x0.shape)}")
@@ -234,8 +223,9 @@ class DiffusionAdapter(ABC):
         """Per-sample MSEs (L^w, L^l), each (B,), from ONE denoiser forward of 2B rows.
 
         Rows 0..B-1 are the winners and rows B..2B-1 the losers; the pair shares ``noise`` (B, ...) and
-        ``timesteps`` (B,), which are repeated for the second half (research §1). ``cond_rejected=None`` conditions the
-        losers on ``cond_chosen`` (one prompt per pair); DCPO passes each image's own caption.
+        ``timesteps`` (B,), which are repeated for the second half (as the Diffusion-DPO scripts do).
+        ``cond_rejected=None`` conditions the losers on ``cond_chosen`` (one prompt per pair); DCPO passes each image's
+        own caption.
         """
         if x0_chosen.shape != x0_rejected.shape:
             raise ValueError(

@@ -48,7 +48,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from diffalign.toy.flow_model import (
     T5_TOKENS,
@@ -60,7 +59,13 @@ from diffalign.toy.flow_model import (
     transformer_config,
 )
 from diffalign.toy.flow_sampling import EVAL_GUIDANCE_SCALE, EVAL_STEPS, SDE_NOISE_LEVEL, evaluate_flow_model
-from diffalign.toy.pretrain import _batch_indices, _lr_factor, ensure_pretrained, noisy_captions
+from diffalign.toy.pretrain import (
+    _batch_indices,
+    check_image_settings,
+    ensure_pretrained,
+    noisy_captions,
+    train_steps,
+)
 from diffalign.toy.world import render_batch, sample_specs
 from diffalign.utils.randomness import NOISE, PROMPT_DROPOUT, TIMESTEP, per_sample_normal, per_sample_uniform
 
@@ -89,17 +94,7 @@ class FlowPretrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay}: must be in [0, 1) (0 disables the average)")
-        if not 0.0 <= self.caption_noise <= 1.0 or not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(
-                f"caption_noise={self.caption_noise}, caption_dropout={self.caption_dropout}: both must be in [0, 1]"
-            )
-        if self.steps < 1 or self.batch_size < 1 or self.n_images < self.batch_size:
-            raise ValueError(
-                f"steps={self.steps}, batch_size={self.batch_size}, n_images={self.n_images}: need steps >= 1 and "
-                "n_images >= batch_size >= 1"
-            )
+        check_image_settings(self)
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"timestep_sampling={self.timestep_sampling!r}: use one of {TIMESTEP_SAMPLINGS}")
 
@@ -173,38 +168,27 @@ def pretrain_flow(
     with torch.no_grad():
         all_embeds, all_pooled = model.encode_prompts(vocabulary)
     caption_ids = torch.tensor([vocabulary.index(c) for c in captions])
-    params = list(model.transformer.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     train_sigmas = model.scheduler.sigmas.float()  # the training schedule, σ_i = (1000 - i) / 1000
     num_train_timesteps = model.scheduler.config.num_train_timesteps
-    ema = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
-    model.transformer.train()
-    bar = tqdm(range(config.steps), desc="toy flow pretrain", disable=not progress)
-    for step in bar:
+
+    def step_loss(step: int) -> torch.Tensor:
         epoch, idx = _batch_indices(step, config)
         x0 = images[idx]
         noise = per_sample_normal(x0.shape[1:], config.seed, epoch, idx, NOISE)
         sigma = train_sigmas[sample_training_sigmas(config, num_train_timesteps, epoch, idx)]
         drop = per_sample_uniform(config.seed, epoch, idx, PROMPT_DROPOUT) < config.caption_dropout
         rows = torch.where(drop, 0, caption_ids[idx])
-        loss = flow_matching_loss(model, x0, noise, sigma, all_embeds[rows], all_pooled[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        if ema is not None:
-            # Warm-up as in diffusers' EMAModel: early steps average over a shorter horizon.
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, params, 1.0 - decay)
-        lr_schedule.step()
-        if step % 10 == 0 or step == config.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
-    if ema is not None:
-        with torch.no_grad():
-            torch._foreach_copy_(params, ema)
-    model.transformer.eval()
+        return flow_matching_loss(model, x0, noise, sigma, all_embeds[rows], all_pooled[rows])
+
+    train_steps(
+        [{"params": list(model.transformer.parameters())}],
+        config,
+        step_loss,
+        modules=[model.transformer],
+        desc="toy flow pretrain",
+        progress=progress,
+        ema_decay=config.ema_decay,
+    )
     info: dict = {"pretrain": asdict(config), "pretrain_seconds": round(time.time() - started, 1)}
     if eval_n_per_prompt > 0:
         eval_started = time.time()

@@ -28,14 +28,11 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from diffalign.toy.llm_model import (
@@ -47,7 +44,7 @@ from diffalign.toy.llm_model import (
     tiny_causal_lm,
 )
 from diffalign.toy.llm_world import VOCABULARY, all_prompts, pretraining_corpus
-from diffalign.toy.pretrain import _lr_factor
+from diffalign.toy.pretrain import check_unit_interval, ensure_pretrained, train_steps
 from diffalign.utils.randomness import per_sample_uniform, sample_generator
 
 INFO_FILE = "pretrain.json"
@@ -75,9 +72,7 @@ class LLMPretrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("noise", "shape_noise", "malformed", "chat_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
+        check_unit_interval(self, "noise", "shape_noise", "malformed", "chat_fraction")
         if self.steps < 1 or self.batch_size < 1 or self.n_examples < self.batch_size:
             raise ValueError(
                 f"steps={self.steps}, batch_size={self.batch_size}, n_examples={self.n_examples}: need steps >= 1 "
@@ -140,11 +135,8 @@ def pretrain_lm(
     tokenizer = build_toy_tokenizer()
     model = tiny_causal_lm(tokenizer, seed=config.seed)
     data = encode_corpus(config, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
-    model.train()
-    bar = tqdm(range(config.steps), desc="toy LM pretrain", disable=not progress)
-    for step in bar:
+
+    def step_loss(step: int) -> torch.Tensor:
         rows = [data[i] for i in _batch(step, config)]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -153,15 +145,17 @@ def pretrain_lm(
             input_ids[i, : len(r)] = torch.tensor(r)
             attention_mask[i, : len(r)] = 1
         labels = input_ids.masked_fill(attention_mask == 0, -100)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        if step % 20 == 0 or step == config.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
-    model.eval()
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+    train_steps(
+        [{"params": list(model.parameters())}],
+        config,
+        step_loss,
+        modules=[model],
+        desc="toy LM pretrain",
+        progress=progress,
+        log_every=20,
+    )
     info: dict = {"config": asdict(config), "hash": config.hash(), "pretrain_seconds": round(time.time() - started, 1)}
     if eval_n_per_prompt > 0:
         info["eval"] = evaluate_base(model, tokenizer, n_per_prompt=eval_n_per_prompt)
@@ -206,23 +200,13 @@ def ensure_llm_base(cache_dir: str | os.PathLike | None = None, progress: bool =
     cached or freshly pretrained one in ``cache_dir`` (default ``~/.cache/diffalign/toy``) under
     ``llm-base-<hash>``, written into a temporary folder renamed into place. Never downloads."""
     digest = LLM_BASE_CONFIG.hash()
-    if _matches(default_llm_base_path(), digest):
-        return default_llm_base_path()
-    root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "diffalign" / "toy"
-    target = root / f"llm-base-{digest}"
-    if _matches(target, digest):
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".llm-base-{digest}-", dir=root))
-    try:
-        pretrain_lm(LLM_BASE_CONFIG, tmp, progress=progress)
-        tmp.rename(target)
-    except OSError:
-        if not _matches(target, digest):  # not a concurrent writer winning the rename
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return ensure_pretrained(
+        default_llm_base_path(),
+        f"llm-base-{digest}",
+        lambda folder: pretrain_lm(LLM_BASE_CONFIG, folder, progress=progress),
+        cache_dir,
+        usable=lambda folder: _matches(folder, digest),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,9 +36,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -81,21 +82,34 @@ class PretrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay}: must be in [0, 1) (0 disables the average)")
-        if not 0.0 <= self.caption_noise <= 1.0 or not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(
-                f"caption_noise={self.caption_noise}, caption_dropout={self.caption_dropout}: both must be in [0, 1]"
-            )
-        if self.steps < 1 or self.batch_size < 1 or self.n_images < self.batch_size:
-            raise ValueError(
-                f"steps={self.steps}, batch_size={self.batch_size}, n_images={self.n_images}: need steps >= 1 and "
-                "n_images >= batch_size >= 1"
-            )
+        check_image_settings(self)
 
     def hash(self) -> str:
         """Short stable digest of the config (names the cache folder of :func:`ensure_base`)."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_image_settings(config: Any) -> None:
+    """The checks of :class:`PretrainConfig` that :class:`~diffalign.toy.flow_pretrain.FlowPretrainConfig` shares:
+    ``ema_decay`` in [0, 1), ``caption_noise`` / ``caption_dropout`` in [0, 1], ``n_images >= batch_size >= 1``."""
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"ema_decay={config.ema_decay}: must be in [0, 1) (0 disables the average)")
+    if not 0.0 <= config.caption_noise <= 1.0 or not 0.0 <= config.caption_dropout <= 1.0:
+        raise ValueError(
+            f"caption_noise={config.caption_noise}, caption_dropout={config.caption_dropout}: both must be in [0, 1]"
+        )
+    if config.steps < 1 or config.batch_size < 1 or config.n_images < config.batch_size:
+        raise ValueError(
+            f"steps={config.steps}, batch_size={config.batch_size}, n_images={config.n_images}: need steps >= 1 and "
+            "n_images >= batch_size >= 1"
+        )
+
+
+def check_unit_interval(config: Any, *names: str) -> None:
+    """Raise ``ValueError`` unless each field ``names`` of ``config`` is in [0, 1]."""
+    for name in names:
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ValueError(f"{name}={getattr(config, name)}: must be in [0, 1]")
 
 
 BASE_CONFIG = PretrainConfig()
@@ -115,7 +129,24 @@ def noisy_captions(n_images: int, caption_noise: float, seed: int) -> list[str]:
     return captions
 
 
-def _lr_factor(step: int, config: PretrainConfig) -> float:
+class LoopConfig(Protocol):
+    """The optimisation settings :func:`train_steps` reads (every toy pretraining config has them)."""
+
+    @property
+    def steps(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def warmup_steps(self) -> int: ...
+    @property
+    def min_lr_ratio(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def max_grad_norm(self) -> float: ...
+
+
+def _lr_factor(step: int, config: LoopConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
@@ -128,6 +159,53 @@ def _batch_indices(step: int, config: PretrainConfig) -> tuple[int, list[int]]:
     epoch, pos = divmod(step, per_epoch)
     perm = torch.randperm(config.n_images, generator=sample_generator(config.seed, epoch, 0, SHUFFLE_STREAM))
     return epoch, perm[pos * config.batch_size : (pos + 1) * config.batch_size].tolist()
+
+
+def train_steps(
+    param_groups: list[dict[str, Any]],
+    config: LoopConfig,
+    step_loss: Callable[[int], torch.Tensor],
+    *,
+    modules: Sequence[torch.nn.Module],
+    desc: str,
+    progress: bool = True,
+    ema_decay: float = 0.0,
+    log_every: int = 10,
+    postfix: Callable[[], dict[str, str]] | None = None,
+) -> None:
+    """The loop every toy pretraining shares: ``config.steps`` AdamW steps on ``param_groups`` (a group without
+    ``lr`` gets ``config.lr``) of the loss ``step_loss(step)``, gradient norm clipped to ``config.max_grad_norm``,
+    linear warm-up then cosine (:func:`_lr_factor`); ``modules`` in train mode during, eval mode after.
+
+    With ``ema_decay > 0`` the parameters end as their exponential moving average (warm-up as in diffusers'
+    ``EMAModel``). The progress bar shows loss and lr every ``log_every`` steps, plus ``postfix()``'s fields.
+    """
+    params = [p for group in param_groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    ema = [p.detach().clone() for p in params] if ema_decay > 0 else None
+    for module in modules:
+        module.train()
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress)
+    for step in bar:
+        loss = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        if ema is not None:
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, params, 1.0 - decay)
+        schedule.step()
+        if step % log_every == 0 or step == config.steps - 1:
+            extra = postfix() if postfix is not None else {}
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}", **extra)
+    if ema is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, ema)
+    for module in modules:
+        module.eval()
 
 
 def pretrain(
@@ -151,20 +229,14 @@ def pretrain(
     images = render_batch(sample_specs(config.n_images, config.seed)) * 2.0 - 1.0
     token_ids = model.tokenize(noisy_captions(config.n_images, config.caption_noise, config.seed))
     empty_ids = model.tokenize([""])
-    groups = [{"params": list(model.unet.parameters()), "lr": config.lr}]
+    groups: list[dict[str, Any]] = [{"params": list(model.unet.parameters()), "lr": config.lr}]
     if config.text_encoder_lr_ratio > 0:
         groups.append({"params": list(model.text_encoder.parameters()), "lr": config.lr * config.text_encoder_lr_ratio})
     else:
         model.text_encoder.requires_grad_(False)
-    params = [p for group in groups for p in group["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     num_train_timesteps = model.scheduler.config.num_train_timesteps
-    ema = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
-    model.unet.train()
-    model.text_encoder.train()
-    bar = tqdm(range(config.steps), desc="toy pretrain", disable=not progress)
-    for step in bar:
+
+    def step_loss(step: int) -> torch.Tensor:
         epoch, idx = _batch_indices(step, config)
         x0 = images[idx]
         noise = per_sample_normal(x0.shape[1:], config.seed, epoch, idx, NOISE)
@@ -173,24 +245,17 @@ def pretrain(
         ids = torch.where(drop[:, None], empty_ids, token_ids[idx])
         x_t = model.scheduler.add_noise(x0, noise, t)
         context = model.text_encoder(ids).last_hidden_state
-        loss = torch.nn.functional.mse_loss(model.unet(x_t, t, encoder_hidden_states=context).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        if ema is not None:
-            # Warm-up as in diffusers' EMAModel: early steps average over a shorter horizon.
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, params, 1.0 - decay)
-        scheduler.step()
-        if step % 10 == 0 or step == config.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-    if ema is not None:
-        with torch.no_grad():
-            torch._foreach_copy_(params, ema)
-    model.unet.eval()
-    model.text_encoder.eval()
+        return torch.nn.functional.mse_loss(model.unet(x_t, t, encoder_hidden_states=context).sample, noise)
+
+    train_steps(
+        groups,
+        config,
+        step_loss,
+        modules=[model.unet, model.text_encoder],
+        desc="toy pretrain",
+        progress=progress,
+        ema_decay=config.ema_decay,
+    )
     info: dict = {"pretrain": asdict(config), "pretrain_seconds": round(time.time() - started, 1)}
     if eval_n_per_prompt > 0:
         eval_started = time.time()
@@ -223,20 +288,26 @@ def ensure_base(cache_dir: str | os.PathLike | None = None, progress: bool = Tru
     )
 
 
+def _has_model_index(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file()
+
+
 def ensure_pretrained(
     committed: Path,
     name: str,
     pretrain_into: Callable[[Path], object],
     cache_dir: str | os.PathLike | None = None,
+    usable: Callable[[Path], bool] = _has_model_index,
 ) -> Path:
-    """``committed`` if it holds a model, else ``cache_dir/name`` (default ``~/.cache/diffalign/toy``), pretrained
-    there first by ``pretrain_into(folder)`` if missing: into a temporary folder renamed into place, so an
-    interrupted run leaves nothing half-written and concurrent writers do not clash."""
-    if (committed / "model_index.json").is_file():
+    """``committed`` if ``usable`` (default: it holds a ``model_index.json``), else ``cache_dir/name`` (default
+    ``~/.cache/diffalign/toy``), pretrained there first by ``pretrain_into(folder)`` if not usable: into a temporary
+    folder renamed into place, so an interrupted run leaves nothing half-written and concurrent writers do not
+    clash."""
+    if usable(committed):
         return committed
     root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "diffalign" / "toy"
     target = root / name
-    if (target / "model_index.json").is_file():
+    if usable(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
@@ -244,7 +315,7 @@ def ensure_pretrained(
         pretrain_into(tmp)
         tmp.rename(target)
     except OSError:
-        if not (target / "model_index.json").is_file():  # not a concurrent writer winning the rename
+        if not usable(target):  # not a concurrent writer winning the rename
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -62,8 +62,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -74,11 +72,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from diffalign.rewards.base import check_images
-from diffalign.toy.pretrain import _lr_factor
+from diffalign.toy.pretrain import check_unit_interval, ensure_pretrained, train_steps
 from diffalign.toy.world import (
     COLOURS,
     PALETTE,
@@ -148,9 +145,7 @@ class ToyRewardConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("p_correct_colour", "p_correct_shape", "background_max", "overexposure_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
+        check_unit_interval(self, "p_correct_colour", "p_correct_shape", "background_max", "overexposure_prob")
         if self.gain_max < 1.0:
             raise ValueError(f"gain_max={self.gain_max}: an exposure gain must be >= 1")
         if self.steps < 1 or self.batch_size < 2 or self.pool_size < 1 or self.embed_dim < 1 or self.width < 1:
@@ -346,20 +341,17 @@ def train_reward_model(config: ToyRewardConfig | None = None, progress: bool = T
     config = config or TOY_REWARD_CONFIG
     model = build_model(config)
     pool = coverage_pool(config.pool_size, config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
-    model.train()
-    bar = tqdm(range(config.steps), desc="toy reward model", disable=not progress)
-    for step in bar:
-        loss = _training_loss(model, pool, step, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0 or step == config.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}", scale=f"{model.scale().item():.1f}")
-    return model.eval().requires_grad_(False)
+    train_steps(
+        [{"params": list(model.parameters())}],
+        config,
+        lambda step: _training_loss(model, pool, step, config),
+        modules=[model],
+        desc="toy reward model",
+        progress=progress,
+        log_every=50,
+        postfix=lambda: {"scale": f"{model.scale().item():.1f}"},
+    )
+    return model.requires_grad_(False)
 
 
 # -- measured properties ----------------------------------------------------------------------------------------
@@ -506,23 +498,13 @@ def ensure_toy_reward_model(cache_dir: str | os.PathLike | None = None, progress
     freshly trained model in ``cache_dir`` (default ``~/.cache/diffalign/toy``) under ``reward-model-<hash>``, written
     into a temporary folder renamed into place. Never downloads."""
     digest = TOY_REWARD_CONFIG.hash()
-    if _matches(default_reward_model_path(), digest):
-        return default_reward_model_path()
-    root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "diffalign" / "toy"
-    target = root / f"reward-model-{digest}"
-    if _matches(target, digest):
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".reward-model-{digest}-", dir=root))
-    try:
-        pretrain_toy_reward_model(TOY_REWARD_CONFIG, tmp, progress=progress)
-        tmp.rename(target)
-    except OSError:
-        if not _matches(target, digest):  # not a concurrent writer winning the rename
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return ensure_pretrained(
+        default_reward_model_path(),
+        f"reward-model-{digest}",
+        lambda folder: pretrain_toy_reward_model(TOY_REWARD_CONFIG, folder, progress=progress),
+        cache_dir,
+        usable=lambda folder: _matches(folder, digest),
+    )
 
 
 def load_toy_reward_model(
