@@ -14,7 +14,6 @@ from typing import Any
 
 from data_tools.caption import DEFAULT_TEMPLATE
 from data_tools.perturb import LEVELS
-from diffalign.data.pickapic import PreferenceDataError
 
 _JOBS = ("caption", "perturb", "perturb-prompt", "hybrid")
 
@@ -127,6 +126,7 @@ def run_build_command(args: argparse.Namespace) -> int:
     """Run a parsed build command; print the summary (stdout) or a one-line error (stderr)."""
     from data_tools.convert import folder_to_parquet, parquet_to_folder
     from data_tools.resumable import open_input, run_row_job
+    from diffalign.data.pickapic import PreferenceDataError  # here, not at the top: --help imports no torch
 
     try:
         if args.command == "convert":

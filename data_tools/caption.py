@@ -1,4 +1,4 @@
-"""Caption images with a vision-language model through ``transformers.pipeline`` (DCPO-c, offline_diffusion.md §4).
+"""Caption images with a vision-language model through ``transformers.pipeline`` (DCPO-c, arXiv 2502.06023).
 
 DCPO captions each image of a pair with a VLM given the shared prompt (LLaVA-v1.6-34B, Emu2); its captioning prompt
 is not released, so the template is **our** choice and configurable: ``{prompt}`` in ``--template`` is replaced by

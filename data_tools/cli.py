@@ -7,7 +7,7 @@
 
 ``SOURCE`` is a parquet file, a folder of them (``--split`` picks files) or a ``datasets`` hub name.
 
-Dataset building for DCPO (research/offline_diffusion.md §4), each on one parquet file, resumable and batched
+Dataset building for DCPO (Saeidi et al., arXiv 2502.06023), each on one parquet file, resumable and batched
 (:mod:`data_tools.resumable`), the other columns copied unchanged:
 
 * ``caption IN OUT --model M``: a VLM captions ``jpg_0`` / ``jpg_1`` into ``caption_0`` / ``caption_1`` (DCPO-c).
@@ -15,6 +15,9 @@ Dataset building for DCPO (research/offline_diffusion.md §4), each on one parqu
 * ``perturb-prompt IN OUT --level L``: winner ``caption``, loser perturbed ``caption`` (DCPO-p).
 * ``hybrid IN OUT --captioner M --level L``: caption both images, perturb the loser's caption (DCPO-h).
 * ``convert to-folder|to-parquet SRC DST``: parquet to image files + ``pairs.jsonl`` and back (:mod:`.convert`).
+
+Errors: one ``error: <message>`` line (exit status 1 for bad data, 2 for other errors); ``--debug`` anywhere adds
+the traceback. The heavy imports wait until the arguments are parsed, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ import sys
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-
-import pyarrow.parquet as pq
-from PIL import Image
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
 from data_tools.build import add_build_commands, run_build_command
-from diffalign.data.pickapic import PreferenceDataError, RowReport, audit_rows, resolve_parquet_files
+from diffalign.utils.cli_errors import print_error, run_cli
+
+if TYPE_CHECKING:
+    from diffalign.data.pickapic import RowReport
 
 
 def validate(reports: Iterable[RowReport]) -> int:
@@ -48,6 +51,8 @@ def validate(reports: Iterable[RowReport]) -> int:
 
 def stats(reports: Iterable[RowReport]) -> dict:
     """Summary of a source: counts, label balance, caption lengths in words, image sizes."""
+    from PIL import Image
+
     rows = ties = 0
     winners: Counter[str] = Counter()
     problems: Counter[str] = Counter()
@@ -79,6 +84,10 @@ def stats(reports: Iterable[RowReport]) -> dict:
 
 def dual_caption_words(source: str, split: str = "train") -> dict:
     """Word-count summaries of ``caption_0`` / ``caption_1`` over a local source's files that have them."""
+    import pyarrow.parquet as pq
+
+    from diffalign.data.pickapic import resolve_parquet_files
+
     path = Path(source).expanduser()
     files = [path] if path.is_file() else resolve_parquet_files(path, split) if path.is_dir() else []
     words: dict[str, list[int]] = {}
@@ -99,6 +108,11 @@ def _summary(values: list[int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``diffalign-data``: ``argv`` (default ``sys.argv[1:]``) -> exit status; ``--debug`` anywhere for tracebacks."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="diffalign-data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("validate", "list bad rows; exit 1 if any"), ("stats", "summary of a data set")):
@@ -111,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command not in ("validate", "stats"):
         return run_build_command(args)
+    from tqdm.auto import tqdm
+
+    from diffalign.data.pickapic import PreferenceDataError, audit_rows
+
     try:
         reports = tqdm(
             audit_rows(args.source, split=args.split, caption_column=args.caption_column,
@@ -126,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     except (PreferenceDataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         return 1
 
 

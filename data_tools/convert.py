@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffalign.data.parquet import check_parquet
 from diffalign.data.pickapic import PreferenceDataError
 
 INDEX_NAME = "pairs.jsonl"
@@ -56,8 +57,9 @@ def parquet_to_folder(parquet: str | Path, folder: str | Path) -> int:
     parquet, folder = Path(parquet), Path(folder)
     if not parquet.is_file():
         raise FileNotFoundError(f"{parquet}: no such parquet file")
+    names = check_parquet(parquet, PreferenceDataError)  # unreadable, no rows, a duplicate column: said by name
     pf = pq.ParquetFile(parquet)
-    missing = [c for c in _IMAGE_KEYS.values() if c not in pf.schema_arrow.names]
+    missing = [c for c in _IMAGE_KEYS.values() if c not in names]
     if missing:
         raise PreferenceDataError(f"{parquet}: missing column(s) {missing}; this is not a Pick-a-Pic-layout file")
     (folder / "images").mkdir(parents=True, exist_ok=True)

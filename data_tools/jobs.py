@@ -1,10 +1,10 @@
 """The row transforms behind ``caption``, ``perturb``, ``perturb-prompt`` and ``hybrid`` (DCPO-c / -p / -h).
 
-Orientation (Pick-a-Pic, offline_diffusion.md §6): ``label_0 == 1`` → ``jpg_0`` won and the loser is image 1;
-``label_0 == 0`` → the loser is image 0. ``caption_0`` / ``caption_1`` always describe ``jpg_0`` / ``jpg_1`` (the
-trainer swaps them with the images). Ties (``label_0 == 0.5``) have no loser: our choice is to perturb nothing in
-them, give ``perturb-prompt`` ties ``caption_0 = caption_1 = caption``, and count them in the summary ("tie").
-Rows with labels outside {0, 0.5, 1} are left unchanged and counted ("bad labels, see validate").
+Orientation (Pick-a-Pic v2's labels, as every Diffusion-DPO script reads them): ``label_0 == 1`` → ``jpg_0`` won and the
+loser is image 1; ``label_0 == 0`` → the loser is image 0. ``caption_0`` / ``caption_1`` always describe ``jpg_0`` /
+``jpg_1`` (the trainer swaps them with the images). Ties (``label_0 == 0.5``) have no loser: our choice is to perturb
+nothing in them, give ``perturb-prompt`` ties ``caption_0 = caption_1 = caption``, and count them in the summary
+("tie"). Rows with labels outside {0, 0.5, 1} are left unchanged and counted ("bad labels, see validate").
 
 Each ``*_process`` returns a function of a batch of :class:`~data_tools.resumable.Row` for
 :func:`data_tools.resumable.run_row_job`; the models are passed in, so tests can count calls.

@@ -1,10 +1,10 @@
 """A deterministic, offline caption perturber: swap attributes from a small built-in lexicon.
 
-DCPO (research/offline_diffusion.md §4) perturbs captions with DIPPER at lexical diversity 40/60/80 (weak, medium,
-strong). That needs an 11B model; this module is **our** cheap stand-in with an explicit, countable notion of level:
-it finds colour words, counts (number words and digits), object nouns and spatial relations, and replaces ``k`` of
-them with another word of the same category, where ``k`` = 1 (weak), 2 (medium), 3 (strong); a caption with fewer
-attributes than ``k`` gets all of them changed, and one with none is returned unchanged (``changes == []``).
+DCPO (``sahsaeedi/DCPO-T2I`` ``src/perturb_caption.py``) perturbs captions with DIPPER at lexical diversity 40/60/80
+(weak, medium, strong). That needs an 11B model; this module is **our** cheap stand-in with an explicit, countable
+notion of level: it finds colour words, counts (number words and digits), object nouns and spatial relations, and
+replaces ``k`` of them with another word of the same category, where ``k`` = 1 (weak), 2 (medium), 3 (strong); a caption
+with fewer attributes than ``k`` gets all of them changed, and one with none is returned unchanged (``changes == []``).
 
 The choice of attributes and replacements is a function of ``(seed, row index, text)`` only (SHA-256 seeded
 ``random.Random``), so reruns and resumed runs give identical output. Grammar is not repaired (``"one cat"`` may

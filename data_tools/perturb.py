@@ -1,4 +1,4 @@
-"""Caption perturbers for DCPO-p / DCPO-h (research/offline_diffusion.md §4): lexicon, DIPPER, instruction LM.
+"""Caption perturbers for DCPO-p / DCPO-h (arXiv 2502.06023): lexicon, DIPPER, instruction LM.
 
 Each perturber maps ``(texts, row indices)`` to perturbed texts, or ``None`` for a text it could not change.
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from diffalign.data.parquet import check_parquet
 from diffalign.data.pickapic import PreferenceDataError
 
 
@@ -81,11 +82,8 @@ def open_input(path: str | Path, needed: Sequence[str], producer: dict[str, str]
         raise PreferenceDataError(f"{path}: is a folder; these subcommands take one .parquet file (run once per file)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected a Pick-a-Pic-layout .parquet file)")
-    try:
-        pf = pq.ParquetFile(path)
-    except (OSError, ValueError) as err:
-        raise PreferenceDataError(f"{path}: not a readable parquet file ({err})") from err
-    names = pf.schema_arrow.names
+    names = check_parquet(path, PreferenceDataError)  # unreadable, no rows, a duplicate column: said by name
+    pf = pq.ParquetFile(path)
     for col in needed:
         if col not in names:
             hint = (producer or {}).get(col)

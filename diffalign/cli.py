@@ -1,5 +1,5 @@
 """The ``diffalign`` command: ``demo``, ``evidence offline|flow|llm|online|soar|sail``, ``toy pretrain``, ``toy pairs``,
-``train``."""
+``train``. ``--debug`` (anywhere) shows the traceback of an error; without it an error is one ``error:`` line."""
 
 from __future__ import annotations
 
@@ -7,18 +7,20 @@ import argparse
 import json
 import sys
 
+from diffalign.utils.cli_errors import print_error, run_cli
+
+# = diffalign.toy.pairs.PAIR_KINDS (tests/test_cli_errors.py checks): importing it would import torch for --help
+PAIR_KINDS: tuple[str, ...] = ("colour", "independent")
+
 
 def main(argv: list[str] | None = None) -> int:
-    from diffalign.config import ConfigError
-
-    try:
-        return _run(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """``diffalign``: ``argv`` (default ``sys.argv[1:]``) -> exit status (docs/cli.md)."""
+    return run_cli(_run, argv)
 
 
-def _run(argv: list[str] | None) -> int:
+def _run(argv: list[str]) -> int:
+    if argv[:1] == ["train"]:  # everything after `train` is scripts/train.py's (its --help lists the config keys)
+        return _train(argv[1:])
     parser = argparse.ArgumentParser(prog="diffalign", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -40,8 +42,6 @@ def _run(argv: list[str] | None) -> int:
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     pre = toy_sub.add_parser("pretrain", help="pretrain the toy base model (see diffalign.toy.pretrain)")
     pre.add_argument("args", nargs=argparse.REMAINDER)
-    from diffalign.toy.pairs import PAIR_KINDS
-
     pairs = toy_sub.add_parser("pairs", help="write toy preference pairs as a Pick-a-Pic parquet")
     pairs.add_argument("path")
     pairs.add_argument("--n-pairs", type=int, default=2000)
@@ -49,8 +49,7 @@ def _run(argv: list[str] | None) -> int:
     pairs.add_argument("--kind", choices=PAIR_KINDS, default="colour", help="loser: recoloured copy or independent")
     pairs.add_argument("--label-noise", type=float, default=0.0, help="fraction of labels flipped (human-like)")
 
-    train = sub.add_parser("train", help="same as scripts/train.py: --config FILE [key=value ...]")
-    train.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("train", help="same as scripts/train.py: --config FILE [key=value ...] (see train --help)")
 
     # Overrides may come before or after options (argparse alone binds the positional list before them).
     args, extra = parser.parse_known_args(argv)
@@ -75,15 +74,20 @@ def _run(argv: list[str] | None) -> int:
             noise = args.label_noise
             path = make_preference_pairs(args.path, args.n_pairs, args.seed, kind=args.kind, label_noise=noise)
         except ValueError as err:  # --n-pairs < 1, --label-noise outside [0, 0.5)
-            print(f"error: {err}", file=sys.stderr)
+            print_error(err)
             return 2
         print(path)
-    elif args.command == "train":
-        from diffalign.config import parse_cli
-        from diffalign.trainers.run import train as run_train
+    return 0
 
-        result = run_train(parse_cli(args.args))
-        print(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step}))
+
+def _train(argv: list[str]) -> int:
+    from diffalign.config import build_arg_parser, parse_cli
+
+    config = parse_cli(argv, parser=build_arg_parser(prog="diffalign train"))
+    from diffalign.trainers.run import train as run_train
+
+    result = run_train(config)
+    print(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step}))
     return 0
 
 

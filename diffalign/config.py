@@ -15,8 +15,10 @@ YAML is read with ``yaml.SafeLoader`` plus one addition: YAML 1.2 exponent float
 floats, not the strings PyYAML's YAML 1.1 rules make of them.
 
 Validation (every error is a :class:`ConfigError` naming the file or override, the full dotted key and a fix):
-unknown keys (with the nearest valid key), types (ints are accepted for float fields, bools are never ints, ``null``
-only for optional keys), enumerations, obvious ranges, and consistency between ``train.method`` and ``loss.name``:
+unknown keys (with the nearest valid key, or the diffalign key for a diffusers / TRL spelling: :data:`KEY_ALIASES`),
+types (ints are accepted for float fields, bools are never ints, ``null`` only for optional keys; accepted spellings:
+``train.mixed_precision: no`` / false is ``"no"``, a ``train.report_to`` string is a one-item list, ``none`` is
+``[]``; docs/cli.md), enumerations, obvious ranges, and consistency between ``train.method`` and ``loss.name``:
 
 * ``loss.name`` left out: taken from the method (dpo/dcpo -> ``dpo``, mapo -> ``mapo``, sft -> ``sft``).
 * method ``mapo`` needs loss ``mapo``; ``sft`` needs ``sft``; ``dpo``/``dcpo`` need a paired loss with a reference
@@ -192,10 +194,16 @@ class TrainConfig:
     ema_decay: float = 0.9999
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None  # "latest" | path | None
+    # "auto" (resume from the newest valid checkpoint of output_dir; refuse an earlier run that has none) | "latest"
+    # (the newest valid checkpoint, else a fresh start) | a checkpoint path | None (a fresh start; an earlier run in
+    # output_dir is refused). See docs/runs.md.
+    resume_from_checkpoint: str | None = "auto"
+    overwrite_output_dir: bool = False  # remove an earlier run's checkpoints and metrics.jsonl and start at step 0
     log_every: int = 1
     report_to: list[str] = field(default_factory=list)  # accelerate trackers; metrics.jsonl is always written
-    max_nonfinite_steps: int = 10  # consecutive non-finite losses before stopping with a checkpoint
+    max_nonfinite_steps: int = 10  # consecutive non-finite steps (loss or gradient norm) before the run stops
+    # a checkpoint or export is refused when max|w| of the trained parameters exceeds this x max(max|w| at step 0, 1)
+    max_weight_growth: float = 100.0
     progress_bar: bool = True
 
 
@@ -219,7 +227,7 @@ class OnlineConfig:
     beta: float = 0.0  # k3 KL to the reference (TRL default 0: no reference forward)
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo (TRL aggregations)
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
-    # -- diffusion (train.method grpo / direct_reward on sd, sdxl, sd3); research/online_diffusion.md --------------
+    # -- diffusion (train.method grpo / direct_reward on sd, sdxl, sd3); Flow-GRPO arXiv 2505.05470 ----------------
     # reward_functions name reward models of diffalign.rewards (clip_score, pickscore, hpsv2, aesthetic,
     # jpeg_compressibility, toy_gold, toy_reward_model) or "module:callable" returning one; keyword arguments per name
     reward_options: dict[str, Any] = field(default_factory=dict)
@@ -238,7 +246,7 @@ class OnlineConfig:
     adv_clip_max: float = 5.0
     policy_loss: str = "flow_grpo"  # flow_grpo (PPO clip) | grpo_guard (RatioNorm + 1/|dt| reweighting)
     drop_zero_advantage: bool = True  # drop samples whose advantage is 0 (re-added to keep micro-batch counts)
-    # D2-Align reward correction (paper_methods.md section 2): ''="none" or a b_v file (correction.safetensors)
+    # D2-Align reward correction (arXiv 2512.24146): ''="none" or a b_v file (correction.safetensors)
     reward_correction: str | None = None
     correction_omega: float = 1.5
     # train.method direct_reward (SRPO / Direct-Align style reward back-propagation; D2-Align stages 1 and 2)
@@ -248,7 +256,7 @@ class OnlineConfig:
 
 @dataclass
 class SOARConfig:
-    """train.method soar (research/paper_methods.md section 1); defaults = the official code's ("v4")."""
+    """train.method soar (SOAR, arXiv 2604.12617); defaults = Tencent-Hunyuan/HY-SOAR's ("v4")."""
 
     lambda_aux: float = 1.0  # weight of each auxiliary point (0 = the SFT loss exactly)
     num_aux_points: int = 6  # M re-noised points per rollout path
@@ -261,7 +269,7 @@ class SOARConfig:
 
 @dataclass
 class SAILConfig:
-    """train.method sail (research/paper_methods.md section 3): rounds of self-generated pairs after Diffusion-DPO on
+    """train.method sail (SAIL, arXiv 2602.05380): rounds of self-generated pairs after Diffusion-DPO on
     the seed set data.path. Paper values: 3 rounds (SD 1.5), 8 samples per prompt, alpha 0.25, 10 reward draws,
     50-step sampling at CFG 7.5 (SD 1.5)."""
 
@@ -309,6 +317,8 @@ SOAR_SDE_TYPES = ("simple", "sde", "flow_sde", "cps")  # diffalign.models.soar.S
 LOSS_WEIGHTINGS = ("constant", "min_snr", "truncated_snr")
 ON_BAD_ROW = ("error", "skip")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# accelerate.utils.LoggerType values (train.report_to); "all" = every installed one
+TRACKERS = ("all", "tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab")
 REFERENCE_MODES = ("auto", "frozen_copy", "frozen_copy_offload", "precomputed")
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")  # built by diffalign.trainers.optimizers.build_optimizer
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -377,16 +387,78 @@ def _leaf_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+# Spellings of diffusers' training scripts, TRL's *Config / transformers' TrainingArguments -> diffalign's key (or
+# key=value) and a note where the meaning differs; target None: no such setting, the note says why. An unknown key
+# is looked up here (by its last part, in any section) before the nearest-name suggestions.
+KEY_ALIASES: dict[str, tuple[str | None, str]] = {
+    "learning_rate": ("optim.lr", ""),
+    "lr_warmup_steps": ("optim.warmup_steps", ""),
+    "warmup_ratio": ("optim.warmup_steps", "a number of optimizer steps, not a ratio"),
+    "lr_scheduler_type": ("optim.lr_scheduler", ""),
+    "adam_weight_decay": ("optim.weight_decay", ""),
+    "use_8bit_adam": ("optim.optimizer=adamw_8bit", ""),
+    "use_adafactor": ("optim.optimizer=adafactor", ""),
+    "max_train_steps": ("train.max_steps", ""),
+    "num_train_epochs": ("train.max_steps", "diffalign counts optimizer steps, not epochs"),
+    "per_device_train_batch_size": ("train.train_batch_size", "pairs per device per micro-step"),
+    "logging_steps": ("train.log_every", ""),
+    "save_steps": ("train.checkpointing_steps", ""),
+    "save_total_limit": ("train.checkpoints_total_limit", ""),
+    "use_ema": ("train.ema", ""),
+    "bf16": ("train.mixed_precision=bf16", ""),
+    "fp16": ("train.mixed_precision=fp16", ""),
+    "tracker_project_name": (None, "trackers log under the project name 'diffalign', the run is train.output_dir"),
+    "tracker_name": (None, "trackers log under the project name 'diffalign', the run is train.output_dir"),
+    "run_name": (None, "a run is named by its train.output_dir"),
+    "logging_dir": (None, "metrics.jsonl and the trackers' logs are written under train.output_dir"),
+    "pretrained_model_name_or_path": ("model.pretrained", ""),
+    "model_name_or_path": ("model.pretrained", ""),
+    "pretrained_vae_model_name_or_path": ("model.vae", ""),
+    "weighting_scheme": ("model.timestep_density", ""),
+    "dataset_name": ("data.path", "a parquet file/folder or a datasets hub name"),
+    "train_data_dir": ("data.path", "a parquet file/folder or a datasets hub name"),
+    "dataset_split_name": ("data.split", ""),
+    "max_train_samples": ("data.max_samples", ""),
+    "dataloader_num_workers": ("data.num_workers", ""),
+    "no_hflip": ("data.hflip=false", ""),
+    "max_prompt_length": ("data.max_length", "prompt + completion tokens together"),
+    "beta_dpo": ("loss.beta", ""),
+    "loss_type": ("loss.name", "TRL's DPOConfig.loss_type; for GRPO's aggregation: 'online.loss_type'"),
+    "lora_r": ("lora.rank", ""),
+    "lora_rank": ("lora.rank", ""),
+    "lora_alpha": ("lora.alpha", ""),
+    "lora_target_modules": ("lora.target_modules", ""),
+    "use_peft": ("lora.enabled", ""),
+    "max_completion_length": ("online.max_new_tokens", ""),
+}
+
+
+def _alias_hint(name: str) -> str | None:
+    if name not in KEY_ALIASES:
+        return None
+    target, note = KEY_ALIASES[name]
+    if target is None:
+        return f"'{name}' is not a setting: {note}"
+    return f"did you mean '{target}'?" + (f" ({note})" if note else "")
+
+
 def _unknown_key(source: str, dotted: str, valid: Sequence[str]) -> ConfigError:
-    """Error for an unknown key, suggesting the nearest key at the same level, else the same name elsewhere."""
+    """Error for an unknown key, suggesting: a known alias (:data:`KEY_ALIASES`), the same name in another section,
+    the nearest key at the same level, else the nearest name elsewhere."""
     prefix, _, last = dotted.rpartition(".")
     prefix = f"{prefix}." if prefix else ""
-    close = difflib.get_close_matches(last, list(valid), n=1)
-    if close:
-        return ConfigError(f"{source}: unknown key '{dotted}'; did you mean '{prefix}{close[0]}'?")
+    alias = _alias_hint(last)
+    if alias:
+        return ConfigError(f"{source}: unknown key '{dotted}'; {alias}")
     by_name: dict[str, list[str]] = {}
     for key in _leaf_keys():
         by_name.setdefault(key.rpartition(".")[2], []).append(key)
+    if last in by_name:
+        listed = " or ".join(f"'{key}'" for key in by_name[last])
+        return ConfigError(f"{source}: unknown key '{dotted}'; did you mean {listed}?")
+    close = difflib.get_close_matches(last, list(valid), n=1)
+    if close:
+        return ConfigError(f"{source}: unknown key '{dotted}'; did you mean '{prefix}{close[0]}'?")
     names = difflib.get_close_matches(last, list(by_name), n=1)
     if names:
         return ConfigError(f"{source}: unknown key '{dotted}'; did you mean '{by_name[names[0]][0]}'?")
@@ -590,7 +662,25 @@ def validate_config(config: Config, source: str = "<config>") -> Config:
     return config_from_dict(config_to_dict(config), source)
 
 
+def _accept_spellings(raw: dict) -> None:
+    """Values typed from accelerate / diffusers habits, in place: ``train.mixed_precision: no`` (YAML reads false)
+    is ``"no"``; ``train.report_to: tensorboard`` is ``[tensorboard]`` and ``none`` (or null) is ``[]``."""
+    train = raw.get("train")
+    if not isinstance(train, dict):
+        return
+    precision = train.get("mixed_precision")
+    if precision is False or (isinstance(precision, str) and precision.lower() in ("false", "no")):
+        train["mixed_precision"] = "no"
+    if "report_to" in train:
+        report = train["report_to"]
+        if report is None or isinstance(report, str):
+            report = [] if report is None or report.lower() == "none" else [report]
+        if isinstance(report, list):
+            train["report_to"] = [r for r in report if not (isinstance(r, str) and r.lower() == "none")]
+
+
 def _finish(raw: dict, origins: Mapping[str, str], source: str) -> Config:
+    _accept_spellings(raw)
     config = _build(Config, raw, "", origins, source)
     if "loss.name" not in origins and config.train.method in METHOD_DEFAULT_LOSS:
         config.loss.name = METHOD_DEFAULT_LOSS[config.train.method]
@@ -706,10 +796,22 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
 
     c.one_of("train.method", METHODS)
     c.check("train.output_dir", bool(t.output_dir), "a non-empty path")
+    c.check("train.seed", 0 <= t.seed < 2**32, "in [0, 2**32) (the seed range of numpy and torch)")
     c.check("train.max_steps", t.max_steps >= 1, ">= 1")
     c.check("train.train_batch_size", t.train_batch_size >= 1, ">= 1")
     c.check("train.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, ">= 1")
+    if t.mixed_precision in ("fp32", "float32", "full"):
+        c.fail(
+            "train.mixed_precision",
+            f"'train.mixed_precision' must be one of 'no', 'fp16', 'bf16'; got '{t.mixed_precision}': full "
+            "precision is 'no'",
+        )
     c.one_of("train.mixed_precision", MIXED_PRECISION)
+    for i, tracker in enumerate(t.report_to):
+        if tracker not in TRACKERS:
+            close = difflib.get_close_matches(tracker, TRACKERS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"accelerate's trackers: {', '.join(TRACKERS)}"
+            c.fail("train.report_to", f"'train.report_to[{i}]' {tracker!r} is not a tracker; {hint}")
     c.one_of("train.reference", REFERENCE_MODES)
     if t.reference in ("frozen_copy", "frozen_copy_offload") and lr.enabled:
         c.fail(
@@ -737,7 +839,15 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
         t.checkpoints_total_limit is None or t.checkpoints_total_limit >= 1,
         ">= 1 or null",
     )
-    c.check("train.resume_from_checkpoint", t.resume_from_checkpoint != "", "'latest', a checkpoint path or null")
+    c.check("train.resume_from_checkpoint", t.resume_from_checkpoint != "", "'auto', 'latest', a path or null")
+    if t.overwrite_output_dir and t.resume_from_checkpoint not in ("auto", None):
+        c.fail(
+            "train.overwrite_output_dir",
+            f"train.overwrite_output_dir=true starts afresh but train.resume_from_checkpoint "
+            f"'{t.resume_from_checkpoint}' resumes; set train.resume_from_checkpoint=auto to start afresh, or "
+            "train.overwrite_output_dir=false to resume",
+        )
+    c.check("train.max_weight_growth", t.max_weight_growth >= 1, ">= 1")
     c.check("train.log_every", t.log_every >= 1, ">= 1")
     c.check("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, ">= 1")
 
@@ -1010,11 +1120,26 @@ def save_config(config: Config, path: str | Path) -> Path:
     return path
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+def _keys_help(width: int = 100) -> str:
+    """Every section's keys, wrapped: the ``--help`` epilog of the training commands."""
+    import textwrap
+
+    lines = ["config keys (section.key=value; --print-config shows every resolved value):"]
+    for section, cls in _hints(Config).items():
+        text = f"{section}: " + ", ".join(_hints(cls))
+        lines += textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def build_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog=prog,
         description="Train on preference pairs from a YAML config.",
-        epilog="Overrides: dotted key=value pairs read as YAML, e.g. train.max_steps=10 lora.enabled=false "
-        "loss.params.alpha=1.0 train.report_to=[tensorboard] model.revision=null",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="overrides: dotted key=value pairs read as YAML, e.g. train.max_steps=10 lora.enabled=false\n"
+        "  loss.params.alpha=1.0 train.report_to=[tensorboard] model.revision=null\n\n"
+        f"{_keys_help()}\n\n"
+        "errors: one 'error: <message>' line and exit status 2; --debug shows the traceback (docs/cli.md)",
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="YAML config file")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
@@ -1022,12 +1147,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_cli(argv: Sequence[str] | None = None) -> Config:
-    """``--config FILE [key=value ...] [--print-config]`` -> Config; with --print-config print it and exit 0."""
-    args = build_arg_parser().parse_intermixed_args(None if argv is None else list(argv))
+def parse_cli(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> Config:
+    """``--config FILE [key=value ...] [--print-config]`` -> Config; with --print-config print it and exit 0.
+    Then the optional packages the config needs are checked (before any model loads)."""
+    parser = parser or build_arg_parser()
+    args = parser.parse_intermixed_args(None if argv is None else list(argv))
     config = load_config(args.config, args.overrides)
     if args.print_config:
         sys.stdout.write(config_to_yaml(config))
         sys.stdout.flush()
         raise SystemExit(0)
+    from diffalign.utils.imports import check_config_dependencies
+
+    check_config_dependencies(config)
     return config

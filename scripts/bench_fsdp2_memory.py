@@ -58,6 +58,7 @@ def train_command(processes: int, model: Path, data: Path, out: Path, lora: bool
         "train.max_steps=2",
         "train.progress_bar=false",
         f"train.output_dir={out}",
+        "train.overwrite_output_dir=true",  # a rerun with --work-dir measures afresh
     ]
     if processes == 1:
         return [sys.executable, *script]

@@ -43,7 +43,7 @@ also tokenises and collates the rows with diffalign's ``tokenize_preference`` / 
 them with TRL's tokenised dataset and ``DataCollatorForPreference`` (``tokenization_match``).
 
 Output: ``key=value`` lines, among them ``speed_ratio``, ``rss_ratio`` and ``loss_max_abs_diff``; ``--json OUT``
-writes every result. Target (the issue): ``speed_ratio >= 1`` and ``rss_ratio <= 1`` with the same losses.
+writes every result. Target: ``speed_ratio >= 1`` and ``rss_ratio <= 1`` with the same losses.
 """
 
 from __future__ import annotations
@@ -169,6 +169,7 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
                 "max_steps": spec["steps"],
                 "train_batch_size": spec["batch_size"],
                 "output_dir": str(out_dir),
+                "overwrite_output_dir": True,  # a rerun with --workdir measures afresh
                 "progress_bar": False,
                 "checkpointing_steps": NEVER,
                 "log_every": 1,

@@ -20,6 +20,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from diffalign.eval.cli import generate_main  # noqa: E402
+from diffalign.utils.cli_errors import run_cli  # noqa: E402
 
 if __name__ == "__main__":
-    generate_main()
+    sys.exit(run_cli(generate_main))  # error: <message> and its exit status; --debug for the traceback

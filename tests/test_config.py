@@ -506,3 +506,74 @@ def test_train_script_reports_config_errors(minimal: Path) -> None:
     )
     assert result.returncode == 2
     assert "error: " in result.stderr and "did you mean 'train.max_steps'?" in result.stderr
+
+
+# ------------------------------------------------------------------------------- habits from accelerate / TRL
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("learning_rate=1e-5", "unknown key 'learning_rate'; did you mean 'optim.lr'?"),
+        ("optim.learning_rate=1e-5", "unknown key 'optim.learning_rate'; did you mean 'optim.lr'?"),
+        ("logging_steps=5", "unknown key 'logging_steps'; did you mean 'train.log_every'?"),
+        ("train.max_train_steps=5", "unknown key 'train.max_train_steps'; did you mean 'train.max_steps'?"),
+        ("num_train_epochs=3", "did you mean 'train.max_steps'? (diffalign counts optimizer steps, not epochs)"),
+        ("per_device_train_batch_size=4", "did you mean 'train.train_batch_size'? (pairs per device per micro-step)"),
+        ("lr_warmup_steps=10", "unknown key 'lr_warmup_steps'; did you mean 'optim.warmup_steps'?"),
+        ("use_8bit_adam=true", "unknown key 'use_8bit_adam'; did you mean 'optim.optimizer=adamw_8bit'?"),
+        ("tracker_project_name=x", "'tracker_project_name' is not a setting: trackers log under the project name"),
+        # names that exist in another section: that section, before any fuzzy match at the same level
+        ("gradient_accumulation_steps=4", "did you mean 'train.gradient_accumulation_steps'?"),
+        ("output_dir=out", "unknown key 'output_dir'; did you mean 'train.output_dir'?"),
+        ("lr_scheduler=cosine", "unknown key 'lr_scheduler'; did you mean 'optim.lr_scheduler'?"),
+        ("checkpointing_steps=10", "unknown key 'checkpointing_steps'; did you mean 'train.checkpointing_steps'?"),
+        ("optim.max_steps=10", "unknown key 'optim.max_steps'; did you mean 'train.max_steps'?"),  # not warmup_steps
+        ("train.beta=0.1", "unknown key 'train.beta'; did you mean 'loss.beta' or 'online.beta'?"),
+    ],
+)
+def test_trl_and_diffusers_spellings_name_the_key(minimal: Path, override: str, expected: str) -> None:
+    assert expected in error_of(minimal, (override,))
+
+
+def test_aliases_point_at_real_keys() -> None:
+    keys = set(cfg._leaf_keys())
+    for name, (target, note) in cfg.KEY_ALIASES.items():
+        assert name not in {k.rpartition(".")[2] for k in keys} or name == "loss_type", name
+        assert target is None and note or target.partition("=")[0] in keys, (name, target)
+
+
+@pytest.mark.parametrize("value", ["no", "No", "false", "False", "'no'", "'false'"])
+def test_mixed_precision_no_in_any_spelling(minimal: Path, value: str) -> None:
+    assert load_config(minimal, (f"train.mixed_precision={value}",)).train.mixed_precision == "no"
+
+
+def test_mixed_precision_no_in_a_file_and_fp32_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.yaml", MINIMAL + "train:\n  mixed_precision: no\n")  # YAML 1.1: false
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(path, ("train.mixed_precision=bf16",)).train.mixed_precision == "bf16"
+    assert "full precision is 'no'" in error_of(path, ("train.mixed_precision=fp32",))
+    assert "'train.mixed_precision' must be str, got bool True" in error_of(path, ("train.mixed_precision=true",))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("tensorboard", ["tensorboard"]), ("none", []), ("null", []), ("[wandb, none]", ["wandb"]), ("[]", [])],
+)
+def test_report_to_accepts_a_string(minimal: Path, value: str, expected: list[str]) -> None:
+    assert load_config(minimal, (f"train.report_to={value}",)).train.report_to == expected
+
+
+def test_report_to_names_must_be_trackers(minimal: Path) -> None:
+    message = error_of(minimal, ("train.report_to=tensorbord",))
+    assert message.endswith("'train.report_to[0]' 'tensorbord' is not a tracker; did you mean 'tensorboard'?")
+
+
+@pytest.mark.parametrize(("seed", "ok"), [(0, True), (2**32 - 1, True), (-1, False), (2**32, False)])
+def test_seed_range(minimal: Path, seed: int, ok: bool) -> None:
+    if ok:
+        assert load_config(minimal, (f"train.seed={seed}",)).train.seed == seed
+    else:
+        assert f"'train.seed' must be in [0, 2**32) (the seed range of numpy and torch), got {seed}" in error_of(
+            minimal, (f"train.seed={seed}",)
+        )

@@ -1,6 +1,7 @@
 """The trainers read micro-batches through a DataLoader (diffalign/trainers/loader.py): the worker count changes
 nothing in the results, a resume mid-epoch with workers continues exactly, and a row that fails to decode in a
-worker reaches the user as the same one-line ``FILE: row N: reason`` error as without workers."""
+worker reaches the user as the same one-line ``FILE: row N: reason`` error as without workers (skipping such rows:
+tests/test_bad_data.py)."""
 
 from __future__ import annotations
 
@@ -95,22 +96,35 @@ def test_batches_arrive_in_sampler_order_with_their_epoch(pairs):
     assert [epoch for epoch, _ in expected] == [0, 1, 1]
 
 
-def _truncated_jpeg(size: int = 20) -> bytes:
+def truncated_jpeg(size: int = 20) -> bytes:
+    """A JPEG cut in half: it passes PIL's verify() (which does not decode JPEG data) but not a decode."""
     pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
     data = buf.getvalue()
-    return data[: len(data) // 2]  # passes PIL's verify() (it does not decode JPEG data), fails to decode
+    return data[: len(data) // 2]
+
+
+@pytest.fixture
+def load_time_check_misses_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load-time validation passes every image (as when the source changes after loading): a bad image is first
+    met in a worker (forked, so it inherits the patch)."""
+    import diffalign.data.pickapic as pickapic
+
+    monkeypatch.setattr(pickapic, "image_decode_problem", lambda data: None)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_row_that_does_not_decode_is_the_same_one_line_error_with_workers(workers, pixel_pipeline, tmp_path):
+def test_a_row_that_does_not_decode_is_the_same_one_line_error_with_workers(
+    workers, pixel_pipeline, tmp_path, load_time_check_misses_images
+):
     rows = make_random_pairs(8, size=20, seed=1)
-    rows[5]["jpg_1"] = _truncated_jpeg()
+    rows[5]["jpg_1"] = truncated_jpeg()  # row 5 is swapped: jpg_1 is its winner
     data = write_pickapic_parquet(tmp_path / "bad.parquet", rows)
     cfg = config(pixel_pipeline, str(data), tmp_path / "out", workers=workers, max_steps=4)
     with pytest.raises(BadRowError) as caught:
         train(cfg)
     message = str(caught.value)
-    assert message.startswith(f"{data}: row 5: the ") and "does not decode" in message
+    assert message.startswith(f"{data}: row 5: the chosen image (jpg_1) does not decode (")
+    assert message.endswith("or set data.on_bad_row=skip")
     assert "\n" not in message and "DataLoader worker" not in message

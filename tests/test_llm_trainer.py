@@ -348,8 +348,8 @@ def test_bad_rows_are_reported_with_their_row_numbers(tmp_path) -> None:
     with pytest.raises(TextDataError) as err:
         load_text_rows(str(path), "pairs")
     message = str(err.value)
-    assert f"{path} row 1: 'rejected' is missing" in message
-    assert f"{path} row 2: 'chosen' must be a string" in message or f"{path} row 2: mixes strings" in message
+    assert f"{path}: row 1: 'rejected' is missing" in message
+    assert f"{path}: row 2: 'chosen' must be a string" in message or f"{path}: row 2: mixes strings" in message
     assert len(load_text_rows(str(path), "pairs", on_bad_row="skip")) == 1
     ranked = _write(tmp_path / "rank.jsonl", [{"prompt": "a", "responses": ["x", "y"], "scores": [1.0]}])
     with pytest.raises(TextDataError, match="row 0: 'scores' must be a list with one number per response"):

@@ -1,4 +1,4 @@
-"""Loss core: research §8 test vectors, closed forms, independent re-implementations, gradients, registry."""
+"""Loss core: hand-computed test vectors, closed forms, independent re-implementations, gradients, registry."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
 
-# Research note §8: pair 1 and pair 2 MSEs (policy / reference, winner / loser).
+# Hand-computed vectors (docs/methods/offline-dpo.md): pair 1 and pair 2 MSEs (policy / reference, winner / loser).
 L_W, L_L = [0.1000, 0.2000], [0.1002, 0.1999]
 R_W, R_L = [0.1001, 0.2000], [0.1001, 0.2000]
 
@@ -67,7 +67,7 @@ def random_pairs(n: int = 5, seed: int = 0, scale: float = 1.0) -> dict[str, tor
     return {k: scale * torch.randn(n, generator=g, dtype=F64) for k in keys}
 
 
-# --------------------------------------------------------------------------------------------- §8 vectors
+# ------------------------------------------------------------------------------------ hand-computed vectors
 
 
 def test_dpo_section8_vectors() -> None:

@@ -163,12 +163,14 @@ def test_nonfinite_step_is_skipped_and_counted(pixel_pipeline, pairs, tmp_path):
     assert "loss" not in records[1] and "loss" in records[2]
 
 
-def test_repeated_nonfinite_losses_stop_with_a_checkpoint(pixel_pipeline, pairs, tmp_path):
+def test_repeated_nonfinite_losses_stop_without_saving_the_bad_state(pixel_pipeline, pairs, tmp_path):
     _NanAt.nan_calls = set(range(1, 100))
     cfg = make_config(pixel_pipeline, pairs, tmp_path / "o", max_steps=10, max_nonfinite_steps=3)
-    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps .*checkpoint-2") as raised:
         _NanAt(cfg).train()
-    assert list_checkpoints(tmp_path / "o")[-1].name == "checkpoint-3"
+    assert raised.value.exit_code == 1
+    # step 2's regular checkpoint (skipped steps leave the weights as they were) is the last: no checkpoint-3
+    assert [c.name for c in list_checkpoints(tmp_path / "o")] == ["checkpoint-2"]
 
 
 def test_two_processes_match_one_process(pixel_pipeline, pairs, tmp_path, run_train_script):

@@ -1,4 +1,4 @@
-"""SAIL (research/paper_methods.md §3): the implicit-reward judge, best-vs-worst pairs, the seed mixture, and the
+"""SAIL (arXiv 2602.05380): the implicit-reward judge, best-vs-worst pairs, the seed mixture, and the
 round loop's resumption on a tiny SD model."""
 
 from __future__ import annotations

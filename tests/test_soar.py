@@ -1,5 +1,7 @@
-"""SOAR (research/paper_methods.md §1): the auxiliary points against the official code's formulas on SD3, the
-invariants of §1.5 on SD3 and SD (ε and v), the DDIM reading of the one-step rollout, and λ = 0 == SFT."""
+"""SOAR (arXiv 2604.12617): the auxiliary points against the official code's formulas on SD3
+(``Tencent-Hunyuan/HY-SOAR`` ``soar/utils/algorithm.py``), the invariants of the target (on-ray points, one step back
+lands on x0, s' in range, the normaliser) on SD3 and SD (ε and v), the DDIM reading of the one-step rollout, and λ = 0
+== SFT."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from diffalign import cli
 from diffalign.toy.demo import run_demo
 from diffalign.toy.evidence import format_report, run_offline_evidence
 
-# Short demo: measured gain on 96 samples with these settings is in the README's Status section.
+# Short demo: measured gain on 96 samples with these settings is in docs/toy-world.md.
 SMOKE_OVERRIDES = ["train.max_steps=150", "optim.lr=4e-5", "train.checkpointing_steps=1000", "train.progress_bar=false"]
 
 

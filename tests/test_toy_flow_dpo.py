@@ -10,7 +10,7 @@ from diffalign.toy.experiment import method_config, prepare_world, train_method
 from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.flow_pretrain import default_flow_base_path, ensure_flow_base
 
-# Short run; the measured gain on 96 samples with these settings is in the README's Status section.
+# Short run; the measured gain on 96 samples with these settings is in docs/toy-world.md.
 SMOKE_OVERRIDES = ["train.max_steps=200", "optim.lr=8e-5", "train.checkpointing_steps=1000", "train.progress_bar=false"]
 
 

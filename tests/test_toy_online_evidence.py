@@ -1,7 +1,7 @@
 """``diffalign evidence online`` end to end with the shipped toy configs, at a small budget: Flow-GRPO and the direct
 reward trainer (plain and D²-Align-corrected) raise the biased toy reward model's score of the flow base's samples,
 and the report is written in the evidence format (trajectory, ``gold_best``, ``proxy_*``, checks). The full-budget
-numbers are in the README."""
+numbers are in docs/toy-world.md."""
 
 from __future__ import annotations
 

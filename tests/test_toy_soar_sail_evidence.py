@@ -1,6 +1,6 @@
 """``diffalign evidence soar`` and ``diffalign evidence sail`` end to end with the shipped toy configs at a tiny
 budget (the report format, resumed segments, per-round SAIL records), and the acceptance checks on hand-made
-reports. The full-budget numbers are in the README."""
+reports. The full-budget numbers are in docs/toy-world.md."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """TRL 1.16 parity of ``diffalign.losses.dpo_family``: every DPO ``loss_type``, f-divergences, LD-DPO, WPO, mixtures
 and the four reward metrics, against ``trl.DPOTrainer._compute_loss`` driven on raw tensors.
 
-Oracle recipe: research/llm_losses.md §1.1 — a stub ``self`` and a fake model that returns pre-made per-token
-log-probs; the reference goes in as precomputed sums (LD-adjusted by this file's own loop when ``ld_alpha`` is set).
-Per-example values come from B = 1 calls, except ``aot``/``aot_unpaired`` (sort across the batch) and ``sft``
-(batch token-mean), which are compared as batch means. The TRL tier is skipped when ``trl`` is not installed
-(``pip install -e .[test]`` pins ``trl==1.16.0``); the non-TRL checks below it always run.
+Oracle recipe (``trl/trainer/dpo_trainer.py`` ``DPOTrainer._compute_loss`` called unbound): a stub ``self`` and a fake
+model that returns pre-made per-token log-probs; the reference goes in as precomputed sums (LD-adjusted by this file's
+own loop when ``ld_alpha`` is set). Per-example values come from B = 1 calls, except ``aot``/``aot_unpaired`` (sort
+across the batch) and ``sft`` (batch token-mean), which are compared as batch means. The TRL tier is skipped when
+``trl`` is not installed (``pip install -e .[test]`` pins ``trl==1.16.0``); the non-TRL checks below it always run.
 """
 
 from __future__ import annotations

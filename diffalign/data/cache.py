@@ -17,7 +17,7 @@ What is stored:
 * ``manifest.json``: fingerprints, counts, shapes and dtypes.
 
 One encoding per image: if ``encode_images`` samples the VAE posterior, that sample is fixed at cache time, whereas
-the original Diffusion-DPO script re-samples every step (research/offline_diffusion.md §1). This is deliberate; an
+the original Diffusion-DPO script re-samples every step (``vae.encode(x).latent_dist.sample()``). This is deliberate; an
 ``encode_images`` that returns the posterior mean is equally valid. Random crops cannot be cached (the crop changes
 every epoch) and are refused.
 
@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from diffalign.data.pickapic import load_preference_table
+from diffalign.data.pickapic import PreferenceDataError, load_preference_table
 from diffalign.data.transforms import PreferencePairDataset, draw_sample
 
 CACHE_FORMAT_VERSION = 3  # v2: pair geometry (SDXL size conditioning); v3: each pair's source row
@@ -259,7 +259,9 @@ def _check_manifest(folder: Path, model_fingerprint: str, dataset: PreferencePai
     expected = {"model_fingerprint": model_fingerprint, "data_fingerprint": dataset.fingerprint}
     found = {k: manifest.get(k) for k in expected}
     if found != expected:
-        raise ValueError(f"{folder}: manifest has {found}, expected {expected}; delete the folder to rebuild it")
+        raise PreferenceDataError(
+            f"{folder}: manifest has {found}, expected {expected}; delete the folder to rebuild it"
+        )
 
 
 def _unique_prompts(dataset: PreferencePairDataset) -> tuple[list[str], torch.Tensor, torch.Tensor]:

@@ -10,22 +10,28 @@ Layouts (the loss's registry kind picks one):
 
 Optional columns: ``weight`` (a per-example loss weight, ≥ 0) and any per-example tensor a loss needs by name (e.g.
 ``preference_probs`` for iREPO, ``reward_margins`` for MADPO). Sources: a ``.jsonl`` / ``.json`` / ``.parquet`` file,
-a folder of them, or a ``datasets`` hub name (``data.split``). A bad row is reported as ``<source> row N: reason``
-(N counts from 0, as ``datasets`` indexes); ``data.on_bad_row=skip`` drops such rows with a warning instead.
+a folder of them, or a ``datasets`` hub name (``data.split``). A bad row is reported as ``FILE: row N: reason`` (N
+counts from 0 over the file's rows, as ``datasets`` indexes), a ``.jsonl`` line that is not valid UTF-8 or not JSON
+as ``FILE: line N: reason`` (N counts from 1, as editors do); ``data.on_bad_row=skip`` drops both kinds with a
+warning instead. A parquet file with no rows or a duplicate column name is refused by name
+(:mod:`diffalign.data.parquet`); see docs/data-validation.md.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from diffalign.data.parquet import check_parquet
 from diffalign.errors import DiffalignError
 from diffalign.models.causal_lm import collate_completions, is_conversational, tokenize_completions
 
@@ -39,7 +45,7 @@ LAYOUT_COLUMNS = {
 }
 LAYOUT_OF_KIND = {"paired": "pairs", "chosen_only": "pairs", "listwise": "rankings", "unpaired": "unpaired"}
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-_MAX_REPORTED = 20
+_MAX_REPORTED = 5  # bad rows quoted in the error message after the first
 
 
 class TextDataError(DiffalignError, ValueError):
@@ -70,25 +76,60 @@ def _read_source(path: str, split: str) -> list[tuple[str, list[dict[str, Any]]]
     return [(f"{path}[{split}]", ds.to_list())]
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class BadLine:
+    """A ``.jsonl`` line that is not a row: its number (from 1) and why; it takes a row's place in the numbering."""
+
+    line: int
+    problem: str
+
+
+def _read_file(path: Path) -> list[Any]:
+    """The rows of one file; a ``.jsonl`` line that does not decode or parse is a :class:`BadLine`."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        check_parquet(path, TextDataError)  # no rows / a duplicate column: said by name, not by pyarrow
         return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        data = json.loads(text)
-        if not isinstance(data, list):
-            raise TextDataError(f"{path}: a .json file must hold a list of rows (objects); use .jsonl for one per line")
-        return data
-    rows = []
-    for n, line in enumerate(text.splitlines()):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise TextDataError(f"{path} line {n + 1}: not valid JSON ({err.msg})") from err
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # editors on Windows write one
+    if path.suffix == ".jsonl":
+        return _jsonl_rows(data, bom)
+    try:
+        rows = json.loads(data[bom:].decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, bom + err.start) + 1
+        raise TextDataError(f"{path}: line {line}: {_utf8_problem(err, bom)}; save the file as UTF-8") from err
+    except json.JSONDecodeError as err:
+        raise TextDataError(f"{path}: line {err.lineno}: not valid JSON ({err.msg}); fix the file") from err
+    if not isinstance(rows, list):
+        raise TextDataError(f"{path}: a .json file must hold a list of rows (objects); use .jsonl for one per line")
     return rows
+
+
+def _jsonl_rows(data: bytes, start_offset: int = 0) -> list[Any]:
+    """One entry per non-blank line of ``data[start_offset:]`` (split on ``\\n`` only: a JSON string may hold
+    U+2028 and the other characters ``str.splitlines`` would also split on)."""
+    rows: list[Any] = []
+    offset = start_offset
+    for number, line in enumerate(data[start_offset:].split(b"\n"), start=1):
+        start, offset = offset, offset + len(line) + 1
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            rows.append(BadLine(number, _utf8_problem(err, start)))
+            continue
+        if not text.strip():
+            continue
+        try:
+            rows.append(json.loads(text))
+        except json.JSONDecodeError as err:
+            rows.append(BadLine(number, f"not valid JSON ({err.msg}, column {err.colno})"))
+    return rows
+
+
+def _utf8_problem(err: UnicodeDecodeError, line_start: int = 0) -> str:
+    return f"not valid UTF-8 (byte offset {line_start + err.start} in the file: {err.object[err.start : err.end]!r})"
 
 
 def _text_problem(row: Mapping[str, Any], key: str) -> str | None:
@@ -158,28 +199,29 @@ def load_text_rows(
     on_bad_row: str = "error",
     max_samples: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Read and check every row; rankings come back sorted best first. Raises :class:`TextDataError` listing the bad
-    rows (``on_bad_row="error"``) or drops them with a warning (``"skip"``)."""
+    """Read and check every row; rankings come back sorted best first. Raises :class:`TextDataError`, one line that
+    starts with the first bad row or line (``on_bad_row="error"``), or drops them with a warning (``"skip"``)."""
     if layout not in LAYOUT_COLUMNS:
         raise ValueError(f"layout must be one of {tuple(LAYOUT_COLUMNS)}, got {layout!r}")
     rows, problems = [], []
+    total = 0
     for source, source_rows in _read_source(path, split):
         for i, row in enumerate(source_rows):
+            total += 1
+            if isinstance(row, BadLine):
+                problems.append(f"{source}: line {row.line}: {row.problem}")
+                continue
             problem = row_problem(row, layout, extra_columns)
             if problem is None:
                 rows.append(_normalised(row, layout))
             else:
-                problems.append(f"{source} row {i}: {problem}")
+                problems.append(f"{source}: row {i}: {problem}")
     if problems and on_bad_row == "error":
-        shown = "\n  ".join(problems[:_MAX_REPORTED])
-        more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
-        columns = ", ".join(LAYOUT_COLUMNS[layout])
-        raise TextDataError(
-            f"{len(problems)} bad row(s) for the '{layout}' layout ({columns}):\n  {shown}{more}\n"
-            "Fix them, or set data.on_bad_row=skip to drop them."
-        )
+        raise TextDataError(_bad_rows_message(problems, layout))
     if problems:
-        logger.warning("skipped %d bad rows (first: %s)", len(problems), problems[0])
+        logger.warning(
+            "skipped %d of %d rows in %s (data.on_bad_row=skip); the first: %s", len(problems), total, path, problems[0]
+        )
     if layout == "rankings" and rows:
         sizes = {len(r["responses"]) for r in rows}
         if len(sizes) > 1:
@@ -190,6 +232,17 @@ def load_text_rows(
     if not rows:
         raise TextDataError(f"{path}: no usable rows for the '{layout}' layout")
     return rows[:max_samples] if max_samples is not None else rows
+
+
+def _bad_rows_message(problems: Sequence[str], layout: str) -> str:
+    """``FILE: row N: reason`` of the first bad row, the next few, and what to do, on one line."""
+    others = list(problems[1 : 1 + _MAX_REPORTED]) + (["..."] if len(problems) > 1 + _MAX_REPORTED else [])
+    more = f" (and {len(problems) - 1} more: {'; '.join(others)})" if others else ""
+    columns = ", ".join(LAYOUT_COLUMNS[layout])
+    return (
+        f"{problems[0]}{more}; the '{layout}' layout needs {columns}: fix the data, or set data.on_bad_row=skip to "
+        "drop bad rows"
+    )
 
 
 def _normalised(row: Mapping[str, Any], layout: str) -> dict[str, Any]:

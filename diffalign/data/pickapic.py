@@ -3,17 +3,19 @@
 Layout (Pick-a-Pic v2, ``yuvalkirstain/pickapic_v2``): ``jpg_0, jpg_1`` image bytes (or ``{"bytes", "path"}``
 structs, as ``datasets.Image`` stores them), ``label_0, label_1`` floats with ``label_0 + label_1 = 1``
 (1/0: image 0 preferred, 0/1: image 1 preferred, 0.5/0.5: tie), ``caption``; for DCPO also ``caption_0, caption_1``
-(each image's own caption; research/offline_diffusion.md §4, §6).
+(each image's own caption, as DCPO's Pick-Double Caption data has them).
 
-Rules, as in the original Diffusion-DPO script (§2.1):
+Rules, as in the original Diffusion-DPO script (``SalesforceAIResearch/DiffusionDPO`` ``train.py``):
 
 * ties (``label_0 == 0.5``) are dropped unless ``keep_ties=True``; a kept tie has ``jpg_0`` as its winner, as in the
   diffusers copies of the script;
 * orientation: the winner comes first, i.e. the pair (and, in dual-caption mode, its two captions) is swapped when
   ``label_0 == 0``.
 
-Every row is validated once, at load time (labels, caption, image bytes via ``PIL.Image.verify``), so a bad row is
-reported before training starts; images are decoded only when a sample is read.
+Every row is validated once, at load time (labels, caption, and every image decoded: :func:`image_decode_problem`),
+so a bad row is reported before training starts; the decoded pixels are not kept, a sample decodes its images again
+when it is read. A file with no rows or with a column name twice is refused by name (:mod:`diffalign.data.parquet`).
+What is checked, how bad rows are handled and what the checks cost: docs/data-validation.md.
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from diffalign.data.parquet import check_parquet
 from diffalign.errors import DiffalignError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +46,7 @@ LABEL_COLUMNS = ("label_0", "label_1")
 DUAL_CAPTION_COLUMNS = ("caption_0", "caption_1")
 VALID_LABELS = (0.0, 0.5, 1.0)
 KNOWN_SPLITS = ("train", "validation", "valid", "val", "dev", "test", "validation_unique", "test_unique")
-_READ_BATCH_ROWS = 4  # rows of encoded images held at once by the validation pass (Pick-a-Pic images: ~1 MB each)
+_READ_BATCH_ROWS = 4  # rows of encoded images (Pick-a-Pic: ~1 MB each) held, and decoded in parallel, at once
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
@@ -55,6 +60,10 @@ class BadRowError(PreferenceDataError):
 
 class MissingColumnError(PreferenceDataError):
     """A source lacks a required column."""
+
+
+class DataNotFoundError(PreferenceDataError, FileNotFoundError):
+    """``data.path`` (or a file it names) does not exist or holds no data files."""
 
 
 @dataclass(frozen=True)
@@ -131,24 +140,26 @@ class PreferenceTable:
         return (data[1], data[0]) if rec.swapped else (data[0], data[1])
 
     def decode_pair(self, i: int) -> tuple[Image.Image, Image.Image]:
-        """The (winner, loser) images of pair ``i`` as RGB PIL images."""
+        """The (winner, loser) images of pair ``i`` as RGB PIL images; :class:`BadRowError` if one does not
+        decode."""
         rec = self.records[i]
         chosen, rejected = self.image_bytes(i)
-        return _decode_rgb(chosen, rec, "chosen"), _decode_rgb(rejected, rec, "rejected")
+        return self._decode_rgb(chosen, rec, "chosen"), self._decode_rgb(rejected, rec, "rejected")
 
-
-def _decode_rgb(data: bytes, rec: PreferenceRecord, side: str) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.mode == "RGB":  # convert() would copy the decoded image once more (~0.5 ms at 768 px)
-                img.load()
-                return img
-            return img.convert("RGB")
-    except Exception as err:  # PIL raises many types for corrupt data
-        raise BadRowError(
-            f"{rec.file}: row {rec.row}: the {side} image passed verification at load time but does not decode "
-            f"({err}); re-encode or drop this row"
-        ) from err
+    def _decode_rgb(self, data: bytes, rec: PreferenceRecord, side: str) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.mode == "RGB":  # convert() would copy the decoded image once more (~0.5 ms at 768 px)
+                    img.load()
+                    return img
+                return img.convert("RGB")
+        except Exception as err:  # PIL raises many types for corrupt data
+            column = IMAGE_COLUMNS[(side == "rejected") != rec.swapped]
+            changed = ", though it did at load time (did the source change?)" if self.images_verified else ""
+            raise BadRowError(
+                f"{rec.file}: row {rec.row}: the {side} image ({column}) does not decode ({err}){changed}; re-encode "
+                "or drop this row, or set data.on_bad_row=skip"
+            ) from err
 
 
 # -- sources ---------------------------------------------------------------------------------------------------------
@@ -225,14 +236,14 @@ def resolve_parquet_files(folder: Path, split: str) -> list[Path]:
         key=lambda p: p.relative_to(folder).as_posix(),
     )
     if not files:
-        raise FileNotFoundError(f"{folder}: no .parquet files in this folder; point data.path at Pick-a-Pic parquet")
+        raise DataNotFoundError(f"{folder}: no .parquet files in this folder; point data.path at Pick-a-Pic parquet")
     rel = [p.relative_to(folder) for p in files]
     chosen = [p for p, r in zip(files, rel, strict=True) if _belongs_to_split(r, split)]
     if chosen:
         return chosen
     named = sorted({s for r in rel for s in KNOWN_SPLITS if _belongs_to_split(r, s)})
     if named:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"{folder}: no parquet files for split '{split}' (files are named for splits {named}); "
             f"set data.split to one of them"
         )
@@ -240,10 +251,7 @@ def resolve_parquet_files(folder: Path, split: str) -> list[Path]:
 
 
 def _parquet_part(path: Path) -> _Part:
-    try:
-        columns = list(pq.ParquetFile(path).schema_arrow.names)  # reads the footer: a bad file fails here, by name
-    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise PreferenceDataError(f"{path}: not a readable parquet file ({err})") from err
+    columns = check_parquet(path, PreferenceDataError)  # reads the footer: a bad, empty or ambiguous file fails here
     stat = path.stat()
     fingerprint = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
     return _Part(str(path), columns, fingerprint, _ArrowRows(parquet_path=str(path)))
@@ -255,7 +263,7 @@ def _hub_part(name: str, split: str) -> _Part:
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as err:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"'{name}' is not an existing local path, and datasets.load_dataset('{name}', split='{split}') failed: "
             f"{err}"
         ) from err
@@ -271,15 +279,35 @@ def _open_source(source: str, split: str) -> list[_Part]:
     if path.is_dir():
         return [_parquet_part(p) for p in resolve_parquet_files(path, split)]
     if source.endswith(".parquet") or source.startswith(("/", ".", "~")) or not _HUB_NAME.match(source):
-        raise FileNotFoundError(f"{source}: no such file or folder (expected a parquet file or a folder of them)")
+        raise DataNotFoundError(f"{source}: no such file or folder (expected a parquet file or a folder of them)")
     return [_hub_part(source, split)]
 
 
 # -- validation ------------------------------------------------------------------------------------------------------
 
 
+def image_decode_problem(data: bytes) -> str | None:
+    """PIL's reason why ``data`` does not decode as an image, or ``None`` if it does.
+
+    All of the data is decoded: a JPEG at 1/8 scale (``Image.draft``: libjpeg still reads every entropy-coded byte,
+    so a truncated file fails as at full size, and corrupt data fails iff a full decode would; tests/test_bad_data.py),
+    anything else in full (``load``). ``Image.verify`` alone does not decode JPEG data: a truncated JPEG passes it.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format in ("JPEG", "MPO"):
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except UnidentifiedImageError:
+        return "not an image format PIL reads"
+    except Exception as err:  # PIL raises many types for corrupt data
+        return str(err) or type(err).__name__
+    return None
+
+
 def image_cell_bytes(value: Any, column: str, verify: bool = True) -> tuple[bytes | None, str | None]:
-    """Bytes of an image cell (raw bytes or a ``{"bytes", "path"}`` struct), or ``(None, skip reason)``."""
+    """Bytes of an image cell (raw bytes or a ``{"bytes", "path"}`` struct), or ``(None, skip reason)``; with
+    ``verify`` the image must decode (:func:`image_decode_problem`)."""
     if isinstance(value, dict):
         data = value.get("bytes")
         if data is None and value.get("path"):
@@ -292,12 +320,7 @@ def image_cell_bytes(value: Any, column: str, verify: bool = True) -> tuple[byte
         return None, f"missing {column}"
     if not isinstance(value, bytes | bytearray):
         return None, f"{column} is not image bytes"
-    if not verify:
-        return bytes(value), None
-    try:
-        with Image.open(io.BytesIO(value)) as img:
-            img.verify()
-    except Exception:  # PIL raises many types for corrupt data
+    if verify and image_decode_problem(value) is not None:
         return None, f"undecodable {column}"
     return bytes(value), None
 
@@ -354,9 +377,10 @@ def load_preference_table(
             whose latent cache covers the data needs: see :func:`diffalign.data.cache.build_preference_cache`);
             ``table.images_verified`` records the choice. It is not a loading option: the fingerprint is the same.
 
-    A row is bad when an image is missing or does not pass ``PIL.Image.verify``, a label is not in {0, 0.5, 1} or
-    ``label_0 + label_1 != 1``, or a used caption is empty or blank. Ties are recognised before the caption and
-    image checks, so a dropped tie is never reported as bad.
+    A row is bad when an image is missing or does not decode (:func:`image_decode_problem`), a label is not in
+    {0, 0.5, 1} or ``label_0 + label_1 != 1``, or a used caption is empty or blank. Ties are recognised before the
+    caption and image checks, so a dropped tie is never reported as bad. A file with no rows or a duplicate column
+    name raises :class:`PreferenceDataError` (``FILE: no rows`` / ``FILE: duplicate column 'caption'``).
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row={on_bad_row!r}: use 'error' or 'skip'")
@@ -462,19 +486,46 @@ def _row_reports(
     required = _required_columns(caption_column, dual_captions)
     if not verify_images:
         required = tuple(c for c in required if c not in IMAGE_COLUMNS)
-    for part_index, row, global_row, values in _iter_rows(parts, required, caption_column if dual_captions else None):
-        name = parts[part_index].name
-        rec, images, reason, is_tie = _check_row(
-            values, name, part_index, row, global_row, caption_column, dual_captions, verify_images=verify_images
-        )
-        yield RowReport(file=name, row=row, problem=reason, is_tie=is_tie, record=rec, images=images)
+    optional = caption_column if dual_captions else None
+    with ThreadPoolExecutor(_decode_threads()) if verify_images else nullcontext() as pool:
+        for part_index, first_row, first_global, batch in _iter_batches(parts, required, optional):
+            name = parts[part_index].name
+            images = _read_images(batch, pool) if pool is not None else [None] * len(batch)
+            for k, (values, cells) in enumerate(zip(batch, images, strict=True)):
+                row = first_row + k
+                rec, pair, reason, is_tie = _check_row(
+                    values, cells, name, part_index, row, first_global + k, caption_column, dual_captions
+                )
+                yield RowReport(file=name, row=row, problem=reason, is_tie=is_tie, record=rec, images=pair)
 
 
-def _iter_rows(
+def _decode_threads() -> int:
+    """Threads that decode a batch's images (PIL releases the GIL while decoding): one per image, at most one per
+    CPU this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, _READ_BATCH_ROWS * len(IMAGE_COLUMNS)))
+
+
+#: an image column's (bytes, None) or (None, reason)
+ImageCells = dict[str, tuple[bytes | None, str | None]]
+
+
+def _read_images(batch: Sequence[dict[str, Any]], pool: ThreadPoolExecutor) -> list[ImageCells]:
+    """Each row's image cells read (struct paths too) and decoded, the batch's images in parallel on ``pool``."""
+    cells = [{col: image_cell_bytes(values[col], col, verify=False) for col in IMAGE_COLUMNS} for values in batch]
+    jobs = [(k, col, data) for k, row in enumerate(cells) for col, (data, _) in row.items() if data is not None]
+    problems = pool.map(image_decode_problem, [data for _, _, data in jobs])
+    for (k, col, _), problem in zip(jobs, problems, strict=True):
+        if problem is not None:
+            cells[k][col] = (None, f"undecodable {col}")
+    return cells
+
+
+def _iter_batches(
     parts: Sequence[_Part], required: Sequence[str], optional_caption: str | None
-) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
-    """Yield ``(part index, row within part, row within source, values)`` for every row, reading only needed
-    columns."""
+) -> Iterator[tuple[int, int, int, list[dict[str, Any]]]]:
+    """Yield ``(part index, first row within part, first row within source, rows' values)`` for every batch of
+    rows, reading only needed columns."""
     global_row = 0
     for part_index, part in enumerate(parts):
         columns = list(required)
@@ -482,25 +533,24 @@ def _iter_rows(
             columns.append(optional_caption)
         row = 0
         for batch in part.rows.batches(columns):
-            for values in batch:
-                yield part_index, row, global_row, values
-                row += 1
-                global_row += 1
+            yield part_index, row, global_row, batch
+            row += len(batch)
+            global_row += len(batch)
 
 
 def _check_row(
     values: dict[str, Any],
+    images: ImageCells | None,
     file: str,
     part: int,
     row: int,
     global_row: int,
     caption_column: str,
     dual: bool,
-    *,
-    verify_images: bool = True,
 ) -> tuple[PreferenceRecord | None, tuple[bytes, bytes] | None, str | None, bool]:
     """Validate one row: ``(record, (winner bytes, loser bytes), None, is_tie)`` if good, ``(None, None, reason,
-    is_tie)`` if bad; without ``verify_images`` the images are not read and the bytes are ``None``."""
+    is_tie)`` if bad; ``images`` are the row's checked image cells (:func:`_read_images`), or ``None`` when images
+    are not verified (the bytes are then ``None``)."""
     label_0, label_1 = values["label_0"], values["label_1"]
     problem = _label_problem(label_0, label_1)
     if problem is not None:
@@ -511,18 +561,18 @@ def _check_row(
         problem = _caption_problem(values[col], col)
         if problem is not None:
             return None, None, problem, is_tie
-    images = []
-    for col in IMAGE_COLUMNS if verify_images else ():
-        data, problem = image_cell_bytes(values[col], col)
+    data = []
+    for col in IMAGE_COLUMNS if images is not None else ():
+        value, problem = images[col]
         if problem is not None:
             return None, None, problem, is_tie
-        images.append(data)
+        data.append(value)
     swap = float(label_0) == 0.0
     captions = [values[c] for c in DUAL_CAPTION_COLUMNS] if dual else [values[caption_column]] * 2
     if swap:
-        images.reverse()
+        data.reverse()
         captions.reverse()
-    pair = (images[0], images[1]) if images else None
+    pair = (data[0], data[1]) if data else None
     caption = values.get(caption_column) if dual else values[caption_column]
     rec = PreferenceRecord(
         prompt_chosen=captions[0],

@@ -10,24 +10,25 @@ from typing import Any
 
 import torch
 
-from diffalign.data.llm import load_text_rows
+from diffalign.data.llm import TextDataError, load_text_rows
+from diffalign.data.pickapic import DataNotFoundError
 
 
 def load_prompts(path: str, *, split: str = "train", max_samples: int | None = None) -> list[str]:
     source = Path(path)
     if source.suffix == ".txt":
         if not source.is_file():
-            raise FileNotFoundError(f"{path}: prompt file not found (data.path); give a .txt with one prompt per line")
+            raise DataNotFoundError(f"{path}: prompt file not found (data.path); give a .txt with one prompt per line")
         lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
         prompts = [line for line in lines if line and not line.startswith("#")]
     else:
         rows = load_text_rows(path, "prompts", split=split)
         bad = [i for i, row in enumerate(rows) if not isinstance(row["prompt"], str)]
         if bad:
-            raise ValueError(f"{path} row {bad[0]}: 'prompt' must be a string for image generation")
+            raise TextDataError(f"{path}: row {bad[0]}: 'prompt' must be a string for image generation")
         prompts = [row["prompt"] for row in rows]
     if not prompts:
-        raise ValueError(f"{path}: no prompts found")
+        raise TextDataError(f"{path}: no prompts found; give one prompt per line (.txt) or a 'prompt' column")
     return prompts[:max_samples] if max_samples else prompts
 
 

@@ -1,4 +1,4 @@
-"""Self-generated preference pairs and SAIL's ranked preference mixup (research/paper_methods.md §3.1 steps 3–4).
+"""Self-generated preference pairs and SAIL's ranked preference mixup (SAIL, arXiv 2602.05380).
 
 * :func:`best_worst_pairs`: per prompt group, the highest-reward candidate against the lowest (one pair per group;
   the paper's ablation prefers best–worst to random pairs). Groups whose best and worst tie are left out.

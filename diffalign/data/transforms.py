@@ -1,6 +1,6 @@
 """The image and prompt pipeline of the original Diffusion-DPO script, with addressable randomness.
 
-Per image (research/offline_diffusion.md §2.1): ``Resize(R)`` of the shorter side (bilinear, PIL) →
+Per image (``SalesforceAIResearch/DiffusionDPO`` ``train.py``): ``Resize(R)`` of the shorter side (bilinear, PIL) →
 ``CenterCrop(R)`` (``RandomCrop(R)`` if ``random_crop``) → ``RandomHorizontalFlip(0.5)`` → ``ToTensor`` →
 ``Normalize(0.5, 0.5)``, i.e. ``x = (u8 / 255 - 0.5) / 0.5 ∈ [-1, 1]``. The flip is drawn independently for winner
 and loser. Prompt dropout replaces the pair's prompt(s) by ``""`` with probability ``p`` (both halves together).
@@ -153,6 +153,12 @@ class PreferencePairDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def on_bad_row(self) -> str:
+        """The table's ``on_bad_row``: what the training loader does with a pair that does not decode
+        (:func:`diffalign.trainers.loader.read_sample`)."""
+        return self.table.options.get("on_bad_row", "error")
+
     def with_table(self, table: PreferenceTable) -> PreferencePairDataset:
         """The same transforms over another table (e.g. the table with its images verified)."""
         other = copy.copy(self)
@@ -183,11 +189,6 @@ class PreferencePairDataset(Dataset):
         """The (winner, loser) prompts of pair ``index`` before dropout."""
         rec = self.table[index]
         return rec.prompt_chosen, rec.prompt_rejected
-
-    def unflipped_pixels(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(winner, loser) after resize and crop, before the flip."""
-        chosen, rejected, _ = self.unflipped_pair(index)
-        return chosen, rejected
 
     def unflipped_pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor, PairGeometry]:
         """(winner, loser) after resize and crop, before the flip, and the pair's SDXL size/crop conditioning."""

@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from diffalign.models.sampling import SAMPLER_KINDS
+from diffalign.config import SAMPLERS as SAMPLER_KINDS  # = diffalign.models.sampling's; no torch for --help
 
 
 def generate_parser() -> argparse.ArgumentParser:
@@ -37,9 +37,9 @@ def generate_parser() -> argparse.ArgumentParser:
 
 
 def generate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from diffalign.eval.generation import GenerationConfig, generate_images
-
     args = generate_parser().parse_args(argv)
+    from diffalign.eval.generation import GenerationConfig, generate_images  # after parsing: --help stays fast
+
     config = GenerationConfig(
         model=args.model,
         prompts=args.prompts,
@@ -100,13 +100,13 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import torch
+    parser = evaluate_parser()
+    args = parser.parse_args(argv)
+    import torch  # after parsing: --help stays fast
 
     from diffalign.eval.evaluation import evaluate_folders
     from diffalign.eval.scoring import parse_reward_names
 
-    parser = evaluate_parser()
-    args = parser.parse_args(argv)
     try:
         options = json.loads(args.reward_options)
     except json.JSONDecodeError as error:

@@ -1,4 +1,4 @@
-"""Diversity metrics of generated image sets, after DivGenBench (D²-Align paper; research/paper_methods.md §2.5).
+"""Diversity metrics of generated image sets, after DivGenBench (D²-Align paper, arXiv 2512.24146).
 
 * :func:`pvs` — Photographic Variance Score, DivGenBench's formula: per image saturation ``s_i`` = mean HSV
   saturation, brightness ``v_i`` = mean HSV value, contrast ``c_i`` = standard deviation of the grayscale image;

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffalign.eval.errors import EvalFileNotFoundError, EvalInputError
 from diffalign.eval.generation import METADATA, SETTINGS, read_metadata
 
 
@@ -59,26 +60,27 @@ def load_image_folder(path: str | os.PathLike) -> ImageFolder:
     """All images listed in ``path/metadata.jsonl``; errors name the folder, the line's file or the duplicate key."""
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
+        raise EvalFileNotFoundError(f"image folder {folder} does not exist; give one written by scripts/generate.py")
     entries = read_metadata(folder)
     if not entries:
-        raise ValueError(f"{folder / METADATA} lists no images")
+        raise EvalInputError(f"{folder / METADATA} lists no images")
     seen: dict[tuple[int, int], str] = {}
     for entry in entries:
         key = (int(entry["prompt_index"]), int(entry["sample_index"]))
         if key in seen:
-            raise ValueError(
+            raise EvalInputError(
                 f"{folder / METADATA}: prompt_index {key[0]}, sample_index {key[1]} listed twice "
                 f"({seen[key]} and {entry['file']})"
             )
         seen[key] = entry["file"]
         if not (folder / entry["file"]).is_file():
-            raise FileNotFoundError(f"{folder / METADATA} lists {entry['file']}, which is missing from {folder}")
+            raise EvalFileNotFoundError(f"{folder / METADATA} lists {entry['file']}, which is missing from {folder}")
     entries.sort(key=lambda e: (int(e["prompt_index"]), int(e["sample_index"])))
     arrays = [load_image(folder / e["file"]) for e in entries]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(f"{folder}: images of different sizes {sorted(shapes)}; one folder must hold one resolution")
+        sizes = sorted(shapes)
+        raise EvalInputError(f"{folder}: images of different sizes {sizes}; one folder must hold one resolution")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
     settings = folder / SETTINGS
     generation = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else None
@@ -101,14 +103,14 @@ def check_paired(a: ImageFolder, b: ImageFolder) -> list[str]:
             f"{len(only_a)} only in {a.path}: {show(only_a)}" if only_a else "",
             f"{len(only_b)} only in {b.path}: {show(only_b)}" if only_b else "",
         ]
-        raise ValueError(
+        raise EvalInputError(
             "the two folders must hold the same prompts × samples (generate both with the same prompts and "
             f"--n-per-prompt); images {'; '.join(p for p in parts if p)}"
         )
     warnings = []
     for ea, eb in zip(a.entries, b.entries, strict=True):
         if ea["prompt"] != eb["prompt"]:
-            raise ValueError(
+            raise EvalInputError(
                 f"prompts differ at prompt_index {ea['prompt_index']}: {a.path / ea['file']} has {ea['prompt']!r}, "
                 f"{b.path / eb['file']} has {eb['prompt']!r}; generate both folders from the same prompt list"
             )

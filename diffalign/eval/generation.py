@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffalign.data.prompts import load_prompts
+from diffalign.eval.errors import EvalFileNotFoundError, EvalInputError
 from diffalign.models.diffusion import DiffusionAdapter, unwrap
 from diffalign.models.rollout import SamplerSettings, build_schedule, is_flow, rollout
 from diffalign.utils.images import to_uint8
@@ -85,7 +86,7 @@ class GenerationConfig:
 
 def noise_index(prompt_index: int, sample_index: int) -> int:
     if sample_index >= NOISE_STRIDE:
-        raise ValueError(f"sample index {sample_index}: at most {NOISE_STRIDE} samples per prompt")
+        raise EvalInputError(f"sample index {sample_index}: at most {NOISE_STRIDE} samples per prompt (--n-per-prompt)")
     return prompt_index * NOISE_STRIDE + sample_index
 
 
@@ -145,7 +146,7 @@ def read_metadata(folder: str | os.PathLike, *, strict: bool = True) -> list[dic
     interrupted append) instead of raising."""
     path = Path(folder) / METADATA
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {folder} is not a folder written by scripts/generate.py")
+        raise EvalFileNotFoundError(f"{path} not found: {folder} is not a folder written by scripts/generate.py")
     lines = path.read_text(encoding="utf-8").splitlines()
     entries = []
     for number, line in enumerate(lines, start=1):
@@ -156,10 +157,10 @@ def read_metadata(folder: str | os.PathLike, *, strict: bool = True) -> list[dic
         except json.JSONDecodeError as error:
             if not strict and number == len(lines):
                 break
-            raise ValueError(f"{path} line {number}: not valid JSON ({error})") from error
+            raise EvalInputError(f"{path} line {number}: not valid JSON ({error})") from error
         missing = [key for key in ("file", "prompt", "prompt_index", "sample_index") if key not in entry]
         if missing:
-            raise ValueError(f"{path} line {number}: missing key(s) {missing}")
+            raise EvalInputError(f"{path} line {number}: missing key(s) {missing}")
         entries.append(entry)
     return entries
 
@@ -183,7 +184,7 @@ def _check_settings(folder: Path, identity: dict[str, Any]) -> None:
     differ = [k for k in IDENTITY_KEYS if previous.get(k) != identity.get(k)]
     if differ:
         detail = ", ".join(f"{k}: {previous.get(k)!r} -> {identity.get(k)!r}" for k in differ)
-        raise ValueError(
+        raise EvalInputError(
             f"{folder} already holds images generated with other settings ({detail}); use another --output-dir "
             f"(or delete the folder) instead of mixing two runs"
         )
@@ -194,7 +195,7 @@ def generate_images(config: GenerationConfig, adapter: DiffusionAdapter | None =
     an already-loaded model to use instead of loading ``config.model`` / ``config.weights``."""
     started = time.perf_counter()
     if config.n_per_prompt < 1 or config.batch_size < 1:
-        raise ValueError(f"n_per_prompt={config.n_per_prompt} and batch_size={config.batch_size} must be >= 1")
+        raise EvalInputError(f"--n-per-prompt {config.n_per_prompt} and --batch-size {config.batch_size} must be >= 1")
     prompts = load_prompts(config.prompts, max_samples=config.max_prompts)
     if adapter is None:
         dtype = getattr(torch, config.dtype) if config.dtype else None

@@ -1,10 +1,10 @@
-"""The implicit Diffusion-DPO reward of an image (SAIL's self-annotation, eq. 8; research/paper_methods.md §3.1)::
+"""The implicit Diffusion-DPO reward of an image (SAIL's self-annotation, arXiv 2602.05380 eq. 8)::
 
     r(y, x) = −(β/2) · mean_d [ ‖ε_d − ε_θ(x_{t_d}, y, t_d)‖² − ‖ε_d − ε_ref(x_{t_d}, y, t_d)‖² ]
 
 over ``D`` draws ``(t_d, ε_d)`` (the paper: 10). ``‖·‖²`` is this library's per-sample MSE (mean over C, H, W) of the
 backbone's own target, the same quantity as in the Diffusion-DPO loss. The draws are shared by all candidates of a
-prompt (common random numbers, research's recommendation), so a ranking compares images, not noise draws: draw ``d``
+prompt (common random numbers, our choice), so a ranking compares images, not noise draws: draw ``d``
 of prompt group ``g`` is addressed by ``(seed, epoch, g·D + d)``.
 """
 

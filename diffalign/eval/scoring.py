@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from diffalign.eval.diversity import embedding_spread, layout_dispersion, pvs
+from diffalign.eval.errors import EvalInputError
 from diffalign.eval.folders import ImageFolder
 from diffalign.rewards import build_reward
 from diffalign.rewards.base import RewardModel
@@ -48,7 +50,7 @@ def parse_reward_names(text: str | Sequence[str] | None) -> list[str]:
     names = [n for n in names if n]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"reward(s) {duplicates} requested twice")
+        raise EvalInputError(f"--rewards: reward(s) {duplicates} requested twice")
     return names
 
 
@@ -56,15 +58,23 @@ def build_eval_rewards(
     names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None, device: str | None = None
 ) -> dict[str, RewardModel]:
     """``{name: reward}`` built from the registry with ``options[name]`` as keyword arguments."""
+    from diffalign.rewards.registry import REWARDS
+
+    for name in names:
+        if name not in REWARDS:
+            close = difflib.get_close_matches(name, list(REWARDS), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid names: {', '.join(sorted(REWARDS))}"
+            raise EvalInputError(f"--rewards: unknown reward '{name}'; {hint}")
     options = dict(options or {})
     unknown = sorted(set(options) - set(names))
     if unknown:
-        raise ValueError(f"--reward-options names {unknown}, which are not among the requested rewards {list(names)}")
+        requested = list(names)
+        raise EvalInputError(f"--reward-options names {unknown}, which are not among the requested rewards {requested}")
     out = {}
     for name in names:
         extra = options.get(name, {})
         if not isinstance(extra, Mapping):
-            raise ValueError(f"--reward-options[{name!r}] must be a JSON object of keyword arguments, got {extra!r}")
+            raise EvalInputError(f"--reward-options[{name!r}] must be a JSON object of keyword arguments: {extra!r}")
         out[name] = build_reward({"name": name, **extra}, device=device)
     return out
 

@@ -1,4 +1,4 @@
-"""Error along a model's own sampling trajectory (exposure bias; the quantity SOAR corrects, research §1).
+"""Error along a model's own sampling trajectory (exposure bias; the quantity SOAR corrects, arXiv 2604.12617).
 
 Start from a data point's forward-process state ``x_{t_k}`` (clean ``x0``, noise ``ε``) at a step ``k`` of the
 sampler's schedule and let the model sample from there with its own deterministic sampler (Euler ODE for flow

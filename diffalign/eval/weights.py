@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
+from diffalign.models.loading import ModelNotFoundError
+
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 DENOISER_CLASSES = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel}
 
@@ -42,7 +44,7 @@ def load_trained_denoiser(
         denoiser.fuse_lora()
         denoiser.unload_lora()  # keeps the fused weights, drops the LoRA layers: a plain model that saves plainly
         return denoiser
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"{run_dir} holds neither {subfolder}/ (full fine-tune) nor {LORA_WEIGHTS} (LoRA); is it a finished run?"
     )
 

@@ -59,7 +59,7 @@ def group_advantages(
     ``unbiased=True`` (TRL, ``nanstd`` with Bessel's correction) vs ``unbiased=False`` (population std:
     flow_grpo's ``np.std``; flow_grpo's ``global_std=True`` is ``scale_rewards="batch"``). Both use ``eps = 1e-4``.
     Source: TRL 1.16 ``GRPOTrainer._generate_and_score_completions`` (``sum_then_normalize``); flow_grpo
-    ``PerPromptStatTracker`` (research/online_diffusion.md §1.4).
+    ``PerPromptStatTracker`` (``flow_grpo/stat_tracking.py``).
     """
     if scale_rewards not in _SCALE:
         raise ValueError(f"advantages.group_advantages: scale_rewards must be one of {_SCALE}, got {scale_rewards!r}.")
@@ -87,7 +87,7 @@ def rloo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor
 
     Equals ``G/(G−1)·(R_i − mean_group R)``. TRL's ``RLOOTrainer`` subtracts the KL penalty from ``R`` first
     (``R ← R − β Σ_t (log π_old − log π_ref)``) and optionally whitens over the batch; do those outside.
-    Source: Ahmadian et al. 2024 (arXiv 2402.14740); research/llm_losses.md §2.4.
+    Source: Ahmadian et al. 2024 (arXiv 2402.14740); TRL 1.16 ``RLOOTrainer``.
     """
     grouped = _groups("rloo_advantages", rewards, num_generations)
     if num_generations < 2:
@@ -115,8 +115,8 @@ def mc_grpo_advantages(
     exactly at each group's pivot; train on ``advantages[keep]`` with any GRPO-family loss. With ties the pivot is
     whichever index ``torch.median`` returns (as in the authors' code). Not covered: the ablation ``mc=False``
     (mean baseline, drop the sample with the smallest ``|r|``).
-    Source: ``lotusroot-kim/MC-GRPO`` ``src/open_r1/grpo_trainer_gsm.py`` (flag ``mc=True``), arXiv 2601.22582,
-    as summarised in research/llm_losses.md §3.8 and online_diffusion.md §5 (not re-read from the code here).
+    Source: ``lotusroot-kim/MC-GRPO`` ``src/open_r1/grpo_trainer_gsm.py`` (flag ``mc=True``), arXiv 2601.22582
+    (``_generate_and_score_completions``).
     """
     grouped = _groups("mc_grpo_advantages", rewards, group_size)
     med, pivot = torch.median(grouped, dim=1, keepdim=True)
@@ -170,8 +170,8 @@ def bnpo_advantages(
     ``α = β = 3/2`` gives ``∝ (s − p̂)/√(p̂(1−p̂))`` (GRPO's Bernoulli std).
 
     ``rewards`` ``(N, K)`` = K reward components: "advantage decomposition" — each component is normalised with its
-    own ``(α, β)`` and the K advantages are **averaged** (the code divides by the count;
-    research/llm_losses.md §3.9 says "sum", online_diffusion.md §6 and the code say average).
+    own ``(α, β)`` and the K advantages are **averaged** (the authors' code divides by the
+    count; a summary of the paper says "sum").
     Source: ``changyi7231/BNPO`` ``recipe/bnpo/src/bnpo_ray_trainer.py`` (``compute_bnpo_outcome_advantage`` and
     ``use_advantage_decomposition``), arXiv 2506.02864. Not TRL's ``loss_type="bnpo"`` (an aggregation).
     """

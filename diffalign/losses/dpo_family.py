@@ -1,9 +1,9 @@
 """Every TRL 1.16 ``DPOTrainer`` loss type, per example, on log-likelihood tensors (TRL 1.16.0 is the oracle).
 
 Source for every formula here: ``trl/trainer/dpo_trainer.py`` of the ``trl==1.16.0`` wheel,
-``DPOTrainer._compute_loss`` (the loss types are inlined there; TRL 1.16 has no standalone ``dpo_loss``), and
-``research/llm_losses.md`` §1. ``tests/test_trl_parity.py`` drives that private method on raw tensors and checks
-every type, option and the four reward metrics to 1e-6.
+``DPOTrainer._compute_loss`` (the loss types are inlined there; TRL 1.16 has no standalone ``dpo_loss``); each
+type's paper is cited in its docstring. ``tests/test_trl_parity.py`` drives that private method on raw tensors and
+checks every type, option and the four reward metrics to 1e-6.
 
 Registered names (all ``needs_reference=True``, ``kind="paired"``): ``trl_<loss_type>`` for each TRL loss type —
 ``trl_sigmoid, trl_hinge, trl_ipo, trl_exo_pair, trl_nca_pair, trl_robust, trl_bco_pair, trl_sppo_hard, trl_aot,
@@ -398,7 +398,7 @@ def _run(name: str, loss_types: Sequence[str], loss_weights: Sequence[float], te
 
 
 def trl_reward_metrics(out: LossOutput) -> dict[str, float]:
-    """TRL 1.16's four reward metrics from a paired output (batch means; §1.6 of research/llm_losses.md).
+    """TRL 1.16's four reward metrics from a paired output (batch means, as ``DPOTrainer._compute_loss`` logs them).
 
     ``rewards/chosen = mean β·ρ_w``, ``rewards/rejected = mean β·ρ_l``, ``rewards/accuracies = mean[βρ_w > βρ_l]``,
     ``rewards/margins = mean β(ρ_w − ρ_l)``. A multi-process trainer gathers the per-sample rewards first.
@@ -465,9 +465,9 @@ _DOCS: dict[str, str] = {
     "``sft`` (per-sample −logp) and from Iterative-RPO's per-sequence NLL (arXiv 2404.19733). With "
     "``use_weighting`` pair i gets ``sft·w(y_w,i)·w(y_l,i)``: TRL 1.16 raises for B > 1 there (it multiplies in place "
     "into an expanded tensor), so only its B = 1 value is checked. logits = β·h.",
-    "sigmoid_norm": "Length-normalised DPO (LN-DPO): ``loss = −ls(β·δ̄)``, δ̄ as in ``trl_ipo``. TRL PR #2458 "
-    "(Tülu-3 / SimPO-style normalisation with a reference; no single paper). Without lengths it equals trl_sigmoid. "
-    "logits = β·δ̄.",
+    "sigmoid_norm": "Length-normalised DPO (LN-DPO): ``loss = −ls(β·δ̄)``, δ̄ as in ``trl_ipo``. TRL's "
+    "``sigmoid_norm`` (Tülu-3 / SimPO-style normalisation with a reference; no single paper). Without lengths it "
+    "equals trl_sigmoid. logits = β·δ̄.",
 }
 
 

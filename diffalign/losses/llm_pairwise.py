@@ -394,7 +394,7 @@ def irepo(
     the previous iterate (the trainer's job).
 
     Source: Le et al. 2024, arXiv 2405.15230 (iREPO). **Unverified**: no authors' code was found; the formula is
-    taken from the paper's abstract / method summary (research note §3.2), and the exact normalisation (any 1/2,
+    taken from the paper's abstract and a summary of its method, and the exact normalisation (any 1/2,
     β placement, clipping of p̂) must be checked against §4 of the paper. The clipping is ours. At policy ==
     reference and p̂ = ½ the loss is 0.
 
@@ -527,7 +527,7 @@ def madpo_weights(
     → c_min for easy pairs, ≈ c_max for hard ones). Needs ``0 < c_min < 1 < c_max``, λ, τ > 0.
 
     Source: Rho 2025, arXiv 2510.05342; ``sirano1004/Margin-Apative-Direct-Preference-Optimization``
-    ``utils/loss_functions.py`` (``MADPOLoss``; research note §3.5).
+    ``utils/loss_functions.py`` (``MADPOLoss``).
     """
     check_logps("madpo_weights", reward_margins=reward_margins)
     check_positive("madpo_weights", c_max=c_max, c_min=c_min, lam=lam, tau=tau)
@@ -597,8 +597,8 @@ def constrained_po(
 
     Lengths apply to policy and reference alike (see the module docstring). Source: Yang et al. 2026, arXiv
     2605.20834 ("Conditional Equivalence of DPO and RLHF"); ``visitworld123/CPO`` ``cpo/trainer.py``,
-    ``cpo/config.py`` (defaults β = 0.1, γ = 0.5, τ = 2, α = 1), as summarised in research note §3.6 (not
-    re-checked against the code here).
+    ``cpo/config.py`` (defaults β = 0.1, γ = 0.5, τ = 2, α = 1), written from a reading of that code (not
+    run against it).
 
     Returns ``chosen_rewards = β·(ā_w − ā^ref_w)``, ``rejected_rewards = β·(ā_l − ā^ref_l)``, ``logits = z``,
     ``metrics["undesirable"]`` = 1.0 where ``δ_ref < δ_π < 0`` (DPO loss falls while the policy prefers y_l).

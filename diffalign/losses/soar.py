@@ -3,8 +3,7 @@
 
 Everything here is in *flow coordinates*: a state on the ray of clean ``z0`` and noise ``z1`` at level ``s`` is
 ``z_s = (1 − s)·z0 + s·z1`` (SD3's rectified flow; a DDPM state ``x_t = a_t·x0 + b_t·ε`` maps onto it by
-``z = x_t / (a_t + b_t)``, ``s = b_t / (a_t + b_t)``, see :mod:`diffalign.models.soar`). Research notes:
-``research/paper_methods.md`` §1.
+``z = x_t / (a_t + b_t)``, ``s = b_t / (a_t + b_t)``, see :mod:`diffalign.models.soar`).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ def soar_correction_velocity(state: Tensor, clean: Tensor, sigma: Tensor) -> Ten
         v_corr = (z' − z0) / s'        so that  z' − s'·v_corr = z0
 
     With ``ẑ_{s1} = z_{s1} + δ`` this is ``(z1 − z0) + (1 − s')/((1 − s1)·s')·δ``: the flow-matching target plus a
-    term that cancels the one-step drift (research §1.2, derived)."""
+    term that cancels the one-step drift (our algebra)."""
     return (state.float() - clean.float()) / _col(sigma, state)
 
 

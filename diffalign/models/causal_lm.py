@@ -1,6 +1,6 @@
 """Causal LMs: preference examples in, summed / averaged completion log-probs out (TRL's conventions).
 
-Tokenisation follows TRL 1.16's ``DPOTrainer`` (research/llm_losses.md §1.2): standard (string) data gets the EOS
+Tokenisation follows TRL 1.16's ``DPOTrainer`` (``trl/trainer/dpo_trainer.py``): standard (string) data gets the EOS
 token appended to each completion; conversational data (lists of ``{"role", "content"}`` messages) goes through the
 tokenizer's chat template, the prompt with ``add_generation_prompt=True``. The prompt and each prompt+completion are
 tokenised separately and the completion starts where the two token sequences diverge (a token merged across the
@@ -240,7 +240,9 @@ def load_causal_lm(
         tokenizer = AutoTokenizer.from_pretrained(pretrained, **options)
         model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=getattr(torch, torch_dtype), **options)
     except OSError as err:
-        raise OSError(
+        from diffalign.models.loading import ModelNotFoundError
+
+        raise ModelNotFoundError(
             f"model.pretrained '{pretrained}': could not load a causal LM and its tokenizer ({err}). Give a folder "
             "written by save_pretrained (config.json, weights, tokenizer files) or a hub id"
         ) from err

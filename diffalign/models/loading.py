@@ -11,6 +11,9 @@ safetensors only, no remote code. A local folder never contacts the hub.
 VAE or pixel space: a local folder has a VAE iff it has a ``vae/`` subfolder (if its ``model_index.json`` names a
 VAE but the folder is missing, that is an error). For a hub id, ``model_index.json`` decides: ``"vae": null`` or
 ``[null, null]`` means pixel space, anything else loads ``vae/``.
+
+A folder that does not exist, lacks a component or its weights, or a hub repo that cannot be read raises
+:class:`ModelNotFoundError` (a ``FileNotFoundError``) naming the folder / component and what to pass instead.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from diffusers import (
 )
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
+from diffalign.errors import DiffalignError
 from diffalign.models.diffusion import DiffusionAdapter, SDAdapter
 from diffalign.models.sd3 import SD3Adapter
 from diffalign.models.sdxl import SDXLAdapter
@@ -45,11 +49,28 @@ BACKBONES = ("sd", "sdxl", "sd3")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+class ModelNotFoundError(DiffalignError, FileNotFoundError):
+    """A model folder, component or hub repo that cannot be found or read; the message says what to pass."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
+
+
+def _hub_failure(repo_id: str, what: str, err: BaseException) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"cannot read {what} of '{repo_id}': it is not a folder under {os.getcwd()}, so it was taken as a hub id, "
+        f"and the hub gave: {_first_line(err)}; pass an existing diffusers folder, or check the hub id, the revision "
+        "and the network (HF_HUB_OFFLINE=1 / model.local_files_only=true read only the local cache)"
+    )
+
+
 def _local_has_vae(folder: Path, backbone: str = "sd") -> bool:
     required = _REQUIRED[backbone]
     missing = [name for name in required if not (folder / name).is_dir()]
     if missing:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{folder} is not an {backbone.upper()} model folder: missing subfolder(s) {missing}; expected the "
             f"diffusers layout {list(required)} (+ optional vae/), as a pipeline's save_pretrained writes it"
         )
@@ -57,7 +78,7 @@ def _local_has_vae(folder: Path, backbone: str = "sd") -> bool:
         return True
     index_path = folder / "model_index.json"
     if index_path.is_file() and _present(json.loads(index_path.read_text()).get("vae")):
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{index_path} names a VAE but {folder / 'vae'} is missing; restore the vae/ folder, or set "
             f'"vae": [null, null] in model_index.json for a pixel-space model'
         )
@@ -67,7 +88,10 @@ def _local_has_vae(folder: Path, backbone: str = "sd") -> bool:
 def _hub_model_index(repo_id: str, revision: str | None, local_files_only: bool) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
 
-    index_path = hf_hub_download(repo_id, "model_index.json", revision=revision, local_files_only=local_files_only)
+    try:
+        index_path = hf_hub_download(repo_id, "model_index.json", revision=revision, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:  # not found, gated, offline, no network (huggingface_hub's errors)
+        raise _hub_failure(repo_id, "model_index.json", err) from err
     return json.loads(Path(index_path).read_text())
 
 
@@ -101,15 +125,15 @@ def detect_backbone(
 
 
 def resolve_pretrained(pretrained: str | os.PathLike) -> tuple[str, bool]:
-    """Return ``(location, is_local)``; a path-like string that does not exist raises ``FileNotFoundError``."""
+    """Return ``(location, is_local)``; a path-like string that does not exist raises :class:`ModelNotFoundError`."""
     text = os.fspath(pretrained)
     expanded = os.path.expanduser(text)
     if os.path.isdir(expanded):
         return expanded, True
     if os.path.exists(expanded):
-        raise NotADirectoryError(f"{expanded} is a file; expected a diffusers model folder or a hub id")
+        raise ModelNotFoundError(f"{expanded} is a file; expected a diffusers model folder or a hub id")
     if os.path.isabs(expanded) or text.startswith((".", "~")) or text.count("/") > 1 or not _HUB_ID.match(text):
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"model folder {expanded} does not exist; pass an existing diffusers folder (unet/, scheduler/, "
             f"text_encoder/, tokenizer/, optional vae/) or a hub id such as 'owner/name'"
         )
@@ -150,14 +174,30 @@ class _Source:
         return _present(self._index.get(component))
 
     def diffusers(self, cls: type, subfolder: str) -> Any:
-        return cls.from_pretrained(self.location, subfolder=subfolder, **self.weights, **self.diffusers_dtype)
+        return self._load(cls, subfolder, {**self.weights, **self.diffusers_dtype})
 
     def transformers(self, cls: type, subfolder: str) -> Any:
-        return cls.from_pretrained(self.location, subfolder=subfolder, **self.weights, **self.transformers_dtype)
+        return self._load(cls, subfolder, {**self.weights, **self.transformers_dtype})
 
     def config_only(self, cls: type, subfolder: str) -> Any:
         """A scheduler or tokenizer: no weights, so no variant / safetensors / dtype arguments."""
-        return cls.from_pretrained(self.location, subfolder=subfolder, **self.common)
+        return self._load(cls, subfolder, self.common)
+
+    def _load(self, cls: type, subfolder: str, kwargs: dict[str, Any]) -> Any:
+        """``cls.from_pretrained(location, subfolder=...)``; a missing or unreadable component (diffusers and
+        transformers raise ``OSError``) becomes a :class:`ModelNotFoundError` naming the subfolder."""
+        try:
+            return cls.from_pretrained(self.location, subfolder=subfolder, **kwargs)
+        except OSError as err:
+            if isinstance(err, DiffalignError):
+                raise
+            if not self.is_local:
+                raise _hub_failure(self.location, f"{subfolder}/", err) from err
+            variant = f" (variant '{kwargs['variant']}')" if kwargs.get("variant") else ""
+            raise ModelNotFoundError(
+                f"{Path(self.location) / subfolder}: cannot load the {cls.__name__}{variant}: {_first_line(err)}; the "
+                "folder must hold the component as save_pretrained writes it (config and safetensors weights)"
+            ) from err
 
     def vae(self) -> AutoencoderKL | None:
         return self.diffusers(AutoencoderKL, "vae") if self.has("vae") else None
@@ -353,6 +393,13 @@ def adapter_from_config(model: Any) -> DiffusionAdapter:
     )
     if getattr(model, "vae", None):
         location, is_local = resolve_pretrained(model.vae)
-        vae = AutoencoderKL.from_pretrained(location, local_files_only=model.local_files_only or is_local)
+        try:
+            vae = AutoencoderKL.from_pretrained(location, local_files_only=model.local_files_only or is_local)
+        except OSError as err:
+            if not is_local:
+                raise _hub_failure(location, "the VAE (model.vae)", err) from err
+            raise ModelNotFoundError(
+                f"model.vae {location}: cannot load the AutoencoderKL: {_first_line(err)}"
+            ) from err
         adapter.vae = vae.eval().requires_grad_(False)
     return adapter

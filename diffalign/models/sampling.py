@@ -16,7 +16,8 @@ DDPM-family (SD 1.x/2.x, SDXL; ε or v prediction): :func:`ddim_step` — DDPO's
 
 Sources: ``yifan123/flow_grpo`` ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``, ``XueZeyue/DanceGRPO``
 ``fastvideo/train_grpo_flux.py`` (``flux_step``), ``kvablack/ddpo-pytorch``
-``ddpo_pytorch/diffusers_patch/ddim_with_logprob.py`` (research/online_diffusion.md §1–3).
+``ddpo_pytorch/diffusers_patch/ddim_with_logprob.py`` (Flow-GRPO arXiv 2505.05470, DanceGRPO arXiv 2505.07818,
+DDPO arXiv 2305.13301).
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ def dance_sde_step(
 
         x̂0 = x − σ·v,  score = −(x − (1 − σ)·x̂0)/σ²,  μ = x + Δ·v − ½η²·score·Δ,  std = η·sqrt(σ − σ')
 
-    which is :func:`flow_sde_step`'s mean with the constant coefficient ``σ_t ≡ η`` (research/online_diffusion.md
-    §2, [DERIVED, checked]; a test checks it numerically).
+    which is :func:`flow_sde_step`'s mean with the constant coefficient ``σ_t ≡ η`` (our algebra; a test checks it
+    numerically).
     """
     x, v = sample.float(), velocity.float()
     sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)

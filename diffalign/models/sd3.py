@@ -1,7 +1,7 @@
 """SD3 adapter: an MMDiT ``SD3Transformer2DModel`` trained by rectified flow matching.
 
-Quantities (diffusers' ``train_dreambooth_sd3.py``, flow_grpo's ``train_sd3_dpo.py``; research/offline_diffusion.md
-§5.5), with σ ∈ (0, 1] and the transformer's timestep ``t = σ·T``:
+Quantities (diffusers' ``examples/dreambooth/train_dreambooth_sd3.py``, ``yifan123/flow_grpo``
+``scripts/train_sd3_dpo.py``), with σ ∈ (0, 1] and the transformer's timestep ``t = σ·T``:
 
     x_t    = (1 − σ)·x0 + σ·ε                    (FlowMatchEulerDiscreteScheduler.scale_noise)
     target = v = ε − x0

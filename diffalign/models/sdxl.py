@@ -1,7 +1,7 @@
 """SDXL adapter: the SD noising and targets, with SDXL's two text encoders and added time ids.
 
-Conditioning (research/offline_diffusion.md §2.1, identical in the original Diffusion-DPO script and in diffusers'
-``train_diffusion_dpo_sdxl.py``):
+Conditioning (identical in the original Diffusion-DPO script, ``SalesforceAIResearch/DiffusionDPO`` ``train.py``, and
+in diffusers' ``train_diffusion_dpo_sdxl.py``):
 
 * ``encoder_hidden_states`` = ``hidden_states[-2]`` (penultimate layer) of ``text_encoder`` (CLIP-L) and of
   ``text_encoder_2`` (OpenCLIP-bigG), concatenated on the feature axis (768 + 1280 = 2048 for SDXL);

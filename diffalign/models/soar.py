@@ -1,5 +1,5 @@
-"""SOAR's auxiliary supervision points on any backbone (research/paper_methods.md §1; HY-SOAR
-``soar/utils/algorithm.py``).
+"""SOAR's auxiliary supervision points on any backbone (SOAR, arXiv 2604.12617; the authors' code,
+``Tencent-Hunyuan/HY-SOAR`` ``soar/utils/algorithm.py``).
 
 For a training sample (clean ``x0``, noise ``ε``, on-trajectory timestep ``t0``):
 
@@ -13,8 +13,8 @@ For a training sample (clean ``x0``, noise ``ε``, on-trajectory timestep ``t0``
 
 Backbones: the computation runs in flow coordinates ``z = x_t/(a_t + b_t)``, ``s = b_t/(a_t + b_t)`` (identity for
 SD3). On SD 1.x/2.x/SDXL a DDIM (η = 0) step is exactly an Euler step in these coordinates, and the correction target
-becomes ``ε_corr = (z' − (1 − s')·x0)/s'`` (ε-prediction) or ``a'·ε_corr − b'·x0`` (v-prediction) — the ε-form of
-research §1.5 (derived, not in the paper).
+becomes ``ε_corr = (z' − (1 − s')·x0)/s'`` (ε-prediction) or ``a'·ε_corr − b'·x0`` (v-prediction) — our ε-form of
+the target (derived here: neither the paper nor the code has one).
 
 Choices (ours, where the code is specific to SD3): ``s_max`` is the noisiest grid level (1 on SD3, as the code's upper
 bound; ≈ 0.94 on SD 1.5, which never reaches pure noise); the model timestep of ``s'`` is the first grid level at or

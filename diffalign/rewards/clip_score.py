@@ -1,7 +1,7 @@
 """CLIPScore: scaled image-text cosine of a transformers ``CLIPModel`` (default ``openai/clip-vit-large-patch14``).
 
 ``cos = <f_img, f_txt> / (|f_img| |f_txt|)`` with ``f_img = get_image_features(preprocess(images))`` and
-``f_txt = get_text_features(tokens)`` (77 tokens, padded/truncated). Scales (research note §14):
+``f_txt = get_text_features(tokens)`` (77 tokens, padded/truncated). Scales:
 
 * ``"flow_grpo"`` (default): ``100 · cos / 30`` — flow_grpo's ``logits_per_image.diag() / 30`` with ViT-L/14, whose
   ``logit_scale.exp()`` is exactly 100 [CODE yifan123/flow_grpo].

@@ -8,12 +8,14 @@ is imported only when that reward is built. :func:`build_rewards` turns several 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
 
+from diffalign.errors import DiffalignError
 from diffalign.rewards.aesthetic import LAIONAesthetic
 from diffalign.rewards.base import RewardModel
 from diffalign.rewards.clip_score import CLIPScore
@@ -21,6 +23,11 @@ from diffalign.rewards.combine import WeightedSum
 from diffalign.rewards.hpsv2 import HPSv2
 from diffalign.rewards.jpeg import JPEGCompressibility
 from diffalign.rewards.pickscore import PickScore
+
+
+class UnknownRewardError(DiffalignError, ValueError):
+    """A reward name that is not in :data:`REWARDS` (the message lists the valid names and the nearest one)."""
+
 
 RewardSpec = Union[str, Mapping[str, Any]]  # noqa: UP007 - a runtime alias; py310 has no `type` statement
 
@@ -60,7 +67,9 @@ def build_reward(spec: RewardSpec, device: str | torch.device | None = None) -> 
     """One reward model from a name or ``{"name": ..., **options}``; moved to ``device`` if given."""
     name, options = _split_spec(spec)
     if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; valid names: {', '.join(sorted(REWARDS))}")
+        near = difflib.get_close_matches(name, list(REWARDS), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise UnknownRewardError(f"unknown reward {name!r}; valid names: {', '.join(sorted(REWARDS))}{hint}")
     builder = _resolve(name, REWARDS[name])
     try:
         reward = builder(**options)

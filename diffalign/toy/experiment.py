@@ -13,6 +13,7 @@ import torch
 
 from diffalign.config import Config, load_config
 from diffalign.eval.weights import load_trained_unet
+from diffalign.toy import RETRAIN
 from diffalign.toy.metrics import summarize
 from diffalign.toy.model import load_toy_model
 from diffalign.toy.pairs import make_preference_pairs
@@ -69,6 +70,7 @@ def method_config(method: str, world: ToyWorld, overrides: Sequence[str] = ()) -
             f"data.cache_dir={world.workdir / 'cache'}",
             f"train.output_dir={world.workdir / 'runs' / method}",
             "train.progress_bar=true",
+            RETRAIN,
             *overrides,
         ],
     )
@@ -97,9 +99,13 @@ def segment_cuts(total: int, segments: int, unit: int = 1) -> list[int]:
 
 
 def segment_overrides(cut: int, cuts: Sequence[int]) -> list[str]:
-    """Overrides that train up to ``cut`` steps, resuming from the previous segment's checkpoint."""
-    resume = "null" if cut == cuts[0] else "latest"
-    return [f"train.max_steps={cut}", f"train.checkpointing_steps={cuts[0]}", f"train.resume_from_checkpoint={resume}"]
+    """Overrides that train up to ``cut`` steps: the first segment afresh (replacing an earlier run), each later one
+    resuming from the previous segment's checkpoint."""
+    if cut == cuts[0]:
+        start = [RETRAIN, "train.resume_from_checkpoint=auto"]
+    else:
+        start = ["train.overwrite_output_dir=false", "train.resume_from_checkpoint=latest"]
+    return [f"train.max_steps={cut}", f"train.checkpointing_steps={cuts[0]}", *start]
 
 
 def evaluate(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.config import load_config
+from diffalign.toy import RETRAIN
 from diffalign.toy.llm_data import write_preference_pairs, write_prompts, write_rankings
 from diffalign.toy.llm_model import load_toy_lm, property_rate
 from diffalign.toy.llm_pretrain import ensure_llm_base
@@ -69,6 +70,7 @@ def llm_method_config(method: str, world: LLMWorld, overrides: Sequence[str] = (
             f"model.pretrained={world.base}",
             f"data.path={world.data[_LAYOUT_OF_METHOD[method]]}",
             f"train.output_dir={world.workdir / 'runs' / method}",
+            RETRAIN,  # a rerun retrains (see diffalign.toy.RETRAIN)
             *overrides,
         ],
     )

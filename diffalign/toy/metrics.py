@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from diffalign.eval.diversity import as_nhwc
-from diffalign.toy.world import COLOURS, PALETTE, RESOLUTION, SHAPES, parse_caption, render_array, sample_specs
+from diffalign.toy.world import COLOURS, PALETTE, SHAPES, parse_caption, render_array, sample_specs
 
 CHROMA_MIN = 0.2
 MIN_PIXELS = 3
@@ -98,7 +98,7 @@ def shapes_of(images: ImageBatch) -> list[str | None]:
     row_max = cov.max(2)
     height = np.maximum(row_max.sum(-1), 1e-9)
     fill = area / np.maximum(cov.max(1).sum(-1) * height, 1e-9)
-    grid = np.arange(RESOLUTION, dtype=np.float64) + 0.5
+    grid = np.arange(cov.shape[1], dtype=np.float64) + 0.5  # row centres: any image size, not only RESOLUTION
     centroid_y = (cov.sum(2) * grid).sum(-1) / area
     box_centre_y = (row_max * grid).sum(-1) / height
     asymmetry = (centroid_y - box_centre_y) / height
@@ -144,10 +144,9 @@ def attributes(images: ImageBatch) -> np.ndarray:
     idx = _colour_indices(batch)
     cov = _coverage(batch, idx)
     area = cov.sum((1, 2))
-    grid = np.arange(RESOLUTION, dtype=np.float64) + 0.5
     safe = np.maximum(area, 1e-9)
-    x = (cov * grid[None, None, :]).sum((1, 2)) / safe
-    y = (cov * grid[None, :, None]).sum((1, 2)) / safe
+    x = (cov * (np.arange(cov.shape[2], dtype=np.float64) + 0.5)[None, None, :]).sum((1, 2)) / safe
+    y = (cov * (np.arange(cov.shape[1], dtype=np.float64) + 0.5)[None, :, None]).sum((1, 2)) / safe
     size = np.sqrt(area)
     bg = cov < BACKGROUND_COVERAGE_MAX
     n_bg = bg.sum((1, 2))

@@ -31,6 +31,7 @@ import torch
 from diffalign.config import load_config
 from diffalign.eval.diversity import embedding_spread, layout_dispersion, pvs_per_prompt
 from diffalign.losses.advantages import samples_per_prompt
+from diffalign.toy import RETRAIN
 from diffalign.toy.experiment import CONFIG_DIR, Evaluation, first_per_prompt, segment_cuts, segment_overrides
 from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.flow_pretrain import ensure_flow_base
@@ -72,6 +73,7 @@ def _config(name: str, output_dir: Path, overrides: Sequence[str]):
             f"model.pretrained={ensure_flow_base()}",
             f"data.path={CONFIG_DIR / 'prompts.txt'}",
             f"train.output_dir={output_dir}",
+            RETRAIN,  # a rerun retrains (see diffalign.toy.RETRAIN)
             *overrides,
         ],
     )
@@ -148,7 +150,7 @@ def run_online_evidence(
 
 
 def issue_checks(report: dict) -> dict[str, float | bool]:
-    """The issue's acceptance numbers, computed from the report (absent methods are skipped)."""
+    """The acceptance numbers, computed from the report (absent methods are skipped)."""
     m, base, out = report["methods"], report["base"], {}
     if "flow_grpo" in m:
         fg = m["flow_grpo"]
@@ -173,7 +175,7 @@ def issue_checks(report: dict) -> dict[str, float | bool]:
 
 def d2_align_budgets(d2: list[dict], uncorrected: list[dict], base: dict) -> list[int]:
     """The steps, judged in both runs, at which D²-Align keeps PVS and embedding spread >= 80 % of the base while the
-    uncorrected trainer is below 50 % on both, with D²-Align's gold not lower (the issue's criterion)."""
+    uncorrected trainer is below 50 % on both, with D²-Align's gold not lower (the acceptance criterion)."""
     at = {t["step"]: t for t in uncorrected}
     return [
         t["step"]

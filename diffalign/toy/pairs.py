@@ -4,7 +4,7 @@ Columns: ``jpg_0``, ``jpg_1`` (PNG bytes; Pick-a-Pic's column names, whatever th
 ``label_1`` (1.0 for the preferred image, 0.0 for the other; no ties), ``caption`` (the prompt), ``caption_0``,
 ``caption_1`` (per-image captions for DCPO), ``has_label`` and ``are_different`` (always true here).
 
-Dual captions follow DCPO-h (Saeidi et al.; research/offline_diffusion.md §4): the winner's caption is its true
+Dual captions follow DCPO-h (Saeidi et al., arXiv 2502.06023): the winner's caption is its true
 description (here the prompt), the loser's is its true description *perturbed*: its colour word replaced by one drawn
 uniformly from the other colours, so the loser is never conditioned on a caption that describes it exactly (a true
 description would teach the model to avoid the loser's colour even when it is asked for).

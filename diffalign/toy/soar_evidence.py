@@ -126,7 +126,7 @@ def _method_entry(base: dict, trajectory: list[dict], seconds: float) -> dict:
 def soar_checks(report: dict) -> dict:
     """Per budget (the steps both methods were judged at): SOAR's gold minus SFT's and its trajectory error over
     SFT's. ``soar_ok_at_steps``: the budgets where SOAR has the lower trajectory error *and* the higher gold (the
-    issue's criterion). ``soar_ok``: the strict reading, at every budget SOAR's trajectory error is lower and its
+    acceptance criterion). ``soar_ok``: the strict reading, at every budget SOAR's trajectory error is lower and its
     gold not lower, and higher at every budget where SFT's is below 1 (there is none to gain at 1)."""
     m = report["methods"]
     if not {"sft", "soar"} <= set(m):

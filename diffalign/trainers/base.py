@@ -1,5 +1,6 @@
 """The loop every diffalign trainer shares: accelerate set-up, optimizer and schedule, gradient accumulation,
-clipping, EMA, non-finite guards, atomic checkpoints with exact resume, and per-step metrics.
+clipping, EMA, non-finite and weight guards, atomic verified checkpoints with exact resume (auto-resume by default:
+:mod:`diffalign.trainers.resume`), and per-step metrics. docs/runs.md describes the outputs and the guards.
 
 A method subclasses :class:`Trainer` and supplies only ``build`` (models and data), ``compute_loss`` (one
 micro-batch → loss and metrics) and ``save_final`` (weights in a format diffusers loads back).
@@ -8,6 +9,7 @@ micro-batch → loss and metrics) and ``save_final`` (weights in a format diffus
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from abc import ABC, abstractmethod
@@ -23,21 +25,26 @@ from accelerate.utils import (
     DistributedType,
     InitProcessGroupKwargs,
     ProjectConfiguration,
+    broadcast_object_list,
     extract_model_from_parallel,
     set_seed,
 )
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from diffalign.config import Config, config_to_dict, save_config
+from diffalign.errors import DiffalignError
 from diffalign.trainers.batching import EpochBatches
-from diffalign.trainers.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from diffalign.trainers.checkpointing import load_checkpoint, save_checkpoint
 from diffalign.trainers.ema import load_ema, save_ema
 from diffalign.trainers.loader import LoaderSettings, effective_workers, micro_batch_loader
 from diffalign.trainers.metrics import MetricsWriter
 from diffalign.trainers.optimizers import build_optimizer
 from diffalign.trainers.progress import StepProgress, count, format_summary
+from diffalign.trainers.resume import choose_start
 from diffalign.trainers.sharding import (
     SHARDED_DIR,
     fsdp2_settings,
@@ -51,8 +58,24 @@ from diffalign.trainers.sharding import (
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised after ``train.max_nonfinite_steps`` consecutive non-finite losses (a checkpoint is saved first)."""
+class TrainingStoppedError(DiffalignError):
+    """A guard stopped the run. Nothing is saved from the bad state; the message names the last good checkpoint."""
+
+    exit_code = 1
+
+
+class NonFiniteLossError(TrainingStoppedError, RuntimeError):
+    """``train.max_nonfinite_steps`` consecutive steps with a non-finite loss or gradient norm."""
+
+
+class DivergedWeightsError(TrainingStoppedError):
+    """The trained parameters became non-finite, or grew past ``train.max_weight_growth``."""
+
+
+class TrainingInterrupted(DiffalignError):
+    """Ctrl-C (SIGINT) during a run; the message says where it stopped and how to resume."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -62,6 +85,7 @@ class TrainResult:
     nonfinite_steps: int
     seconds: float
     last_metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: int | None = None  # the checkpoint's step when the run resumed
 
 
 class Trainer(ABC):
@@ -216,6 +240,53 @@ class Trainer(ABC):
     def _trainer_state(self, global_step: int, nonfinite: int) -> dict[str, Any]:
         return {"global_step": global_step, "nonfinite_steps": nonfinite, "config": config_to_dict(self.config)}
 
+    # -- guards (collectives: every process calls them and gets the same answer) -------------------------------
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` is finite on every process."""
+        acc = self.accelerator
+        flag = torch.isfinite(torch.as_tensor(value).detach()).all().reshape(1).to(acc.device)
+        return bool(acc.gather(flag).all().item())
+
+    def _max_abs(self, params: list[torch.nn.Parameter]) -> float:
+        """max |w| over ``params`` across processes (FSDP2: over every rank's shards); NaN if any weight is NaN."""
+        acc = self.accelerator
+        local = [t for p in params if (t := (p.to_local() if isinstance(p, DTensor) else p).detach()).numel()]
+        norms = torch._foreach_norm(local, ord=float("inf")) if local else []  # one fused kernel per dtype/device
+        zero = torch.zeros((), device=acc.device)
+        largest = torch.stack([n.float().to(acc.device) for n in norms]).max() if norms else zero
+        return acc.gather(largest.reshape(1)).max().item()
+
+    def _last_good(self) -> str:
+        if self._last_checkpoint is None:
+            return "no checkpoint was written before it"
+        return f"last good checkpoint: {self._last_checkpoint}"
+
+    def _nonfinite_stop(self, what: str, step: int, in_a_row: int) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"{in_a_row} consecutive non-finite steps (the last, step {step}: non-finite {what}); training stopped "
+            f"and nothing saved from this state ({self._last_good()}). Lower optim.lr or loss.beta, or check the data"
+        )
+
+    def _diverged(self, step: int) -> DivergedWeightsError:
+        return DivergedWeightsError(
+            f"step {step}: trained parameters are non-finite after the optimizer step; training stopped and nothing "
+            f"saved from this state ({self._last_good()}). Lower optim.lr, or check optim.adam_epsilon and "
+            "train.mixed_precision"
+        )
+
+    def _check_weights(self, trained: list[torch.nn.Parameter], step: int, what: str) -> None:
+        """Refuse to write ``what`` (a checkpoint, the final weights) from trained parameters that are non-finite or
+        larger than ``train.max_weight_growth`` x max(max |w| at step 0, 1)."""
+        bound = self.config.train.max_weight_growth * max(self._initial_max_abs, 1.0)
+        largest = self._max_abs(trained)
+        if math.isfinite(largest) and largest <= bound:
+            return
+        raise DivergedWeightsError(
+            f"step {step}: max |w| of the trained parameters is {largest:.3g}, over train.max_weight_growth x "
+            f"max(max |w| at step 0, 1) = {bound:.3g}; {what} not written and training stopped ({self._last_good()}). "
+            "Lower optim.lr, or raise train.max_weight_growth if the growth is expected"
+        )
+
     def _reduce_metrics(self, sums: dict[str, list[torch.Tensor]]) -> dict[str, float]:
         out = {}
         for name, values in sums.items():
@@ -234,7 +305,9 @@ class Trainer(ABC):
         nonfinite_total: int,
     ) -> tuple[int, int, dict[str, float]]:
         """Optimizer steps from ``global_step`` to ``train.max_steps``; returns (steps, non-finite steps, last
-        metrics)."""
+        metrics). A step whose loss or gradient norm is non-finite is skipped and counted; ``max_nonfinite_steps`` in
+        a row, parameters that turn non-finite, or a checkpoint of exploded weights stop the run with nothing saved
+        from the bad state."""
         tc, acc = self.config.train, self.accelerator
         accumulation = self.micro_batches_per_step()
         trained = self.trainable_parameters()  # once: walking every parameter each step costs ~5 ms on a tiny UNet
@@ -243,6 +316,9 @@ class Trainer(ABC):
         # gradients are reduce-scattered at every backward and stay sharded (sync on the last one only would hold
         # unsharded gradients between micro-batches)
         sync_models = (self.model,) if self.fsdp2 is None else ()
+        # fp16's gradient scaler skips an overflowing step itself (and lowers the scale); DeepSpeed steps inside
+        # backward, before the norm is known. Elsewhere a non-finite gradient norm skips the step here.
+        skip_bad_gradients = acc.scaler is None and acc.distributed_type != DistributedType.DEEPSPEED
         state_mib: torch.Tensor | None = None  # this process's parameters + gradients + optimizer state
         unlogged_state: list[torch.Tensor] = []
         consecutive_bad = 0
@@ -251,78 +327,79 @@ class Trainer(ABC):
             tc.max_steps, global_step, accumulation, enabled=tc.progress_bar and acc.is_local_main_process
         )
         self.model.train()
-        while global_step < tc.max_steps:
-            step_start = time.perf_counter()
-            collected: dict[str, list[torch.Tensor]] = defaultdict(list)
-            bad = False
-            for k in range(1, accumulation + 1):
-                epoch, batch = next(micro)
-                progress.micro_batch(k)
-                if bad:
-                    continue  # keep the data position; the step is discarded anyway
-                with acc.accumulate(*sync_models):
-                    loss, metrics = self.compute_loss(batch, epoch)
-                    finite = acc.gather(torch.isfinite(loss.detach()).reshape(1).to(acc.device)).all().item()
-                    if not finite:
-                        bad = True
-                        continue
-                    acc.backward(loss)
-                collected["loss"].append(loss.detach())
-                for name, value in metrics.items():
-                    collected[name].append(value)
-            global_step += 1
-            if bad:
-                optimizer.zero_grad(set_to_none=True)
-                nonfinite_total += 1
-                consecutive_bad += 1
-                logger.warning("non-finite loss at step %d: step skipped (%d in a row)", global_step, consecutive_bad)
-                if consecutive_bad >= tc.max_nonfinite_steps:
-                    path = save_checkpoint(
+        try:
+            while global_step < tc.max_steps:
+                step_start = time.perf_counter()
+                collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+                bad: str | None = None  # what was non-finite: "loss" or "gradient norm"
+                for k in range(1, accumulation + 1):
+                    epoch, batch = next(micro)
+                    progress.micro_batch(k)
+                    if bad:
+                        continue  # keep the data position; the step is discarded anyway
+                    with acc.accumulate(*sync_models):
+                        loss, metrics = self.compute_loss(batch, epoch)
+                        if not self._all_finite(loss):
+                            bad = "loss"
+                            continue
+                        acc.backward(loss)
+                    collected["loss"].append(loss.detach())
+                    for name, value in metrics.items():
+                        collected[name].append(value)
+                global_step += 1
+                if bad is None:
+                    grad_norm = acc.clip_grad_norm_(trained, self.config.optim.max_grad_norm)
+                    if grad_norm is not None:
+                        grad_norm = full_tensor(torch.as_tensor(grad_norm))
+                        collected["grad_norm"].append(grad_norm.detach().reshape(1))
+                        if skip_bad_gradients and not self._all_finite(grad_norm):
+                            bad = "gradient norm"
+                if bad is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    nonfinite_total += 1
+                    consecutive_bad += 1
+                    logger.warning("non-finite %s at step %d: skipped (%d in a row)", bad, global_step, consecutive_bad)
+                else:
+                    consecutive_bad = 0
+                    optimizer.step()
+                    if not math.isfinite(self._max_abs(trained)):
+                        raise self._diverged(global_step)
+                    if state_mib is None:  # once, while gradients and optimizer state are both allocated
+                        state_mib = torch.tensor([local_state_bytes(self.model, optimizer) / 2**20])
+                        unlogged_state = [state_mib]
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None:
+                        self.ema.step(trained)
+                stop = bad is not None and consecutive_bad >= tc.max_nonfinite_steps
+                logged = global_step % tc.log_every == 0 or global_step == tc.max_steps or stop
+                if logged:
+                    if unlogged_state:  # logged with the first logged step (mean over processes)
+                        collected["train_state_mib"], unlogged_state = unlogged_state, []
+                    last = self._reduce_metrics(collected) if collected else {}
+                    last.update(
+                        lr=lr_scheduler.get_last_lr()[0],
+                        step_time_s=time.perf_counter() - step_start,
+                        nonfinite_steps=nonfinite_total,
+                        epoch=epoch,
+                    )
+                    writer.log(global_step, last)
+                progress.step(last.get("loss", float("nan")) if logged else None)
+                if stop:  # logged, not checkpointed
+                    raise self._nonfinite_stop(bad, global_step, consecutive_bad)
+                if global_step % tc.checkpointing_steps == 0 or global_step == tc.max_steps:
+                    self._check_weights(trained, global_step, f"checkpoint-{global_step}")
+                    self._last_checkpoint = save_checkpoint(
                         acc,
                         self.output_dir,
                         global_step,
                         self._trainer_state(global_step, nonfinite_total),
+                        tc.checkpoints_total_limit,
                         write_shards=write_shards,
                     )
-                    raise NonFiniteLossError(
-                        f"{consecutive_bad} consecutive non-finite losses (last at step {global_step}); training "
-                        f"stopped, state saved to {path}. Lower optim.lr or loss.beta, or check the data."
-                    )
-            else:
-                consecutive_bad = 0
-                grad_norm = full_tensor(acc.clip_grad_norm_(trained, self.config.optim.max_grad_norm))
-                optimizer.step()
-                if state_mib is None:  # once, while gradients and optimizer state are both allocated
-                    state_mib = torch.tensor([local_state_bytes(self.model, optimizer) / 2**20])
-                    unlogged_state = [state_mib]
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.step(trained)
-                collected["grad_norm"].append(torch.as_tensor(grad_norm).reshape(1))
-            logged = global_step % tc.log_every == 0 or global_step == tc.max_steps
-            if logged:
-                if unlogged_state:  # logged with the first logged step (mean over processes)
-                    collected["train_state_mib"], unlogged_state = unlogged_state, []
-                last = self._reduce_metrics(collected) if collected else {}
-                last.update(
-                    lr=lr_scheduler.get_last_lr()[0],
-                    step_time_s=time.perf_counter() - step_start,
-                    nonfinite_steps=nonfinite_total,
-                    epoch=epoch,
-                )
-                writer.log(global_step, last)
-            progress.step(last.get("loss", float("nan")) if logged else None)
-            if global_step % tc.checkpointing_steps == 0 or global_step == tc.max_steps:
-                save_checkpoint(
-                    acc,
-                    self.output_dir,
-                    global_step,
-                    self._trainer_state(global_step, nonfinite_total),
-                    tc.checkpoints_total_limit,
-                    write_shards=write_shards,
-                )
-        progress.close()
+                self._step = global_step
+        finally:
+            progress.close()
         return global_step, nonfinite_total, last
 
     def summary_rows(self) -> list[tuple[str, str]]:
@@ -380,10 +457,53 @@ class Trainer(ABC):
         title = f"Running training: {tc.method} ({type(self).__name__})"
         return format_summary(title, rows)
 
+    def _choose_start(self) -> Path | None:
+        """The checkpoint to resume from (:func:`~diffalign.trainers.resume.choose_start`, run on the main process,
+        which reads and may clear the output folder); every process gets the same answer or raises the same error."""
+        outcome: list[Any] = [None]
+        if self.accelerator.is_main_process:
+            try:
+                outcome[0] = choose_start(self.config)
+            except DiffalignError as err:
+                outcome[0] = err
+            except Exception as err:  # a bug or an OS error: raised here with its traceback, named to the others
+                broadcast_object_list([RuntimeError(f"the main process failed to choose the start: {err!r}")])
+                raise
+        broadcast_object_list(outcome)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    def _interrupted(self) -> TrainingInterrupted:
+        if self._last_checkpoint is None:
+            return TrainingInterrupted(
+                f"interrupted at step {self._step} (no checkpoint yet); rerun with train.overwrite_output_dir=true to "
+                "start again"
+            )
+        again = (
+            "resume with the same command"
+            if self.config.train.resume_from_checkpoint in ("auto", "latest")
+            else "resume with train.resume_from_checkpoint=auto"
+        )
+        return TrainingInterrupted(
+            f"interrupted at step {self._step} (last checkpoint: {self._last_checkpoint.name}); {again}"
+        )
+
     def train(self) -> TrainResult:
+        """Run from the start :meth:`_choose_start` picks to ``train.max_steps``, then export the weights. Ctrl-C
+        raises :class:`TrainingInterrupted` (DataLoader workers closed); a guard raises a
+        :class:`TrainingStoppedError`."""
+        started = time.perf_counter()
+        self._step, self._last_checkpoint, self._initial_max_abs = 0, None, 0.0
+        checkpoint = self._choose_start()  # before build: a refused start costs nothing
+        try:
+            return self._run(checkpoint, started)
+        except KeyboardInterrupt:
+            raise self._interrupted() from None
+
+    def _run(self, checkpoint: Path | None, started: float) -> TrainResult:
         tc = self.config.train
         acc = self.accelerator
-        started = time.perf_counter()
         self.build()
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -403,21 +523,25 @@ class Trainer(ABC):
         else:  # a sharded model and its optimizer stay out of prepare (DDP would wrap them; see sharding.py)
             lr_scheduler = acc.prepare(lr_scheduler)
         self.after_prepare()
+        if self.fsdp2 is not None:
+            _reshard(self.model)
         if tc.ema:
             self.ema = EMAModel(self.trainable_parameters(), decay=tc.ema_decay)
             self.ema.to(acc.device)
         if tc.report_to and acc.is_main_process:
             acc.init_trackers("diffalign", config=_flatten(config_to_dict(self.config)))
+        self._initial_max_abs = self._max_abs(self.trainable_parameters())  # step 0's, also when resuming
 
         global_step, nonfinite_total = 0, 0
-        checkpoint = resolve_checkpoint(self.output_dir, tc.resume_from_checkpoint)
         if checkpoint is not None:
             state = load_checkpoint(acc, checkpoint)
             if self.fsdp2 is not None:
                 self._load_shards(checkpoint, optimizer)
             global_step, nonfinite_total = state["global_step"], state["nonfinite_steps"]
+            self._step, self._last_checkpoint = global_step, checkpoint
             logger.info("resumed from %s at step %d", checkpoint, global_step)
-        writer = MetricsWriter(acc, self.output_dir, resume_step=global_step if checkpoint else None)
+        resumed_from = global_step if checkpoint is not None else None
+        writer = MetricsWriter(acc, self.output_dir, resume_step=resumed_from)
 
         if acc.is_main_process:
             print(self.start_up_summary(global_step, checkpoint), flush=True)
@@ -431,11 +555,13 @@ class Trainer(ABC):
         acc.wait_for_everyone()
         if self.ema is not None:
             self.ema.copy_to(self.trainable_parameters())
+        self._check_weights(self.trainable_parameters(), global_step, "the final weights")  # on every process
         if acc.is_main_process or self.fsdp2 is not None:  # FSDP2: every rank takes part in gathering the weights
             self.save_final()
         acc.wait_for_everyone()
         acc.end_training()
-        return TrainResult(self.output_dir, global_step, nonfinite_total, time.perf_counter() - started, last)
+        seconds = time.perf_counter() - started
+        return TrainResult(self.output_dir, global_step, nonfinite_total, seconds, last, resumed_from)
 
 
 def _process_group_kwargs() -> list[InitProcessGroupKwargs]:
@@ -445,6 +571,15 @@ def _process_group_kwargs() -> list[InitProcessGroupKwargs]:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
         return [InitProcessGroupKwargs(backend="gloo")]
     return []
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """FSDP2: register the sharded parameters again. A no-grad forward before training (the precomputed reference
+    pass) leaves the root unit unsharded, and ``model.parameters()`` would then list its unsharded parameters, whose
+    storage FSDP2 frees at the next reshard, instead of the DTensors the optimizer steps."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _close(stream: Iterator[Any]) -> None:

@@ -1,6 +1,6 @@
 """Direct reward back-propagation (SRPO / Direct-Align style), the trainer of both D²-Align stages.
 
-Per micro-batch of prompts (research/paper_methods.md §2.2):
+Per micro-batch of prompts (D²-Align, arXiv 2512.24146, Algorithms 1-2; reward path after SRPO / Direct-Align):
 
 1. generate clean samples ``x0`` with the current generator (deterministic sampler, ``online.sample_steps`` steps,
    CFG ``online.guidance_scale``; no gradient);

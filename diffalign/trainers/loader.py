@@ -12,15 +12,24 @@ file, ~0.3 ms a pair) is read in the training process whatever ``data.num_worker
 the hand-over of its tensors through shared memory (measured with scripts/bench_offline.py: the cached step went
 from 1.06x to 1.10-1.17x the bare training loop's with one worker).
 
-A sample that fails in a worker (a row that does not decode) comes back as a :class:`SampleFailure` instead of
-DataLoader's wrapped worker traceback; :class:`MicroBatchStream` re-raises the original exception in the training
-process, so the user reads the same ``FILE: row N: reason`` message with any number of workers.
+A sample that fails in a worker comes back as a :class:`SampleFailure` instead of DataLoader's wrapped worker
+traceback; :class:`MicroBatchStream` re-raises the original exception in the training process, so the user reads
+the same ``FILE: row N: reason`` message with any number of workers.
+
+A row that does not decode (:class:`~diffalign.data.pickapic.BadRowError`) under the dataset's
+``on_bad_row == "skip"`` is replaced, wherever it is drawn, by the next pair that reads (index + 1, + 2, ...,
+wrapping), whole: that pair's sample of the same epoch, its index, draws and reference values included
+(:func:`read_sample`). The stand-in depends on the data only, not on which process reads it, so results stay
+independent of ``data.num_workers``, and the batch keeps its size. Each skipped row is logged once by the training
+process, and the count is logged when the stream closes (``MicroBatchStream.skipped``).
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +37,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from diffalign.data.pickapic import BadRowError, PreferenceDataError
 from diffalign.trainers.batching import EpochBatches
+
+logger = logging.getLogger(__name__)
 
 #: one sample's address: (epoch, dataset index)
 SampleKey = tuple[int, int]
@@ -84,49 +96,93 @@ class WorkerTraceback(Exception):
         return "in a DataLoader worker:\n" + str(self.args[0])
 
 
+@dataclass(frozen=True)
+class SkippedRow:
+    """A pair that did not read under ``on_bad_row == "skip"``: its index, the pair read instead, and why."""
+
+    index: int
+    replacement: int
+    reason: str
+
+
+def read_sample(dataset: Any, index: int, skip_bad_rows: bool) -> tuple[Any, list[SkippedRow]]:
+    """``dataset[index]`` and no skipped row; with ``skip_bad_rows``, if ``index`` raises :class:`BadRowError`, the
+    sample of the next index (wrapping) that reads, and ``index`` as skipped with that stand-in.
+
+    Raises:
+        BadRowError: ``index`` does not read and ``skip_bad_rows`` is false.
+        PreferenceDataError: no pair of ``dataset`` reads.
+    """
+    try:
+        return dataset[index], []
+    except BadRowError as err:
+        if not skip_bad_rows:
+            raise
+        reason = str(err)
+    size = len(dataset)
+    for step in range(1, size):
+        candidate = (index + step) % size
+        try:
+            return dataset[candidate], [SkippedRow(index, candidate, reason)]
+        except BadRowError:
+            continue  # also bad: counted when it is drawn itself
+    raise PreferenceDataError(
+        f"none of the {size} pairs reads (data.on_bad_row=skip), e.g. {reason}; check the data source"
+    )
+
+
 class EpochIndexed(Dataset):
     """``dataset[(epoch, i)]``: sets the epoch on this process's copy of ``dataset`` (``set_epoch``), then reads
-    sample ``i``; returns ``(epoch, sample)``, or ``(epoch, SampleFailure)`` if reading raised."""
+    sample ``i`` (:func:`read_sample`, skipping rows that do not decode if ``dataset.on_bad_row == "skip"``);
+    returns ``(epoch, sample, skipped rows)``, or ``(epoch, SampleFailure, [])`` if reading raised."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
+        self.skip_bad_rows = getattr(dataset, "on_bad_row", "error") == "skip"
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: SampleKey) -> tuple[int, Any]:
+    def __getitem__(self, key: SampleKey) -> tuple[int, Any, list[SkippedRow]]:
         epoch, index = key
         try:
             self.dataset.set_epoch(epoch)
-            return epoch, self.dataset[index]
+            return (epoch, *read_sample(self.dataset, index, self.skip_bad_rows))
         except Exception as err:
-            return epoch, SampleFailure(err)
+            return epoch, SampleFailure(err), []
 
 
 class EpochCollate:
-    """Collate ``(epoch, sample)`` items of one micro-batch into ``(epoch, batch)`` with the trainer's collate."""
+    """Collate ``(epoch, sample, skipped)`` items of one micro-batch into ``(epoch, batch, skipped)`` with the
+    trainer's collate."""
 
     def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
         self.collate = collate
 
-    def __call__(self, items: Sequence[tuple[int, Any]]) -> tuple[int, Any]:
+    def __call__(self, items: Sequence[tuple[int, Any, list[SkippedRow]]]) -> tuple[int, Any, list[SkippedRow]]:
         epoch = items[0][0]
-        samples = [sample for _, sample in items]
+        samples = [sample for _, sample, _ in items]
+        skipped = [row for _, _, rows in items for row in rows]
         for sample in samples:
             if isinstance(sample, SampleFailure):
-                return epoch, sample
+                return epoch, sample, skipped
         try:
-            return epoch, self.collate(samples)
+            return epoch, self.collate(samples), skipped
         except Exception as err:
-            return epoch, SampleFailure(err)
+            return epoch, SampleFailure(err), skipped
 
 
 class MicroBatchStream:
-    """Iterator of ``(epoch, local batch)`` over a DataLoader; :meth:`close` stops its workers."""
+    """Iterator of ``(epoch, local batch)`` over a DataLoader; :meth:`close` stops its workers.
+
+    ``skipped`` counts, per skipped row index, the samples that read a stand-in for it (``on_bad_row == "skip"``);
+    a row is logged the first time it is skipped, the totals when the stream closes.
+    """
 
     def __init__(self, loader: DataLoader) -> None:
         self.loader = loader
-        self._iterator: Iterator[tuple[int, Any]] | None = iter(loader)
+        self._iterator: Iterator[tuple[int, Any, list[SkippedRow]]] | None = iter(loader)
+        self.skipped: Counter[int] = Counter()
 
     def __iter__(self) -> MicroBatchStream:
         return self
@@ -134,18 +190,34 @@ class MicroBatchStream:
     def __next__(self) -> tuple[int, Any]:
         if self._iterator is None:
             raise StopIteration
-        epoch, batch = next(self._iterator)
+        epoch, batch, skipped = next(self._iterator)
+        self._count(skipped)
         if isinstance(batch, SampleFailure):
             self.close()
             batch.raise_error()
         return epoch, batch
 
+    def _count(self, skipped: Sequence[SkippedRow]) -> None:
+        for row in skipped:
+            if row.index not in self.skipped:
+                logger.warning(
+                    "skip: pair %d is read in place of this row (data.on_bad_row=skip): %s", row.replacement, row.reason
+                )
+            self.skipped[row.index] += 1
+
     def close(self) -> None:
-        """Shut the worker processes down now rather than at garbage collection."""
+        """Shut the worker processes down now rather than at garbage collection; log what was skipped."""
         iterator, self._iterator = self._iterator, None
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        if iterator is not None and self.skipped:
+            logger.warning(
+                "skip: %d samples read the next pair instead of a row that does not decode (%d such rows; "
+                "data.on_bad_row=skip)",
+                sum(self.skipped.values()),
+                len(self.skipped),
+            )
 
 
 def effective_workers(dataset: Any, requested: int) -> int:

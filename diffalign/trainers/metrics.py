@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -10,26 +11,40 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from diffalign.errors import DiffalignError
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsFileError(DiffalignError):
+    """A line of ``metrics.jsonl`` other than a torn last one is not a metrics record."""
+
 
 class MetricsWriter:
     """Appends one JSON line per logged step (main process only) and forwards to ``accelerator.log``.
 
     On resume the file is truncated to the steps at or before the checkpoint, so the log reads like one
-    uninterrupted run.
+    uninterrupted run; a torn last line (a run killed mid-write) is dropped with a warning.
     """
 
     def __init__(self, accelerator: Accelerator, output_dir: str | os.PathLike, resume_step: int | None = None):
         self.accelerator = accelerator
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept: list[str] = []
+            kept: list[dict[str, Any]] = []
             if resume_step is not None and self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+                kept = [r for r in parse_metrics(self.path) if r["step"] <= resume_step]
             elif self.path.exists():
                 self.path.unlink()
             if kept:
-                self.path.write_text("\n".join(kept) + "\n")
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, self.path)
+            elif self.path.exists():
+                self.path.unlink()
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
@@ -43,6 +58,30 @@ class MetricsWriter:
                 f.write(json.dumps(record) + "\n")
 
 
+def parse_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``. A last line that is not JSON (torn by a kill mid-write) is dropped with a
+    warning; any other line that is not a record with an integer ``step`` is a :class:`MetricsFileError`."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                logger.warning("%s: line %d is incomplete (a run stopped mid-write); dropped", path, number)
+                break
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise MetricsFileError(
+                f"{path}: line {number} is not a metrics record (JSON with an integer 'step'); fix or delete the "
+                "line, or remove the file"
+            )
+        records.append(record)
+    return records
+
+
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_metrics(Path(output_dir) / METRICS_FILE)

@@ -1,6 +1,6 @@
 """Optimizers by config name: ``adamw`` (torch), ``adamw_8bit`` (bitsandbytes) and ``adafactor`` (transformers).
 
-Where each comes from (research/offline_diffusion.md §2, §3):
+Where each comes from (the Diffusion-DPO, diffusers and MaPO training scripts):
 
 * ``adamw`` — ``torch.optim.AdamW(betas=(adam_beta1, adam_beta2), eps=adam_epsilon, weight_decay)``, the
   Diffusion-DPO SD 1.5 recipe (SalesforceAIResearch/DiffusionDPO ``train.py``: β1 0.9, β2 0.999, wd 1e-2, eps 1e-8).

@@ -1,4 +1,4 @@
-"""SAIL, the self-amplified iterative loop (train.method sail; research/paper_methods.md §3).
+"""SAIL, the self-amplified iterative loop (train.method sail; SAIL, arXiv 2602.05380).
 
 Round 0 is Diffusion-DPO on the small seed set (``data.path``) from ``model.pretrained``. Round ``i ≥ 1``:
 
@@ -17,7 +17,8 @@ After each round the trained model is exported as a diffusers folder (``round_i/
 LoRA merged in, plus links to the other components), which the next round loads. Every round writes its pairs
 (``round_i/pairs.parquet``), its metrics (``round_i/round.json``, written last and atomically: a round is done when it
 exists) and its training run; a stopped loop resumes at the first unfinished round, inside which the DPO run resumes
-from its latest checkpoint and a finished sampling step is not redone.
+from its latest checkpoint and a finished sampling step is not redone. ``train.overwrite_output_dir: true`` removes
+the earlier loop's rounds first and starts again at round 0.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def _round_config(config: Config, *, pretrained: Path, data: str, output_dir: Pa
     cfg.train.output_dir = str(output_dir)
     cfg.train.max_steps = steps
     cfg.train.checkpointing_steps = min(cfg.train.checkpointing_steps, steps)
-    cfg.train.resume_from_checkpoint = "latest"
+    cfg.train.resume_from_checkpoint = "latest"  # a round started before (its folder exists) carries on
+    cfg.train.overwrite_output_dir = False  # the loop's own overwrite already cleared the rounds (run_sail)
     return cfg
 
 
@@ -147,6 +149,8 @@ def run_sail(config: Config) -> TrainResult:
 
     sc = config.sail
     out = Path(config.train.output_dir)
+    if config.train.overwrite_output_dir:
+        _clear_rounds(out)
     out.mkdir(parents=True, exist_ok=True)
     base = local_folder(config.model.pretrained, config.model.revision)
     backbone = config.model.backbone if config.model.backbone != "auto" else detect_backbone(base)
@@ -191,6 +195,16 @@ def run_sail(config: Config) -> TrainResult:
         logger.info("SAIL round %d done: %s", r, record)
     (out / "final_model.txt").write_text(str(models[-1]) + "\n")
     return result
+
+
+def _clear_rounds(out: Path) -> None:
+    """``train.overwrite_output_dir``: remove an earlier loop's ``round_*`` folders and ``final_model.txt``."""
+    earlier = sorted(out.glob("round_*")) + ([out / "final_model.txt"] if (out / "final_model.txt").is_file() else [])
+    for path in earlier:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if earlier:
+        names = ", ".join(p.name for p in earlier)
+        logger.warning("train.overwrite_output_dir: removed the earlier SAIL loop's %s from %s", names, out)
 
 
 def sail_rounds(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
