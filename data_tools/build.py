@@ -27,7 +27,7 @@ def _io(cmd: argparse.ArgumentParser) -> None:
 
 def _captioner_args(cmd: argparse.ArgumentParser, flag: str) -> None:
     cmd.add_argument(flag, required=True, dest="captioner",
-                     help="VLM: local folder or hub id; 'toy' = the toy world's detector (no model)")  # fmt: skip
+                     help="VLM: local folder or hub id, or a registered captioner (toy: the toy detector)")  # fmt: skip
     cmd.add_argument("--task", choices=["image-text-to-text", "image-to-text"], default=None,
                      help="pipeline task (default: the one this transformers has)")  # fmt: skip
     cmd.add_argument("--template", default=DEFAULT_TEMPLATE,
@@ -90,12 +90,11 @@ def _perturber(args: argparse.Namespace):
 
 
 def _captioner(args: argparse.Namespace):
-    from data_tools.caption import TOY_MODEL, Captioner, ToyCaptioner
+    from data_tools.caption import build_captioner
 
-    if args.captioner == TOY_MODEL:
-        return ToyCaptioner()
-    return Captioner(args.captioner, task=args.task, template=args.template, max_new_tokens=args.max_new_tokens,
-                     device=args.device, batch_size=2 * args.batch_size)  # fmt: skip
+    return build_captioner(args.captioner, task=args.task, template=args.template,
+                           max_new_tokens=args.max_new_tokens, device=args.device,
+                           batch_size=2 * args.batch_size)  # fmt: skip
 
 
 def build_job(args: argparse.Namespace) -> dict[str, Any]:

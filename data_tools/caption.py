@@ -12,10 +12,12 @@ Prompting: when the model's processor has a chat template the prompt is sent as 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from PIL import Image
+
+from diffalign.plugins import check_name, load_plugins
 
 DEFAULT_TEMPLATE = "Describe this image in one sentence. The image was generated from the prompt: {prompt}"
 
@@ -81,23 +83,29 @@ class Captioner:
         return captions
 
 
-TOY_MODEL = "toy"
+#: Captioners by name (``--model NAME``): ``builder(**options) -> captioner`` with the command's ``task``,
+#: ``template``, ``max_new_tokens``, ``device`` and ``batch_size`` (a builder takes ``**kwargs`` for those it ignores).
+#: A captioner is ``captioner(images, prompts) -> captions``. Plugins (:mod:`diffalign.plugins`) add theirs when a
+#: name is first not found (the toy world's ``toy``, its pixel detector).
+CAPTIONERS: dict[str, Callable[..., Any]] = {}
 
 
-class ToyCaptioner:
-    """The toy world's stand-in for a VLM (``--model toy``): its pixel detector (``diffalign.toy.metrics``) names
-    each image's colour and shape in the world's caption form, ``"a red circle"``; ``"an empty image"`` where it sees
-    no shape.
-    Prompts are ignored: the caption is what is in the image, which is what DCPO-c asks of a captioner."""
+def register_captioner(name: str, builder: Callable[..., Any], *, replace: bool = False) -> None:
+    """Make ``--model name`` build its captioner with ``builder``; the same builder again is a no-op, another under
+    a taken name needs ``replace=True``."""
+    check_name("captioner", name)
+    if not callable(builder):
+        raise TypeError(f"captioner {name!r}: the builder must be callable, got {builder!r}")
+    if name in CAPTIONERS and CAPTIONERS[name] is not builder and not replace:
+        raise ValueError(f"captioner {name!r} is already registered; pass replace=True to override")
+    CAPTIONERS[name] = builder
 
-    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[str]:
-        from diffalign.toy.metrics import colours_of, shapes_of
-        from diffalign.toy.world import RESOLUTION
 
-        if not images:
-            return []
-        size = (RESOLUTION, RESOLUTION)
-        arrays = [img.convert("RGB") if img.size == size else img.convert("RGB").resize(size) for img in images]
-        # shapes_of names a shape exactly where colours_of finds a colour
-        return [f"a {colour} {shape}" if colour else "an empty image"
-                for colour, shape in zip(colours_of(arrays), shapes_of(arrays), strict=True)]  # fmt: skip
+def build_captioner(model: str, **options: Any) -> Any:
+    """The registered captioner ``model`` (plugins are loaded if it is unknown so far), else a VLM :class:`Captioner`
+    loaded from the local folder or hub id ``model``."""
+    if model not in CAPTIONERS:
+        load_plugins()
+    if model in CAPTIONERS:
+        return CAPTIONERS[model](**options)
+    return Captioner(model, **options)

@@ -58,25 +58,37 @@ def _run(argv: list[str]) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     if args.command == "demo":
-        from diffalign.toy.demo import run_demo
-
-        run_demo(args.output_dir, n_per_prompt=args.n_per_prompt, overrides=args.overrides)
+        _demo(args)
     elif args.command == "evidence":
         _evidence(args)
-    elif args.command == "toy" and args.toy_command == "pretrain":
+    elif args.command == "toy":
+        return _toy(args)
+    return 0
+
+
+# The toy front-end commands (demo, evidence, toy) are the only product code that imports diffalign.toy, lazily
+# (tests/test_toy_plugin_boundary.py checks).
+def _demo(args: argparse.Namespace) -> None:
+    from diffalign.toy.demo import run_demo
+
+    run_demo(args.output_dir, n_per_prompt=args.n_per_prompt, overrides=args.overrides)
+
+
+def _toy(args: argparse.Namespace) -> int:
+    if args.toy_command == "pretrain":
         from diffalign.toy.pretrain import main as pretrain_main
 
         pretrain_main(args.args)
-    elif args.command == "toy" and args.toy_command == "pairs":
-        from diffalign.toy.pairs import make_preference_pairs
+        return 0
+    from diffalign.toy.pairs import make_preference_pairs
 
-        try:
-            noise = args.label_noise
-            path = make_preference_pairs(args.path, args.n_pairs, args.seed, kind=args.kind, label_noise=noise)
-        except ValueError as err:  # --n-pairs < 1, --label-noise outside [0, 0.5)
-            print_error(err)
-            return 2
-        print(path)
+    try:
+        noise = args.label_noise
+        path = make_preference_pairs(args.path, args.n_pairs, args.seed, kind=args.kind, label_noise=noise)
+    except ValueError as err:  # --n-pairs < 1, --label-noise outside [0, 0.5)
+        print_error(err)
+        return 2
+    print(path)
     return 0
 
 
@@ -91,25 +103,23 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-# family -> (module, run function, report formatter); ``offline`` and ``flow`` share diffalign.toy.evidence
-_EVIDENCE = {
-    "llm": ("diffalign.toy.llm_evidence", "run_llm_evidence", "format_llm_report"),
-    "online": ("diffalign.toy.online_evidence", "run_online_evidence", "format_online_report"),
-    "soar": ("diffalign.toy.soar_evidence", "run_soar_evidence", "format_soar_report"),
-    "sail": ("diffalign.toy.sail_evidence", "run_sail_evidence", "format_sail_report"),
-}
-
-
 def _evidence(args: argparse.Namespace) -> None:
     import importlib
 
+    # family -> (module, run function, report formatter); ``offline`` and ``flow`` share diffalign.toy.evidence
+    families = {
+        "llm": ("diffalign.toy.llm_evidence", "run_llm_evidence", "format_llm_report"),
+        "online": ("diffalign.toy.online_evidence", "run_online_evidence", "format_online_report"),
+        "soar": ("diffalign.toy.soar_evidence", "run_soar_evidence", "format_soar_report"),
+        "sail": ("diffalign.toy.sail_evidence", "run_sail_evidence", "format_sail_report"),
+    }
     kwargs = {
         "methods": args.methods.split(",") if args.methods else None,
         "n_per_prompt": args.n_per_prompt,
         "overrides": args.overrides,
     }
-    if args.family in _EVIDENCE:
-        module, run, fmt = _EVIDENCE[args.family]
+    if args.family in families:
+        module, run, fmt = families[args.family]
         mod = importlib.import_module(module)
         if args.family in ("online", "soar") and args.segments is not None:
             kwargs["segments"] = args.segments

@@ -43,9 +43,10 @@ def test_hybrid_with_the_toy_captioner_perturbs_only_the_loser_colour(tmp_path) 
 def test_toy_captioner_on_a_blank_image_and_a_bad_vocabulary(tmp_path, capsys) -> None:
     from PIL import Image
 
-    from data_tools.caption import ToyCaptioner
+    from data_tools.caption import build_captioner
 
-    assert ToyCaptioner()([Image.new("RGB", (16, 16), (40, 40, 40))], ["a red circle"]) == ["an empty image"]
+    captioner = build_captioner("toy", template="ignored {prompt}")  # the toy plugin's, found through the registry
+    assert captioner([Image.new("RGB", (16, 16), (40, 40, 40))], ["a red circle"]) == ["an empty image"]
     src = make_preference_pairs(tmp_path / "pairs.parquet", 4, seed=5)
     out = tmp_path / "out.parquet"
     assert main(["perturb-prompt", str(src), str(out), "--level", "weak", "--vocabulary", "colour=red"]) == 1

@@ -8,11 +8,12 @@ with a bootstrap interval (:mod:`diffalign.eval.winrate`), and writes into ``out
 * ``grid_A.png`` / ``grid_B.png`` (prompts × samples), ``grid_A_vs_B.png``; ``hist_<reward>.png`` (scores per
   model), ``scatter_<reward>.png`` (per-prompt means, A vs B) and ``win_rates.png``.
 
-Without ``rewards``, toy-world prompt sets are scored with ``toy_gold``; other prompt sets get diversity metrics only.
+Without ``rewards``, a prompt set claimed by a prompt scorer (:class:`~diffalign.eval.scoring.PromptScorer`) is
+scored with that scorer's default rewards (the toy world's plugin: ``toy_gold``); others get diversity metrics only.
 
 Out of scope: a GenEval-style prompt set (object counts, colours, positions) with its object-detector checker — no
-detector can be loaded from local files here; the toy gold metric (:mod:`diffalign.toy.metrics`) plays that role
-for the toy world.
+detector can be loaded from local files here; the toy world's gold metric (its plugin, ``diffalign.toy.metrics``)
+plays that role for the toy world.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ import numpy as np
 from diffalign.eval import plots
 from diffalign.eval.folders import ImageFolder, check_paired, load_image_folder
 from diffalign.eval.report import per_prompt_rows, summary_dict, write_report_md, write_rows_csv, write_scores_csv
-from diffalign.eval.scoring import FolderScores, build_eval_rewards, is_toy_prompt_set, score_folder
+from diffalign.eval.scoring import FolderScores, build_eval_rewards, claiming_scorers, score_folder
 from diffalign.eval.winrate import WinRate, win_rate
 
 
 def default_rewards(folder: ImageFolder) -> list[str]:
-    return ["toy_gold"] if is_toy_prompt_set(folder.prompts, folder.images) else []
+    """The default rewards of the prompt scorers that claim ``folder``, in order, without repeats."""
+    names: list[str] = []
+    for scorer in claiming_scorers(folder.prompts, folder.images):
+        names += [n for n in scorer.default_rewards if n not in names]
+    return names
 
 
 def evaluate_folders(

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from diffalign.eval.scoring import FolderScores
+from diffalign.eval.scoring import FolderScores, get_prompt_scorer
 from diffalign.eval.winrate import WinRate
 
 
@@ -92,7 +92,7 @@ def summary_dict(
             "generation": r.folder.generation,
             "scores": {k: {"mean": float(v.mean()), "std": float(v.std())} for k, v in r.scores.items()},
             "diversity": r.diversity,
-            "toy": r.toy,
+            **r.extra,
         }
     if win_rates:
         out["win_rates"] = {
@@ -131,6 +131,19 @@ def _per_prompt_tables(
         lines += [f"## Per prompt: diversity ({who})", ""]
         rows = [[row["prompt"], *(_pair([row.get(f"{m}_{x}") for m in labels]) for x in metrics)] for row in table]
         lines += _table(["prompt", *metrics], rows)
+    return lines
+
+
+def _scorer_tables(results: Mapping[str, FolderScores], labels: Sequence[str]) -> list[str]:
+    """A table per prompt scorer whose summary every model has (e.g. the toy world's gold metrics)."""
+    lines: list[str] = []
+    first = next(iter(results.values()))
+    for name in first.extra:
+        if not all(r.extra.get(name) for r in results.values()):
+            continue
+        lines += [f"## {get_prompt_scorer(name).title or name}", ""]
+        keys = list(first.extra[name])
+        lines += _table(["metric", *labels], [[k, *(results[x].extra[name][k] for x in labels)] for k in keys])
     return lines
 
 
@@ -187,10 +200,7 @@ def write_report_md(
     if metrics:
         lines += ["## Diversity (mean over prompts with ≥ 2 images; higher = more diverse)", ""]
         lines += _table(["metric", *labels], [[m, *(results[x].diversity.get(m) for x in labels)] for m in metrics])
-    if all(r.toy for r in results.values()):
-        lines += ["## Toy gold metrics (pixel detectors)", ""]
-        keys = list(next(iter(results.values())).toy)
-        lines += _table(["metric", *labels], [[k, *(results[x].toy[k] for x in labels)] for k in keys])
+    lines += _scorer_tables(results, labels)
     lines += _per_prompt_tables(results, win_rates, labels, rewards, metrics)
     if figures:
         lines += ["## Figures", ""]

@@ -5,42 +5,94 @@
   classes' ``from_pretrained`` take them). Every image is scored with ``reward(images, prompts)`` in batches,
   without gradients.
 * Diversity per prompt (:mod:`diffalign.eval.diversity`): PVS for every folder; the embedding spread ``1 − IDS`` in
-  the image-embedding space of each embedding reward (CLIP-style: ``clip_score``, ``pickscore``, ``hpsv2``,
-  ``toy_reward_model``); for toy-world prompts (``a <colour> <shape>``, 16×16 images) also the toy attribute
-  diversity (:func:`diffalign.toy.metrics.diversity_report`) and the layout dispersion of the detected shapes'
-  boxes, plus the toy gold metrics (colour / shape adherence, :func:`diffalign.toy.metrics.summarize`).
-  Prompts with fewer than two images have no spread and are left out of the means.
+  the image-embedding space of each embedding reward (CLIP-style: ``clip_score``, ``pickscore``, ``hpsv2``, a
+  plugin's embedding reward). Prompts with fewer than two images have no spread and are left out of the means.
+* Prompt scorers (:class:`PromptScorer`, :func:`register_prompt_scorer`, or a plugin: :mod:`diffalign.plugins`)
+  add metrics to the prompt sets they claim: per prompt (averaged into the diversity means) and per folder (a gold
+  metric). The toy world's plugin claims its captions (``a <colour> <shape>``, 16×16 images) and adds the attribute
+  diversity, the layout dispersion and the colour / shape adherence.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffalign.eval.diversity import embedding_spread, layout_dispersion, pvs
+from diffalign.eval.diversity import embedding_spread, pvs
 from diffalign.eval.errors import EvalInputError
 from diffalign.eval.folders import ImageFolder
+from diffalign.plugins import check_name, load_plugins
 from diffalign.rewards import build_reward
 from diffalign.rewards.base import RewardModel
 
+#: Metrics of one set of images with their prompts: ``fn(images (N,3,H,W) in [0,1], prompts) -> {metric: value}``.
+MetricsFn = Callable[[torch.Tensor, Sequence[str]], Mapping[str, float]]
 
-def is_toy_prompt_set(prompts: Sequence[str], images: torch.Tensor | None = None) -> bool:
-    """Whether every prompt is a toy-world caption (and the images have the toy resolution)."""
-    from diffalign.toy.world import RESOLUTION, parse_caption
 
-    if images is not None and tuple(images.shape[-2:]) != (RESOLUTION, RESOLUTION):
-        return False
-    try:
-        for prompt in set(prompts):
-            parse_caption(prompt)
-    except ValueError:
-        return False
-    return bool(prompts)
+@dataclass(frozen=True)
+class PromptScorer:
+    """Extra metrics for the prompt sets a plugin claims (the toy world's gold metric is one).
+
+    * ``claims(prompts, images)``: whether this scorer applies to a folder;
+    * ``group_metrics``: metrics of one prompt's images (prompts with ≥ 2 images), in ``per_prompt.csv`` and
+      averaged over prompts into ``diversity``;
+    * ``summary``: metrics of the whole folder, in ``summary.json`` under ``name`` and in ``report.md`` as a table
+      titled ``title``;
+    * ``default_rewards``: the rewards :func:`~diffalign.eval.evaluation.evaluate_folders` uses when none are asked.
+    """
+
+    name: str
+    claims: Callable[[Sequence[str], torch.Tensor | None], bool]
+    group_metrics: MetricsFn | None = None
+    summary: MetricsFn | None = None
+    title: str = ""
+    default_rewards: tuple[str, ...] = ()
+
+
+#: Registered prompt scorers by name (:func:`register_prompt_scorer`; plugins add theirs when first listed).
+PROMPT_SCORERS: dict[str, PromptScorer] = {}
+
+# keys of a model's entry in summary.json; a scorer's summary sits beside them under its name
+_RESERVED = frozenset({"folder", "images", "prompts", "generation", "scores", "diversity"})
+
+
+def register_prompt_scorer(scorer: PromptScorer, *, replace: bool = False) -> None:
+    """Add ``scorer`` to :data:`PROMPT_SCORERS`; an equal scorer again is a no-op, another under a taken name needs
+    ``replace=True``."""
+    if not isinstance(scorer, PromptScorer):
+        raise TypeError(f"register_prompt_scorer takes a PromptScorer, got {type(scorer).__name__}")
+    check_name("prompt scorer", scorer.name)
+    if scorer.name in _RESERVED:
+        raise ValueError(f"prompt scorer name {scorer.name!r} is a summary.json key; pick another")
+    taken = PROMPT_SCORERS.get(scorer.name)
+    if taken is not None and taken != scorer and not replace:
+        raise ValueError(f"prompt scorer {scorer.name!r} is already registered; pass replace=True to override")
+    PROMPT_SCORERS[scorer.name] = scorer
+
+
+def prompt_scorers() -> list[PromptScorer]:
+    """Every registered prompt scorer, plugins' included, in registration order."""
+    load_plugins()
+    return list(PROMPT_SCORERS.values())
+
+
+def get_prompt_scorer(name: str) -> PromptScorer:
+    """The prompt scorer registered as ``name`` (plugins are loaded if it is not among those known so far)."""
+    if name not in PROMPT_SCORERS:
+        load_plugins()
+    if name not in PROMPT_SCORERS:
+        raise EvalInputError(f"unknown prompt scorer {name!r}; registered: {', '.join(PROMPT_SCORERS) or 'none'}")
+    return PROMPT_SCORERS[name]
+
+
+def claiming_scorers(prompts: Sequence[str], images: torch.Tensor | None = None) -> list[PromptScorer]:
+    """The registered prompt scorers that claim this prompt set (and images)."""
+    return [s for s in prompt_scorers() if s.claims(prompts, images)]
 
 
 def parse_reward_names(text: str | Sequence[str] | None) -> list[str]:
@@ -58,12 +110,12 @@ def build_eval_rewards(
     names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None, device: str | None = None
 ) -> dict[str, RewardModel]:
     """``{name: reward}`` built from the registry with ``options[name]`` as keyword arguments."""
-    from diffalign.rewards.registry import REWARDS
+    from diffalign.rewards.registry import is_reward, reward_names
 
     for name in names:
-        if name not in REWARDS:
-            close = difflib.get_close_matches(name, list(REWARDS), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid names: {', '.join(sorted(REWARDS))}"
+        if not is_reward(name):
+            close = difflib.get_close_matches(name, reward_names(), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid names: {', '.join(reward_names())}"
             raise EvalInputError(f"--rewards: unknown reward '{name}'; {hint}")
     options = dict(options or {})
     unknown = sorted(set(options) - set(names))
@@ -114,13 +166,14 @@ def image_embeddings(reward: Any, images: torch.Tensor, *, batch_size: int = 64,
 @dataclass
 class FolderScores:
     """Everything measured on one folder: per-image ``scores[reward]`` (canonical image order), per-prompt
-    diversity rows, the means over prompts (``diversity``), and the toy gold summary (toy prompts only)."""
+    diversity rows, the means over prompts (``diversity``), and per prompt scorer with a ``summary`` its folder
+    metrics (``None`` where it does not claim the folder)."""
 
     folder: ImageFolder
     scores: dict[str, np.ndarray]
     per_prompt: list[dict[str, Any]] = field(default_factory=list)
     diversity: dict[str, float] = field(default_factory=dict)
-    toy: dict[str, float] | None = None
+    extra: dict[str, dict[str, float] | None] = field(default_factory=dict)
 
 
 def score_folder(
@@ -130,7 +183,7 @@ def score_folder(
     batch_size: int = 64,
     device: str = "cpu",
 ) -> FolderScores:
-    """Scores, per-prompt diversity and (toy prompts) gold metrics of one folder."""
+    """Scores, per-prompt diversity and the claiming prompt scorers' metrics of one folder."""
     images, prompts = folder.images, folder.prompts
     scores = {
         name: score_images(r, images, prompts, batch_size=batch_size, device=device) for name, r in rewards.items()
@@ -140,12 +193,9 @@ def score_folder(
         for name, r in rewards.items()
         if is_embedding_reward(r)
     }
-    toy = is_toy_prompt_set(prompts, images)
-    boxes = None
-    if toy:
-        from diffalign.toy.rewards import shape_boxes
-
-        boxes = shape_boxes(images)
+    scorers = prompt_scorers()
+    claiming = [s for s in scorers if s.claims(prompts, images)]
+    metrics = ["pvs", *(f"embedding_spread_{n}" for n in embeds)]
     rows = []
     for p, members in folder.groups().items():
         row: dict[str, Any] = {"prompt_index": p, "prompt": prompts[members[0]], "n": len(members)}
@@ -156,24 +206,20 @@ def score_folder(
             row["pvs"] = pvs(images[members])
             for name, e in embeds.items():
                 row[f"embedding_spread_{name}"] = embedding_spread(e[members], group_prompts)
-            if toy:
-                from diffalign.toy.metrics import diversity_report
-
-                row["toy_diversity"] = diversity_report(images[members], group_prompts)["diversity"]
-                row["layout_dispersion"] = layout_dispersion([boxes[i] for i in members], group_prompts)
+            for scorer in claiming:
+                if scorer.group_metrics is not None:
+                    values = scorer.group_metrics(images[members], group_prompts)
+                    row.update({k: float(v) for k, v in values.items()})
+                    metrics += [k for k in values if k not in metrics]
         rows.append(row)
-    metrics = ["pvs", *(f"embedding_spread_{n}" for n in embeds)] + (["toy_diversity", "layout_dispersion"] * toy)
     diversity = {}
     for metric in metrics:
         values = [row[metric] for row in rows if metric in row]
         if values:
             diversity[metric] = float(np.mean(values))
-    summary = None
-    if toy:
-        from diffalign.toy.metrics import colour_adherence, shape_adherence
-
-        summary = {
-            "colour_adherence": colour_adherence(images, prompts),
-            "shape_adherence": shape_adherence(images, prompts),
-        }
-    return FolderScores(folder, scores, rows, diversity, summary)
+    extra = {
+        s.name: ({k: float(v) for k, v in s.summary(images, prompts).items()} if s in claiming else None)
+        for s in scorers
+        if s.summary is not None
+    }
+    return FolderScores(folder, scores, rows, diversity, extra)

@@ -17,7 +17,7 @@ from diffalign.rewards.hpsv2 import HPS_CHECKPOINTS, HPSv2
 from diffalign.rewards.jpeg import JPEGCompressibility
 from diffalign.rewards.pickscore import PickScore
 from diffalign.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPPreprocess, clip_preprocess
-from diffalign.rewards.registry import REWARDS, build_reward, build_rewards
+from diffalign.rewards.registry import REWARDS, build_reward, build_rewards, register_reward, reward_names
 
 __all__ = [
     "CLIP_SCORE_SCALES",
@@ -38,6 +38,8 @@ __all__ = [
     "WeightedSum",
     "build_reward",
     "build_rewards",
+    "register_reward",
+    "reward_names",
     "check_images",
     "clip_preprocess",
     "load_state_dict_file",

@@ -4,6 +4,9 @@
 options of the class, e.g. ``model``, ``local_files_only``, ``checkpoint``). A string entry ``"module:attribute"``
 is imported only when that reward is built. :func:`build_rewards` turns several specs (and weights) into one
 :class:`~diffalign.rewards.combine.WeightedSum` (flow_grpo's ``multi_score``).
+
+More rewards come from :func:`register_reward` (in code) or from plugins (:mod:`diffalign.plugins`, loaded the first
+time a name is not found; the toy world's ``toy_gold`` and ``toy_reward_model`` arrive that way).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Union
 import torch
 
 from diffalign.errors import DiffalignError
+from diffalign.plugins import check_name, load_plugins
 from diffalign.rewards.aesthetic import LAIONAesthetic
 from diffalign.rewards.base import RewardModel
 from diffalign.rewards.clip_score import CLIPScore
@@ -37,9 +41,32 @@ REWARDS: dict[str, Callable[..., RewardModel] | str] = {
     "hpsv2": HPSv2.from_pretrained,
     "aesthetic": LAIONAesthetic.from_pretrained,
     "jpeg_compressibility": JPEGCompressibility,
-    "toy_gold": "diffalign.toy.rewards:ToyGoldReward",
-    "toy_reward_model": "diffalign.toy.rewards:load_toy_reward_model",
 }
+
+
+def register_reward(name: str, builder: Callable[..., RewardModel] | str, *, replace: bool = False) -> None:
+    """Make ``build_reward(name)`` call ``builder`` (a callable, or ``"module:attribute"`` imported when built).
+
+    Registering the same builder again is a no-op; a different builder under a taken name needs ``replace=True``."""
+    check_name("reward", name)
+    if not (callable(builder) or (isinstance(builder, str) and ":" in builder)):
+        raise TypeError(f"reward {name!r}: the builder must be callable or 'module:attribute', got {builder!r}")
+    if name in REWARDS and REWARDS[name] != builder and not replace:
+        raise ValueError(f"reward {name!r} is already registered ({REWARDS[name]!r}); pass replace=True to override")
+    REWARDS[name] = builder
+
+
+def is_reward(name: str) -> bool:
+    """Whether ``name`` is a registered reward (plugins are loaded if it is not among those known so far)."""
+    if name not in REWARDS:
+        load_plugins()
+    return name in REWARDS
+
+
+def reward_names() -> list[str]:
+    """Every registered reward name, sorted, plugins' included."""
+    load_plugins()
+    return sorted(REWARDS)
 
 
 def _resolve(name: str, entry: Callable[..., RewardModel] | str) -> Callable[..., RewardModel]:
@@ -66,10 +93,10 @@ def _split_spec(spec: RewardSpec) -> tuple[str, dict[str, Any]]:
 def build_reward(spec: RewardSpec, device: str | torch.device | None = None) -> RewardModel:
     """One reward model from a name or ``{"name": ..., **options}``; moved to ``device`` if given."""
     name, options = _split_spec(spec)
-    if name not in REWARDS:
+    if not is_reward(name):
         near = difflib.get_close_matches(name, list(REWARDS), n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise UnknownRewardError(f"unknown reward {name!r}; valid names: {', '.join(sorted(REWARDS))}{hint}")
+        raise UnknownRewardError(f"unknown reward {name!r}; valid names: {', '.join(reward_names())}{hint}")
     builder = _resolve(name, REWARDS[name])
     try:
         reward = builder(**options)
