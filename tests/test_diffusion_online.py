@@ -9,13 +9,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffalign.config import ConfigError, load_config
+from diffalign.config import DIRECT_STAGES, ConfigError, load_config
+from diffalign.losses import policy_registry
+from diffalign.losses.policy import PolicyLossOutput
+from diffalign.losses.policy_registry import PolicyStep, register_policy_loss
 from diffalign.models.rollout import conditioning
 from diffalign.models.tiny import save_tiny_sd_pipeline
 from diffalign.models.tiny_sd3 import save_tiny_sd3_pipeline
 from diffalign.rewards.correction import load_correction
 from diffalign.trainers.diffusion_grpo import DiffusionGRPOTrainer
-from diffalign.trainers.direct_reward import DirectRewardTrainer
+from diffalign.trainers.direct_reward import (
+    STAGE_TRAINERS,
+    CorrectionStageTrainer,
+    GeneratorStageTrainer,
+    direct_reward_trainer,
+)
 from diffalign.trainers.run import train
 
 REWARD = str(Path(__file__).with_name("online_rewards.py")) + ":mean_colour"
@@ -85,6 +93,32 @@ def test_first_update_is_on_policy_and_loss_is_minus_mean_advantage(tiny_dirs, t
             if policy_loss == "grpo_guard" and backbone == "sd3":  # DDIM: sqrt_dt = 1
                 expected = expected / (trainer.schedule.sigmas[j] - trainer.schedule.sigmas[j + 1])
             torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_registered_policy_loss_is_a_config_value_and_trains(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(policy_registry, "POLICY_LOSSES", dict(policy_registry.POLICY_LOSSES))  # undone after
+    with pytest.raises(ConfigError, match="'online.policy_loss' must be one of 'flow_grpo', 'grpo_guard'; got 'x2'"):
+        _config(tiny_dirs, tmp_path, "online.policy_loss=x2")
+    calls: list[tuple[PolicyStep, float]] = []
+
+    @register_policy_loss("x2", needs_means=True)
+    def twice_the_ratio(step: PolicyStep, *, clip_range: float, adv_clip_max: float | None) -> PolicyLossOutput:
+        calls.append((step, clip_range))
+        ratio = torch.exp(step.logps - step.old_logps)
+        return PolicyLossOutput(2 * ratio.mean(), ratio, {"ratio/mean": ratio.mean(), "ratio/std": ratio.std()})
+
+    trainer = DiffusionGRPOTrainer(_config(tiny_dirs, tmp_path, "online.policy_loss=x2", "online.clip_range=0.3"))
+    trainer.build()
+    buffer = trainer._rollout_epoch(0)
+    assert buffer.means is not None  # needs_means: the rollout stored the transition means
+    rows = buffer.micro_batches[0][0]
+    loss, metrics = trainer.compute_loss({"buffer": buffer, "rows": rows, "step": 1, "first": False}, 0)
+    ((step, clip_range),) = calls
+    assert clip_range == 0.3 and step.old_means is not None
+    torch.testing.assert_close(step.old_means, buffer.means[rows, 1])
+    torch.testing.assert_close(step.old_logps, buffer.log_probs[rows, 1])
+    torch.testing.assert_close(loss, 2 * torch.exp(step.logps - step.old_logps).mean())
+    assert abs(loss.item() - 2.0) < 1e-4 and metrics["ratio_mean/step_1"].item() == metrics["ratio/mean"].item()
 
 
 def test_advantages_come_from_the_rewards_of_each_group(tiny_dirs, tmp_path):
@@ -174,8 +208,16 @@ def _direct(tiny_dirs, out: Path, *extra: str, backbone: str = "sd3"):
     )
 
 
+def test_each_direct_stage_has_its_trainer(tiny_dirs, tmp_path):
+    assert sorted(STAGE_TRAINERS) == sorted(DIRECT_STAGES)
+    stage1 = direct_reward_trainer(_direct(tiny_dirs, tmp_path, "online.direct_stage=correction"))
+    assert type(stage1) is CorrectionStageTrainer and stage1.stage == "correction"
+    stage2 = direct_reward_trainer(_direct(tiny_dirs, tmp_path))
+    assert type(stage2) is GeneratorStageTrainer and stage2.stage == "generator"
+
+
 def test_reconstruction_with_the_exact_velocity_recovers_x0(tiny_dirs, tmp_path):
-    trainer = DirectRewardTrainer(_direct(tiny_dirs, tmp_path))
+    trainer = direct_reward_trainer(_direct(tiny_dirs, tmp_path))
     trainer.build()
     x0 = torch.randn(2, 3, 16, 16)
     captured = {}

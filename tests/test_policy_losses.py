@@ -28,6 +28,8 @@ from diffalign.losses.policy import (
     grpo_guard_policy_loss,
     k3_kl,
 )
+from diffalign.losses.policy_registry import POLICY_LOSSES, PolicyStep, get_policy_loss, register_policy_loss
+from diffalign.losses.registry import UnknownLossError
 from diffalign.losses.reward_shaping import ches_score, ensemble_reward, lsc_reference, lsc_transform, par_reward
 
 F64 = torch.float64
@@ -274,6 +276,31 @@ def test_grpo_guard_rationorm_identity_and_loss() -> None:
     # on-policy: RatioNorm ratio is exactly 1
     on = grpo_guard_log_ratio(lp_old, lp_old, mu_old, mu_old, std_dev_t=sigma_t, sqrt_dt=sqrt_dt)
     assert on.abs().max().item() == 0.0
+
+
+def test_policy_loss_registry_maps_names_to_the_step_losses() -> None:
+    g = torch.Generator().manual_seed(3)
+    b = 5
+    means, old_means = torch.randn(b, 2, 3, generator=g, dtype=F64), torch.randn(b, 2, 3, generator=g, dtype=F64)
+    logps, old, adv = (torch.randn(b, generator=g, dtype=F64) for _ in range(3))
+    step = PolicyStep(logps, old, 3 * adv, means, old_means, std_dev_t=0.6, sqrt_dt=0.4)
+    assert list(POLICY_LOSSES) == ["flow_grpo", "grpo_guard"]
+    assert [get_policy_loss(n).needs_means for n in POLICY_LOSSES] == [False, True]
+    flow = get_policy_loss("flow_grpo")(step, clip_range=0.1, adv_clip_max=2.0)
+    direct = flow_grpo_policy_loss(logps, old, 3 * adv, clip_range=0.1, adv_clip_max=2.0)
+    assert flow.loss.item() == direct.loss.item() and flow.metrics.keys() == direct.metrics.keys()
+    guard = get_policy_loss("grpo_guard")(step, clip_range=0.1, adv_clip_max=2.0)
+    direct = grpo_guard_policy_loss(
+        logps, old, 3 * adv, means, old_means, std_dev_t=0.6, sqrt_dt=0.4, clip_range=0.1, adv_clip_max=2.0
+    )
+    assert guard.loss.item() == direct.loss.item() != flow.loss.item()
+    with pytest.raises(UnknownLossError, match="unknown policy loss 'flow_grp'.*Did you mean 'flow_grpo'"):
+        get_policy_loss("flow_grp")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_policy_loss("flow_grpo")(lambda step, **kw: None)
+    with pytest.raises(ValueError, match="needs old_means"):
+        no_means = PolicyStep(logps, old, adv, means, None, 0.6, 0.4)
+        get_policy_loss("grpo_guard")(no_means, clip_range=0.1, adv_clip_max=2.0)
 
 
 def test_flow_grpo_kl() -> None:

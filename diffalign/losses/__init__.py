@@ -22,14 +22,17 @@ LLM adapters pass summed completion-token log-probs (TRL's convention). LLM-side
 * :mod:`~diffalign.losses.listwise`: PRO, DMPO, DynamicPO (``kind="listwise"``);
 * :mod:`~diffalign.losses.policy`, :mod:`~diffalign.losses.advantages`, :mod:`~diffalign.losses.reward_shaping`:
   PPO/GRPO clipped objectives (TRL aggregations, GSPO, k3 KL, Flow-GRPO, GRPO-Guard), advantages (group, RLOO,
-  MC-GRPO, BNPO) and reward shaping (ensembles, LSC, PAR, CHES). Not in the registry: they are not preference losses.
+  MC-GRPO, BNPO) and reward shaping (ensembles, LSC, PAR, CHES). Not in ``LOSSES``: they are not preference losses;
+  the diffusion per-step policy losses have their own registry, ``POLICY_LOSSES`` (:func:`get_policy_loss`,
+  :func:`register_policy_loss`; config key ``online.policy_loss``).
 """
 
-from diffalign.losses import dpo_family, listwise, llm_pairwise  # noqa: F401  (registers their losses)
+from diffalign.losses import dpo_family, listwise, llm_pairwise, policy  # noqa: F401  (registers their losses)
 from diffalign.losses.dpo_family import dpo_mixture, trl_reward_metrics
 from diffalign.losses.listwise import dynamicpo, pro
 from diffalign.losses.llm_pairwise import alphapo, cpo, orpo, simpo
 from diffalign.losses.pairwise import dpo, hinge, ipo, kto, poly_dpo, robust
+from diffalign.losses.policy_registry import POLICY_LOSSES, get_policy_loss, register_policy_loss
 from diffalign.losses.reference_free import mapo, mapo_score, sft
 from diffalign.losses.registry import LOSSES, UnknownLossError, get_loss, register
 from diffalign.losses.types import LossOutput
@@ -37,6 +40,7 @@ from diffalign.losses.types import LossOutput
 __all__ = [
     "LOSSES",
     "LossOutput",
+    "POLICY_LOSSES",
     "UnknownLossError",
     "alphapo",
     "cpo",
@@ -48,6 +52,7 @@ __all__ = [
     "simpo",
     "trl_reward_metrics",
     "get_loss",
+    "get_policy_loss",
     "hinge",
     "ipo",
     "kto",
@@ -55,6 +60,7 @@ __all__ = [
     "mapo_score",
     "poly_dpo",
     "register",
+    "register_policy_loss",
     "robust",
     "sft",
 ]

@@ -2,7 +2,9 @@
 
 Unlike the pairwise losses these are **not** per-sample: the GRPO aggregations couple the batch (token counts), so
 each function returns the scalar loss TRL (or flow_grpo) would back-propagate plus detached metrics. They are not
-registered in ``LOSSES`` (whose kinds are paired / unpaired / chosen-only preference losses).
+registered in ``LOSSES`` (whose kinds are paired / unpaired / chosen-only preference losses); the diffusion per-step
+losses are registered in :data:`~diffalign.losses.policy_registry.POLICY_LOSSES` (``online.policy_loss``) through
+the :class:`~diffalign.losses.policy_registry.PolicyStep` entry points at the end of this module.
 
 LLM side: ``logps`` are per-token log-probs ``(B, T)`` of the completion tokens with a ``(B, T)`` mask.
 Diffusion side: ``logps`` are per-step Gaussian log-probs of the sampler transition (mean over latent elements,
@@ -16,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from diffalign.losses.policy_registry import PolicyStep, register_policy_loss
 from diffalign.losses.types import check_shape
 
 Aggregation = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -373,12 +376,45 @@ def grpo_guard_policy_loss(
     return PolicyLossOutput(loss=loss, per_token_loss=per_sample, metrics=metrics)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Registered entry points (online.policy_loss): one trained sampler step, uniform signature
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@register_policy_loss("flow_grpo")
+def flow_grpo_step_loss(step: PolicyStep, *, clip_range: float, adv_clip_max: float | None) -> PolicyLossOutput:
+    """``online.policy_loss: flow_grpo``: :func:`flow_grpo_policy_loss` on the step's log-probs."""
+    return flow_grpo_policy_loss(
+        step.logps, step.old_logps, step.advantages, clip_range=clip_range, adv_clip_max=adv_clip_max
+    )
+
+
+@register_policy_loss("grpo_guard", needs_means=True)
+def grpo_guard_step_loss(step: PolicyStep, *, clip_range: float, adv_clip_max: float | None) -> PolicyLossOutput:
+    """``online.policy_loss: grpo_guard``: :func:`grpo_guard_policy_loss` with the means stored at sampling time."""
+    if step.old_means is None:
+        raise ValueError("losses.grpo_guard_step_loss: needs old_means (rollouts must keep the transition means).")
+    return grpo_guard_policy_loss(
+        step.logps,
+        step.old_logps,
+        step.advantages,
+        step.means,
+        step.old_means,
+        std_dev_t=step.std_dev_t,
+        sqrt_dt=step.sqrt_dt,
+        clip_range=clip_range,
+        adv_clip_max=adv_clip_max,
+    )
+
+
 __all__ = [
     "PolicyLossOutput",
     "clipped_policy_loss",
     "flow_grpo_kl",
     "flow_grpo_policy_loss",
+    "flow_grpo_step_loss",
     "grpo_guard_log_ratio",
     "grpo_guard_policy_loss",
+    "grpo_guard_step_loss",
     "k3_kl",
 ]

@@ -8,9 +8,11 @@ step ``j`` (Flow-GRPO: the first ``int(steps · timestep_fraction)`` steps in or
 Flow-GRPO-Fast). One backward per (micro-batch, step); an optimizer step after ``gradient_accumulation_steps``
 micro-batches × all trained steps, so the gradient is the mean over both, as in ``scripts/train_sd3.py``.
 
-Per (micro-batch, step) the loss is :func:`~diffalign.losses.policy.flow_grpo_policy_loss` (PPO clip on the ratio of
-the step's mean-over-latent log-probs) or :func:`~diffalign.losses.policy.grpo_guard_policy_loss` (RatioNorm with the
-means stored at sampling time, gradient reweighted by 1/|Δσ|), plus ``β ·`` the code-form KL
+Per (micro-batch, step) the loss is the ``online.policy_loss`` registered in
+:data:`~diffalign.losses.policy_registry.POLICY_LOSSES`: ``flow_grpo``
+(:func:`~diffalign.losses.policy.flow_grpo_policy_loss`, PPO clip on the ratio of the step's mean-over-latent
+log-probs) or ``grpo_guard`` (:func:`~diffalign.losses.policy.grpo_guard_policy_loss`, RatioNorm with the means stored
+at sampling time, gradient reweighted by 1/|Δσ|), plus ``β ·`` the code-form KL
 :func:`~diffalign.losses.policy.flow_grpo_kl` to the reference network (``self.reference``: LoRA adapters disabled,
 or a frozen or offloaded copy; ``train.reference=precomputed`` is refused, no pass can store values of fresh rollouts).
 Rollouts are addressed by (seed, rollout epoch, sample), so a run resumed from a checkpoint at a rollout boundary
@@ -30,7 +32,8 @@ from diffalign.config import Config
 from diffalign.data.prompts import load_prompts
 from diffalign.eval.diversity import embedding_spread, pvs_per_prompt
 from diffalign.losses.advantages import compute_advantages, samples_per_prompt
-from diffalign.losses.policy import flow_grpo_kl, flow_grpo_policy_loss, grpo_guard_policy_loss
+from diffalign.losses.policy import flow_grpo_kl
+from diffalign.losses.policy_registry import PolicyStep, get_policy_loss
 from diffalign.models.rollout import SamplerSettings, build_schedule, conditioning, rollout, step_log_prob
 from diffalign.rewards.base import EmbeddingReward
 from diffalign.rewards.from_config import build_online_reward
@@ -141,7 +144,7 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
         prompts = [group_prompts[i // k] for i in ids]
         seed = sample_key(self.config.train.seed, r, 0, ROLLOUT_STREAM)
         window = self._window(r)
-        keep_means = oc.policy_loss == "grpo_guard"
+        keep_means = get_policy_loss(oc.policy_loss).needs_means
         parts, images = [], []
         for s in range(0, len(ids), self.sample_batch_size):
             batch_ids = ids[s : s + self.sample_batch_size]
@@ -249,22 +252,10 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
         step = step_log_prob(self.adapter, self.settings, self.schedule, j, x, x_next, cond, uncond)
         old = buffer.log_probs[rows, j].to(device)
         advantages = buffer.advantages[rows.to(device)]
-        if oc.policy_loss == "grpo_guard":
-            out = grpo_guard_policy_loss(
-                step.log_prob,
-                old,
-                advantages,
-                step.mean,
-                buffer.means[rows, j].to(device),
-                std_dev_t=step.std_dev_t,
-                sqrt_dt=step.sqrt_dt,
-                clip_range=oc.clip_range,
-                adv_clip_max=oc.adv_clip_max,
-            )
-        else:
-            out = flow_grpo_policy_loss(
-                step.log_prob, old, advantages, clip_range=oc.clip_range, adv_clip_max=oc.adv_clip_max
-            )
+        policy_loss = get_policy_loss(oc.policy_loss)
+        old_means = buffer.means[rows, j].to(device) if buffer.means is not None else None
+        inputs = PolicyStep(step.log_prob, old, advantages, step.mean, old_means, step.std_dev_t, step.sqrt_dt)
+        out = policy_loss(inputs, clip_range=oc.clip_range, adv_clip_max=oc.adv_clip_max)
         loss = out.loss
         metrics = {name: value.detach().reshape(1) for name, value in out.metrics.items()}
         metrics[f"ratio_mean/step_{j}"] = out.metrics["ratio/mean"].detach().reshape(1)

@@ -11,13 +11,15 @@ Per micro-batch of prompts (D²-Align, arXiv 2512.24146, Algorithms 1-2; reward 
    (the paper's Algorithm 1; its eq. 4 ``x̂0 = (x_t − σ_t ε_θ)/α_t`` is the one-step prediction instead);
 4. decode and score: ``loss = −mean(R(x̂0, c))``.
 
-``online.direct_stage``:
+``online.direct_stage`` picks the stage's trainer (:data:`STAGE_TRAINERS`, :func:`direct_reward_trainer`); both
+share :class:`DirectRewardTrainer`'s sampler, prompts and steps 1-3 and differ in what trains and in step 4:
 
-* ``correction`` (stage 1): the generator is frozen; the only parameter is D²-Align's ``b_v`` and the reward is the
-  guided one, ``score(Φ_img(x̂0), ẽ)`` with ``ẽ = e⁻ + ω(e⁺ − e⁻)``, ``e± = normalize(e ± b_v)``; writes
-  ``correction.safetensors``.
-* ``generator`` (stage 2, and the uncorrected baseline): the denoiser trains (LoRA or full) against the reward of
-  ``online.reward_functions``, guided by a frozen ``b_v`` when ``online.reward_correction`` names one.
+* ``correction`` (stage 1, :class:`CorrectionStageTrainer`): the generator is frozen; the only parameter is
+  D²-Align's ``b_v`` and the reward is the guided one, ``score(Φ_img(x̂0), ẽ)`` with ``ẽ = e⁻ + ω(e⁺ − e⁻)``,
+  ``e± = normalize(e ± b_v)``; writes ``correction.safetensors``.
+* ``generator`` (stage 2, and the uncorrected baseline; :class:`GeneratorStageTrainer`): the denoiser trains (LoRA or
+  full) against the reward of ``online.reward_functions``, guided by a frozen ``b_v`` when
+  ``online.reward_correction`` names one.
 
 Paper: D²-Align, arXiv 2512.24146 (no code released; stage 1 3000 steps, stage 2 20 steps, ω 1.5, lr 5e-6 on
 FLUX.1-dev with HPS-v2.1).
@@ -25,14 +27,17 @@ FLUX.1-dev with HPS-v2.1).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
 
+from diffalign.config import Config
 from diffalign.data.prompts import PromptDataset, collate_prompts, load_prompts
 from diffalign.eval.diversity import pvs
+from diffalign.models.diffusion import DiffusionAdapter
 from diffalign.models.loading import adapter_from_config
-from diffalign.models.rollout import SamplerSettings, build_schedule, latents_to_images, rollout
+from diffalign.models.rollout import SamplerSettings, Trajectory, build_schedule, latents_to_images, rollout
 from diffalign.rewards.base import EmbeddingReward
 from diffalign.rewards.correction import CorrectionVector, save_correction
 from diffalign.rewards.from_config import build_online_reward, reward_from_name
@@ -45,27 +50,31 @@ GENERATION_STREAM, SIGMA_STREAM, RECON_NOISE_STREAM = 41, 42, 43
 
 
 class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
+    """What both stages share: the deterministic sampler, the prompts and steps 1-3 (:meth:`reconstruct`); a stage
+    provides the trained model and reward (:meth:`build_stage`) and step 4's rewards (:meth:`stage_rewards`)."""
+
+    stage: str
+
+    @abstractmethod
+    def build_stage(self) -> DiffusionAdapter:
+        """Set ``self.model`` (what trains) and ``self.reward``; return the generator's adapter."""
+
+    @abstractmethod
+    def stage_rewards(
+        self,
+        x0: torch.Tensor,
+        traj: Trajectory,
+        prompts: list[str],
+        indices: list[int],
+        epoch: int,
+        metrics: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Step 4: per-sample rewards ``(B,)`` of the reconstructions of ``x0`` (the loss is their negative mean);
+        may add stage metrics to ``metrics``."""
+
     def build(self) -> None:
-        oc, dc, mc = self.config.online, self.config.data, self.config.model
-        device = self.accelerator.device
-        self.stage = oc.direct_stage
-        if self.stage == "generator":
-            adapter = self.build_policy(needs_reference=False)
-            self.reward = build_online_reward(oc, device)
-        else:
-            adapter = adapter_from_config(mc)
-            for module in (adapter.denoiser, *adapter.frozen_modules()):
-                module.requires_grad_(False).to(device, self.weight_dtype).eval()
-            self.adapter = adapter
-            if len(oc.reward_functions) != 1:
-                raise ValueError("online.direct_stage=correction learns b_v for one embedding reward; list exactly one")
-            self.reward = reward_from_name(oc.reward_functions[0], oc.reward_options.get(oc.reward_functions[0]))
-            if hasattr(self.reward, "to"):
-                self.reward = self.reward.to(device)
-            if not isinstance(self.reward, EmbeddingReward):
-                raise TypeError(f"reward '{oc.reward_functions[0]}' has no text-embedding space for D²-Align's b_v")
-            dim = self.reward.text_embeds([""]).shape[-1]
-            self.model = CorrectionVector(dim).to(device)
+        oc, dc = self.config.online, self.config.data
+        adapter = self.build_stage()
         flow = adapter.prediction_type == "flow"
         self.settings = SamplerSettings(
             kind="ode" if flow else "ddim",
@@ -78,10 +87,6 @@ class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
         prompts = load_prompts(dc.path, split=dc.split, max_samples=dc.max_samples)
         self.dataset = PromptDataset([{"prompt": p} for p in prompts])
         self.collate = collate_prompts
-
-    def after_prepare(self) -> None:
-        if self.stage == "generator":
-            self.adapter.denoiser = self.model
 
     def reconstruct(
         self, x0: torch.Tensor, cond: dict[str, torch.Tensor], indices: list[int], epoch: int
@@ -123,32 +128,102 @@ class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
         traj = rollout(self.adapter, prompts, self.settings, seed=seed, indices=indices, schedule=self.schedule)
         x0 = traj.latents[:, -1]
         metrics: dict[str, torch.Tensor] = {}
-        if self.stage == "generator":
-            images = latents_to_images(self.adapter, self.reconstruct(x0, traj.cond, indices, epoch))
-            rewards = self.reward(images, prompts).float()
-        else:
-            with torch.no_grad():
-                images = latents_to_images(self.adapter, self.reconstruct(x0, traj.cond, indices, epoch))
-                image_embeds = self.reward.image_embeds(images)
-                text = self.reward.text_embeds(prompts).to(image_embeds.device)
-                metrics["reward/plain"] = self.reward.score_embeds(image_embeds, text).float().detach()
-            guided = self.model(text, self.config.online.correction_omega)
-            rewards = self.reward.score_embeds(image_embeds, guided).float()
-            metrics["b_v_norm"] = self.model_vector().norm().detach().reshape(1)
+        rewards = self.stage_rewards(x0, traj, prompts, indices, epoch, metrics)
         metrics["reward"] = rewards.detach()
         metrics["mean_brightness"] = traj.images.mean(dim=(1, 2, 3)).detach()
         metrics["diversity/pvs"] = torch.tensor([pvs(traj.images)])  # over the batch's prompts (one image each)
         return -rewards.mean(), metrics
 
+
+class CorrectionStageTrainer(DirectRewardTrainer):
+    """D²-Align stage 1 (``online.direct_stage=correction``): learn the correction vector ``b_v`` of one embedding
+    reward against the frozen generator; writes ``correction.safetensors``."""
+
+    stage = "correction"
+
+    def build_stage(self) -> DiffusionAdapter:
+        oc, device = self.config.online, self.accelerator.device
+        adapter = adapter_from_config(self.config.model)
+        for module in (adapter.denoiser, *adapter.frozen_modules()):
+            module.requires_grad_(False).to(device, self.weight_dtype).eval()
+        self.adapter = adapter
+        if len(oc.reward_functions) != 1:
+            raise ValueError("online.direct_stage=correction learns b_v for one embedding reward; list exactly one")
+        self.reward = reward_from_name(oc.reward_functions[0], oc.reward_options.get(oc.reward_functions[0]))
+        if hasattr(self.reward, "to"):
+            self.reward = self.reward.to(device)
+        if not isinstance(self.reward, EmbeddingReward):
+            raise TypeError(f"reward '{oc.reward_functions[0]}' has no text-embedding space for D²-Align's b_v")
+        dim = self.reward.text_embeds([""]).shape[-1]
+        self.model = CorrectionVector(dim).to(device)
+        return adapter
+
+    def after_prepare(self) -> None:
+        """Nothing to hand the adapter: the generator stays frozen and unwrapped."""
+
+    def stage_rewards(
+        self,
+        x0: torch.Tensor,
+        traj: Trajectory,
+        prompts: list[str],
+        indices: list[int],
+        epoch: int,
+        metrics: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The guided reward ``score(Φ_img(x̂0), ẽ)``; gradient to ``b_v`` only. Logs the plain reward and ‖b_v‖."""
+        with torch.no_grad():
+            images = latents_to_images(self.adapter, self.reconstruct(x0, traj.cond, indices, epoch))
+            image_embeds = self.reward.image_embeds(images)
+            text = self.reward.text_embeds(prompts).to(image_embeds.device)
+            metrics["reward/plain"] = self.reward.score_embeds(image_embeds, text).float().detach()
+        guided = self.model(text, self.config.online.correction_omega)
+        rewards = self.reward.score_embeds(image_embeds, guided).float()
+        metrics["b_v_norm"] = self.model_vector().norm().detach().reshape(1)
+        return rewards
+
     def model_vector(self) -> torch.Tensor:
         return self.accelerator.unwrap_model(self.model).b_v
 
     def save_final(self) -> None:
-        if self.stage == "generator":
-            super().save_final()
-            return
+        """``correction.safetensors`` (:func:`~diffalign.rewards.correction.save_correction`) on the main process."""
         vector = full_tensor(self.model_vector())  # FSDP2: a collective on every rank
         if not self.accelerator.is_main_process:
             return
         name = self.config.online.reward_functions[0]
         save_correction(vector, self.output_dir, omega=self.config.online.correction_omega, reward=name)
+
+
+class GeneratorStageTrainer(DirectRewardTrainer):
+    """Direct reward training (``online.direct_stage=generator``; D²-Align stage 2 with ``online.reward_correction``,
+    the uncorrected baseline without): the denoiser trains against ``online.reward_functions``' reward."""
+
+    stage = "generator"
+
+    def build_stage(self) -> DiffusionAdapter:
+        adapter = self.build_policy(needs_reference=False)
+        self.reward = build_online_reward(self.config.online, self.accelerator.device)
+        return adapter
+
+    def stage_rewards(
+        self,
+        x0: torch.Tensor,
+        traj: Trajectory,
+        prompts: list[str],
+        indices: list[int],
+        epoch: int,
+        metrics: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The reward of the reconstructed images, back-propagated through the one generator step."""
+        images = latents_to_images(self.adapter, self.reconstruct(x0, traj.cond, indices, epoch))
+        return self.reward(images, prompts).float()
+
+
+STAGE_TRAINERS: dict[str, type[DirectRewardTrainer]] = {
+    "correction": CorrectionStageTrainer,
+    "generator": GeneratorStageTrainer,
+}
+
+
+def direct_reward_trainer(config: Config) -> DirectRewardTrainer:
+    """The trainer of ``config.online.direct_stage`` (``train.method=direct_reward``)."""
+    return STAGE_TRAINERS[config.online.direct_stage](config)

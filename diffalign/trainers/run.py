@@ -23,7 +23,7 @@ def train(config: Config) -> TrainResult:
     elif method == "soar":
         from diffalign.trainers.soar import SOARTrainer as trainer
     elif method == "direct_reward":
-        from diffalign.trainers.direct_reward import DirectRewardTrainer as trainer
+        from diffalign.trainers.direct_reward import direct_reward_trainer as trainer
     else:
         from diffalign.trainers.offline import OfflinePreferenceTrainer as trainer
     return trainer(config).train()
