@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import importlib
 import inspect
 import math
 import os
@@ -201,6 +202,8 @@ class TrainConfig:
     overwrite_output_dir: bool = False  # remove an earlier run's checkpoints and metrics.jsonl and start at step 0
     log_every: int = 1
     report_to: list[str] = field(default_factory=list)  # accelerate trackers; metrics.jsonl is always written
+    tracker_project_name: str = "diffalign"  # the trackers' project (tensorboard: its folder in output_dir)
+    run_name: str | None = None  # the run's name in wandb, trackio, mlflow, clearml, swanlab; null = output_dir's name
     max_nonfinite_steps: int = 10  # consecutive non-finite steps (loss or gradient norm) before the run stops
     # a checkpoint or export is refused when max|w| of the trained parameters exceeds this x max(max|w| at step 0, 1)
     max_weight_growth: float = 100.0
@@ -311,7 +314,6 @@ LLM_METHODS = ("preference", "grpo")
 METHODS = tuple(dict.fromkeys(DIFFUSION_METHODS + LLM_METHODS))
 ONLINE_METHODS = ("grpo", "direct_reward")
 SAMPLERS = ("sde", "cps", "dance", "ode", "ddim")  # diffalign.models.sampling.SAMPLER_KINDS
-DIFFUSION_POLICY_LOSSES = ("flow_grpo", "grpo_guard")
 DIRECT_STAGES = ("generator", "correction")
 SOAR_SDE_TYPES = ("simple", "sde", "flow_sde", "cps")  # diffalign.models.soar.SDE_TYPES
 LOSS_WEIGHTINGS = ("constant", "min_snr", "truncated_snr")
@@ -325,7 +327,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 # kept here (not imported from diffalign.models) so that reading a config never imports the model code
 BACKBONES = ("auto", "sd", "sdxl", "sd3", "causal_lm")
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
-ADVANTAGES = ("group", "batch", "none", "rloo", "mc_grpo", "bnpo", "best_of_k")  # losses.advantages.ADVANTAGE_METHODS
 POLICY_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")
 SDXL_TIME_IDS = ("constant", "from_data")
@@ -407,9 +408,7 @@ KEY_ALIASES: dict[str, tuple[str | None, str]] = {
     "use_ema": ("train.ema", ""),
     "bf16": ("train.mixed_precision=bf16", ""),
     "fp16": ("train.mixed_precision=fp16", ""),
-    "tracker_project_name": (None, "trackers log under the project name 'diffalign', the run is train.output_dir"),
-    "tracker_name": (None, "trackers log under the project name 'diffalign', the run is train.output_dir"),
-    "run_name": (None, "a run is named by its train.output_dir"),
+    "tracker_name": ("train.tracker_project_name", ""),
     "logging_dir": (None, "metrics.jsonl and the trackers' logs are written under train.output_dir"),
     "pretrained_model_name_or_path": ("model.pretrained", ""),
     "model_name_or_path": ("model.pretrained", ""),
@@ -726,6 +725,24 @@ def _registry() -> Mapping[str, Any] | None:
     return LOSSES
 
 
+def _owned_names(module: str, name: str) -> tuple[str, ...] | None:
+    """The names ``module.name`` (a registry dict or a tuple) defines, or None when the module is not importable.
+
+    Valid ``online.advantage`` / ``online.policy_loss`` values come from the modules that implement them, so a newly
+    registered one is valid here without a second list.
+    """
+    try:
+        return tuple(getattr(importlib.import_module(module), name))
+    except ImportError:
+        return None
+
+
+def _one_of_owned(c: _Checker, key: str, module: str, name: str) -> None:
+    allowed = _owned_names(module, name)
+    if allowed is not None:
+        c.one_of(key, allowed)
+
+
 def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     c = _Checker(config, origins, source)
     m, d, lo, lr, o, t = config.model, config.data, config.loss, config.lora, config.optim, config.train
@@ -812,6 +829,9 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
             close = difflib.get_close_matches(tracker, TRACKERS, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"accelerate's trackers: {', '.join(TRACKERS)}"
             c.fail("train.report_to", f"'train.report_to[{i}]' {tracker!r} is not a tracker; {hint}")
+    c.check("train.tracker_project_name", bool(t.tracker_project_name.strip()), "a non-empty name")
+    if t.run_name is not None:
+        c.check("train.run_name", bool(t.run_name.strip()), "a non-empty name or null (the output folder's name)")
     c.one_of("train.reference", REFERENCE_MODES)
     if t.reference in ("frozen_copy", "frozen_copy_offload") and lr.enabled:
         c.fail(
@@ -901,7 +921,7 @@ def _validate_online(c: _Checker) -> None:
     c.check("online.temperature", o.temperature > 0, "> 0")
     c.check("online.top_p", 0 < o.top_p <= 1, "in (0, 1]")
     c.check("online.top_k", o.top_k >= 0, ">= 0 (0 = off)")
-    c.one_of("online.advantage", ADVANTAGES)
+    _one_of_owned(c, "online.advantage", "diffalign.losses.advantages", "ADVANTAGE_METHODS")
     c.check("online.epsilon", o.epsilon >= 0, ">= 0")
     c.check("online.epsilon_high", o.epsilon_high is None or o.epsilon_high >= 0, ">= 0 or null")
     c.check("online.beta", o.beta >= 0, ">= 0")
@@ -949,8 +969,8 @@ def _validate_diffusion_online(c: _Checker) -> None:
     c.check("online.clip_range", o.clip_range > 0, "> 0 (Flow-GRPO 1e-4, GRPO-Guard 2e-6..4e-6)")
     c.check("online.adv_clip_max", o.adv_clip_max > 0, "> 0")
     c.check("online.beta", o.beta >= 0, ">= 0")
-    c.one_of("online.advantage", ADVANTAGES)
-    c.one_of("online.policy_loss", DIFFUSION_POLICY_LOSSES)
+    _one_of_owned(c, "online.advantage", "diffalign.losses.advantages", "ADVANTAGE_METHODS")
+    _one_of_owned(c, "online.policy_loss", "diffalign.losses.policy_registry", "POLICY_LOSSES")
     if o.policy_loss == "grpo_guard" and o.sampler in ("cps", "ode"):
         c.fail("online.policy_loss", f"grpo_guard needs a Gaussian step (sde, dance or ddim), not '{o.sampler}'")
     if o.sampler == "ode":

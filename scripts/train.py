@@ -41,7 +41,7 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-SUMMARY_METRICS = ("loss", "implicit_acc", "reward_margin", "reward_mean", "gold")
+SUMMARY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "reward_mean", "gold")
 
 
 def summary_line(result: TrainResult) -> str:

@@ -253,6 +253,8 @@ def test_enum_errors(minimal: Path, override: str, expected: str) -> None:
         ("train.ema_decay=1", "'train.ema_decay' must be in (0, 1), got 1.0"),
         ("optim.warmup_steps=10", "lr_scheduler 'constant' ignores warm-up"),
         ("model.pretrained=''", "'model.pretrained' is empty"),
+        ("train.tracker_project_name=' '", "'train.tracker_project_name' must be a non-empty name, got ' '"),
+        ("train.run_name=''", "'train.run_name' must be a non-empty name or null (the output folder's name), got ''"),
     ],
 )
 def test_range_errors(minimal: Path, override: str, expected: str) -> None:
@@ -522,7 +524,9 @@ def test_train_script_reports_config_errors(minimal: Path) -> None:
         ("per_device_train_batch_size=4", "did you mean 'train.train_batch_size'? (pairs per device per micro-step)"),
         ("lr_warmup_steps=10", "unknown key 'lr_warmup_steps'; did you mean 'optim.warmup_steps'?"),
         ("use_8bit_adam=true", "unknown key 'use_8bit_adam'; did you mean 'optim.optimizer=adamw_8bit'?"),
-        ("tracker_project_name=x", "'tracker_project_name' is not a setting: trackers log under the project name"),
+        ("tracker_project_name=x", "unknown key 'tracker_project_name'; did you mean 'train.tracker_project_name'?"),
+        ("run_name=x", "unknown key 'run_name'; did you mean 'train.run_name'?"),
+        ("tracker_name=x", "unknown key 'tracker_name'; did you mean 'train.tracker_project_name'?"),
         # names that exist in another section: that section, before any fuzzy match at the same level
         ("gradient_accumulation_steps=4", "did you mean 'train.gradient_accumulation_steps'?"),
         ("output_dir=out", "unknown key 'output_dir'; did you mean 'train.output_dir'?"),
@@ -541,6 +545,13 @@ def test_aliases_point_at_real_keys() -> None:
     for name, (target, note) in cfg.KEY_ALIASES.items():
         assert name not in {k.rpartition(".")[2] for k in keys} or name == "loss_type", name
         assert target is None and note or target.partition("=")[0] in keys, (name, target)
+
+
+def test_tracker_names_default_and_override(minimal: Path) -> None:
+    default = load_config(minimal).train
+    assert (default.tracker_project_name, default.run_name) == ("diffalign", None)
+    named = load_config(minimal, ("train.tracker_project_name=sd15", "train.run_name=dpo-b5000")).train
+    assert (named.tracker_project_name, named.run_name) == ("sd15", "dpo-b5000")
 
 
 @pytest.mark.parametrize("value", ["no", "No", "false", "False", "'no'", "'false'"])
@@ -577,3 +588,24 @@ def test_seed_range(minimal: Path, seed: int, ok: bool) -> None:
         assert f"'train.seed' must be in [0, 2**32) (the seed range of numpy and torch), got {seed}" in error_of(
             minimal, (f"train.seed={seed}",)
         )
+
+
+ONLINE = ("train.method=grpo", "online.reward_functions=[r]")
+
+
+def test_online_choices_are_the_names_their_modules_define(minimal: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffalign.losses import policy_registry
+    from diffalign.losses.advantages import ADVANTAGE_METHODS
+    from diffalign.models.sampling import SAMPLER_KINDS
+
+    def listed(*overrides: str) -> str:
+        return error_of(minimal, (*ONLINE, *overrides)).split(" must be one of ")[1].split("; got")[0]
+
+    advantages = ", ".join(f"'{n}'" for n in ADVANTAGE_METHODS)
+    assert listed("online.advantage=nope") == listed("model.backbone=causal_lm", "online.advantage=nope") == advantages
+    registered = ", ".join(f"'{n}'" for n in policy_registry.POLICY_LOSSES)
+    assert listed("online.policy_loss=nope") == registered == "'flow_grpo', 'grpo_guard'"
+    assert sorted(cfg.SAMPLERS) == sorted(SAMPLER_KINDS)  # a copy: `diffalign-eval --help` must not import torch
+    monkeypatch.setitem(policy_registry.POLICY_LOSSES, "my_loss", lambda step, **kw: None)  # removed afterwards
+    assert load_config(minimal, (*ONLINE, "online.policy_loss=my_loss")).online.policy_loss == "my_loss"
+    assert "'flow_grpo', 'grpo_guard', 'my_loss'" in error_of(minimal, (*ONLINE, "online.policy_loss=nope"))

@@ -1,4 +1,5 @@
-"""Every relative link in README.md and docs/**/*.md points at a file that exists (and at a heading, with #anchor)."""
+"""Every relative link in README.md, CONTRIBUTING.md and docs/**/*.md points at a file that exists (and at a
+heading, with #anchor)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
 
 
 def doc_files(root: Path = REPO) -> list[Path]:
-    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    tops = [root / "README.md", *[p for p in [root / "CONTRIBUTING.md"] if p.is_file()]]
+    return [*tops, *sorted((root / "docs").rglob("*.md"))]
 
 
 def _prose(text: str) -> str:

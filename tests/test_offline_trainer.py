@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.tracking import ClearMLTracker, MLflowTracker, WandBTracker
 from safetensors.torch import load_file
 
 from diffalign.config import Config
 from diffalign.models.tiny import save_tiny_sd_pipeline
 from diffalign.trainers.base import NonFiniteLossError
 from diffalign.trainers.checkpointing import list_checkpoints
-from diffalign.trainers.metrics import read_metrics
+from diffalign.trainers.metrics import read_metrics, run_name
 from diffalign.trainers.offline import OfflinePreferenceTrainer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,19 +64,29 @@ def test_dpo_lora_trains_logs_and_resumes_exactly(pixel_pipeline, pairs, tmp_pat
     first = records[0]
     for key in (
         "loss",
-        "implicit_acc",
-        "reward_margin",
+        "rewards/accuracies",  # TRL's names, as the LLM trainers log them
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
         "mse_policy_chosen",
         "mse_policy_rejected",
         "mse_reference_chosen",
         "mse_reference_rejected",
-        "lr",
+        "learning_rate",
         "step_time_s",
         "grad_norm",
     ):
         assert key in first, key
-    # LoRA B starts at zero: policy == reference, so the first micro-batch's loss is ln 2 exactly.
+    assert not {"implicit_acc", "reward_margin", "rewards_chosen", "rewards_rejected", "lr"} & first.keys()
+    # LoRA B starts at zero: policy == reference, so the first micro-batch's loss is ln 2 exactly, every implicit
+    # reward is 0 and every pair a tie (accuracy ½).
     assert first["mse_policy_chosen"] == pytest.approx(first["mse_reference_chosen"], abs=0)
+    assert (first["rewards/chosen"], first["rewards/rejected"], first["rewards/margins"]) == (0.0, 0.0, 0.0)
+    assert first["rewards/accuracies"] == 0.5
+    assert all(r["learning_rate"] == pytest.approx(1e-3, rel=1e-12) for r in records)  # constant schedule
+    last = records[-1]
+    assert last["rewards/margins"] == pytest.approx(last["rewards/chosen"] - last["rewards/rejected"], rel=1e-5)
+    assert last["rewards/margins"] != 0.0
     assert records[-1]["loss"] != pytest.approx(0.6931471805599453, abs=1e-7)
 
     interrupted = make_config(pixel_pipeline, pairs, tmp_path / "resumed", gradient_accumulation_steps=2, max_steps=2)
@@ -87,10 +99,24 @@ def test_dpo_lora_trains_logs_and_resumes_exactly(pixel_pipeline, pairs, tmp_pat
     assert [r["loss"] for r in read_metrics(tmp_path / "resumed")] == [r["loss"] for r in records]
 
 
-def test_first_step_loss_is_ln2_for_dpo(pixel_pipeline, pairs, tmp_path):
-    cfg = make_config(pixel_pipeline, pairs, tmp_path / "o", max_steps=1)
+@pytest.mark.filterwarnings("ignore:`log_with=:UserWarning")  # wandb is not installed: accelerate drops it
+def test_first_step_loss_is_ln2_for_dpo_and_trackers_get_the_names(pixel_pipeline, pairs, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, *a, **kw: calls.append((a, kw)))
+    cfg = make_config(pixel_pipeline, pairs, tmp_path / "o", max_steps=1, report_to=["wandb"])
+    cfg.train.tracker_project_name, cfg.train.run_name = "sd15-dpo", "beta-5000"
     train(cfg)
     assert read_metrics(tmp_path / "o")[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    [((project,), kwargs)] = calls
+    assert project == "sd15-dpo" and kwargs["config"]["train.run_name"] == "beta-5000"
+    # what accelerate builds from them (accelerate/tracking.py; constructing imports no tracker package)
+    init = kwargs["init_kwargs"]
+    wandb = WandBTracker(project, **init["wandb"])
+    assert (wandb.run_name, wandb.init_kwargs) == ("sd15-dpo", {"name": "beta-5000"})  # wandb.init(project, name)
+    mlflow = MLflowTracker(project, **init["mlflow"])
+    assert (mlflow.experiment_name, mlflow.run_name) == ("sd15-dpo", "beta-5000")
+    assert ClearMLTracker(project, **init["clearml"]).init_kwargs == {"task_name": "beta-5000"}
+    assert run_name(None, tmp_path / "o") == "o"  # train.run_name null: the output folder's name
 
 
 def test_cached_training_equals_uncached(pixel_pipeline, pairs, tmp_path):

@@ -80,7 +80,7 @@ def assert_same_training(a: Path, b: Path, *, steps: range | None = None, atol: 
         ra = [r for r in ra if r["step"] in steps]
         rb = [r for r in rb if r["step"] in steps]
     assert [r["step"] for r in ra] == [r["step"] for r in rb] and ra
-    for key in ("loss", "mse_reference_chosen", "mse_reference_rejected", "mse_policy_chosen", "implicit_acc"):
+    for key in ("loss", "mse_reference_chosen", "mse_reference_rejected", "mse_policy_chosen", "rewards/accuracies"):
         assert [r[key] for r in ra] == pytest.approx([r[key] for r in rb], abs=atol, rel=0), key
     sa, sb = final_state(a), final_state(b)
     assert sa.keys() == sb.keys()

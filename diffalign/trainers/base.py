@@ -41,7 +41,7 @@ from diffalign.trainers.batching import EpochBatches
 from diffalign.trainers.checkpointing import load_checkpoint, save_checkpoint
 from diffalign.trainers.ema import load_ema, save_ema
 from diffalign.trainers.loader import LoaderSettings, effective_workers, micro_batch_loader
-from diffalign.trainers.metrics import MetricsWriter
+from diffalign.trainers.metrics import MetricsWriter, run_name, tracker_init_kwargs
 from diffalign.trainers.optimizers import build_optimizer
 from diffalign.trainers.progress import StepProgress, count, format_summary
 from diffalign.trainers.resume import choose_start
@@ -378,7 +378,7 @@ class Trainer(ABC):
                         collected["train_state_mib"], unlogged_state = unlogged_state, []
                     last = self._reduce_metrics(collected) if collected else {}
                     last.update(
-                        lr=lr_scheduler.get_last_lr()[0],
+                        learning_rate=lr_scheduler.get_last_lr()[0],
                         step_time_s=time.perf_counter() - step_start,
                         nonfinite_steps=nonfinite_total,
                         epoch=epoch,
@@ -529,7 +529,11 @@ class Trainer(ABC):
             self.ema = EMAModel(self.trainable_parameters(), decay=tc.ema_decay)
             self.ema.to(acc.device)
         if tc.report_to and acc.is_main_process:
-            acc.init_trackers("diffalign", config=_flatten(config_to_dict(self.config)))
+            acc.init_trackers(
+                tc.tracker_project_name,
+                config=_flatten(config_to_dict(self.config)),
+                init_kwargs=tracker_init_kwargs(run_name(tc.run_name, tc.output_dir)),
+            )
         self._initial_max_abs = self._max_abs(self.trainable_parameters())  # step 0's, also when resuming
 
         global_step, nonfinite_total = 0, 0

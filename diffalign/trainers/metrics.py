@@ -17,6 +17,18 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
+# accelerate passes train.tracker_project_name as each tracker's project; the run name goes in the keyword its
+# tracker's init takes (accelerate/tracking.py). tensorboard and aim have no run name of their own (tensorboard logs to
+# train.output_dir/<project>, aim names the run after the project), comet_ml takes it only through an
+# ExperimentConfig, dvclive ignores it.
+RUN_NAME_KWARGS = {
+    "wandb": "name",  # wandb.init(project, name)
+    "trackio": "name",  # trackio.init(project, name)
+    "mlflow": "run_name",  # MLflowTracker(experiment_name, ..., run_name)
+    "clearml": "task_name",  # Task.init(project_name, task_name)
+    "swanlab": "experiment_name",  # swanlab.init(project, experiment_name)
+}
+
 
 class MetricsFileError(DiffalignError):
     """A line of ``metrics.jsonl`` other than a torn last one is not a metrics record."""
@@ -85,3 +97,14 @@ def parse_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return parse_metrics(Path(output_dir) / METRICS_FILE)
+
+
+def run_name(name: str | None, output_dir: str | os.PathLike) -> str:
+    """``train.run_name``, or the name of the output folder when it is null (TrainingArguments' default)."""
+    return name if name is not None else Path(output_dir).resolve().name
+
+
+def tracker_init_kwargs(name: str) -> dict[str, dict[str, str]]:
+    """``init_kwargs`` for ``Accelerator.init_trackers`` that give each tracker taking a run name ``name``;
+    accelerate reads only the entries of the trackers in use."""
+    return {tracker: {key: name} for tracker, key in RUN_NAME_KWARGS.items()}

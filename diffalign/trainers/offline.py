@@ -205,12 +205,12 @@ class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
                 )
             out = self.loss_fn(**logps, **self.loss_params)
         if out.logits is not None:
-            # ties count one half, so the metric reads 0.5 at initialisation (diffusers' convention)
-            metrics["implicit_acc"] = (out.logits > 0).float() + 0.5 * (out.logits == 0).float()
+            # TRL's names; ties count one half, so the accuracy reads 0.5 at initialisation (diffusers' convention)
+            metrics["rewards/accuracies"] = (out.logits > 0).float() + 0.5 * (out.logits == 0).float()
         if out.chosen_rewards is not None and out.rejected_rewards is not None:
-            metrics["rewards_chosen"] = out.chosen_rewards
-            metrics["rewards_rejected"] = out.rejected_rewards
-            metrics["reward_margin"] = out.chosen_rewards - out.rejected_rewards
+            metrics["rewards/chosen"] = out.chosen_rewards
+            metrics["rewards/rejected"] = out.rejected_rewards
+            metrics["rewards/margins"] = out.chosen_rewards - out.rejected_rewards
         for name, value in out.metrics.items():
             metrics[name] = value
         return out.losses.mean(), metrics

@@ -40,6 +40,8 @@ RESUME_SAFE_KEYS = frozenset(
         "train.checkpoints_total_limit",
         "train.log_every",
         "train.report_to",
+        "train.tracker_project_name",
+        "train.run_name",
         "train.progress_bar",
         "train.output_dir",
         "train.resume_from_checkpoint",
