@@ -9,12 +9,11 @@ them; the config takes the valid ``online.policy_loss`` values from here.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from diffalign.losses.registry import UnknownLossError
+from diffalign.losses.registry import unknown_loss
 
 if TYPE_CHECKING:
     import torch
@@ -72,13 +71,7 @@ def get_policy_loss(name: str) -> PolicyLossFn:
     try:
         return POLICY_LOSSES[name]
     except KeyError:
-        valid = sorted(POLICY_LOSSES)
-        close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.0)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownLossError(
-            f"unknown policy loss {name!r} (check online.policy_loss in your config).{hint} "
-            f"Valid names: {', '.join(valid)}."
-        ) from None
+        raise unknown_loss("policy loss", name, POLICY_LOSSES, "online.policy_loss") from None
 
 
 __all__ = ["POLICY_LOSSES", "PolicyStep", "get_policy_loss", "register_policy_loss"]

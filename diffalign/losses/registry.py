@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal, TypeVar
 
 from diffalign.errors import DiffalignError
@@ -48,14 +48,20 @@ def register(name: str, *, needs_reference: bool, kind: LossKind) -> Callable[[F
     return decorator
 
 
+def unknown_loss(what: str, name: str, registered: Iterable[str], config_key: str) -> UnknownLossError:
+    """The error for a ``what`` (``"loss"``, ``"policy loss"``) name that is not registered: the config key to check,
+    the closest registered name and all of them."""
+    valid = sorted(registered)
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.0)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return UnknownLossError(
+        f"unknown {what} {name!r} (check {config_key} in your config).{hint} Valid names: {', '.join(valid)}."
+    )
+
+
 def get_loss(name: str) -> LossFn:
     """Return the loss registered as ``name``; unknown names raise :class:`UnknownLossError` naming the closest."""
     try:
         return LOSSES[name]
     except KeyError:
-        valid = sorted(LOSSES)
-        close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.0)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownLossError(
-            f"unknown loss {name!r} (check loss.name in your config).{hint} Valid names: {', '.join(valid)}."
-        ) from None
+        raise unknown_loss("loss", name, LOSSES, "loss.name") from None

@@ -46,11 +46,8 @@ class MetricsWriter:
         self.path = Path(output_dir) / METRICS_FILE
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept: list[dict[str, Any]] = []
-            if resume_step is not None and self.path.exists():
-                kept = [r for r in parse_metrics(self.path) if r["step"] <= resume_step]
-            elif self.path.exists():
-                self.path.unlink()
+            resumed = resume_step is not None and self.path.exists()
+            kept = [r for r in parse_metrics(self.path) if r["step"] <= resume_step] if resumed else []
             if kept:
                 tmp = self.path.with_name(self.path.name + ".tmp")
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
