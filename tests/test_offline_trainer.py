@@ -18,6 +18,8 @@ from diffalign.trainers.base import NonFiniteLossError
 from diffalign.trainers.checkpointing import list_checkpoints
 from diffalign.trainers.metrics import read_metrics, run_name
 from diffalign.trainers.offline import OfflinePreferenceTrainer, train
+from diffalign.trainers.run import train as run_train
+from diffalign.trainers.sft import SFTTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,9 +136,16 @@ def test_other_methods_run(method, loss, pixel_pipeline, pairs, tmp_path):
     cfg.loss.name = loss
     cfg.loss.beta = 0.1 if loss == "mapo" else 5000.0
     cfg.data.dual_captions = method == "dcpo"
-    result = train(cfg)
+    result = run_train(cfg)
     assert result.global_step == 2
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(tmp_path / method))
+
+
+def test_pairwise_trainer_refuses_a_chosen_only_loss(pixel_pipeline, pairs, tmp_path):
+    cfg = make_config(pixel_pipeline, pairs, tmp_path / "o", method="sft")
+    cfg.loss.name = "sft"
+    with pytest.raises(ValueError, match="loss.name 'sft' scores the chosen image only.*run.train"):
+        OfflinePreferenceTrainer(cfg).build()
 
 
 def test_full_finetune_output_loads_with_from_pretrained(pixel_pipeline, pairs, tmp_path):
@@ -241,7 +250,7 @@ def test_snr_weighting_scales_each_samples_mse(method, weighting, pixel_pipeline
     cfg.data.proportion_empty_prompts = 0.0
     cfg.loss.weighting = weighting
     cfg.loss.snr_gamma = 5.0 if weighting == "min_snr" else 1.0
-    trainer = OfflinePreferenceTrainer(cfg)
+    trainer = (SFTTrainer if method == "sft" else OfflinePreferenceTrainer)(cfg)
     trainer.build()
     batch = trainer.collate([trainer.dataset[i] for i in range(4)])
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Offline preference training on fixed image pairs: Diffusion-DPO (and its IPO / hinge / robust / Poly-DPO
-variants), DCPO (each image under its own caption, for policy and reference), MaPO (reference-free) and the SFT
-baseline on winners.
+variants), DCPO (each image under its own caption, for policy and reference) and MaPO (reference-free).
+:class:`OfflineDiffusionTrainer` is what every trainer on such a table shares (the loss, the policy, the pair data,
+its features and draws); the SFT baseline on winners (:mod:`diffalign.trainers.sft`) and SOAR build on it too.
 
 Per micro-batch: winners and losers share noise and timestep (drawn from (seed, epoch, pair index)) and go through
 one denoiser forward of 2B. The reference's values of the same inputs come from ``self.reference``
@@ -27,6 +28,7 @@ from diffalign.data import (
     load_preference_table,
 )
 from diffalign.losses import get_loss
+from diffalign.models.diffusion import DiffusionAdapter
 from diffalign.models.lora import DEFAULT_TARGET_MODULES
 from diffalign.trainers.base import Trainer, TrainResult
 from diffalign.trainers.diffusion_policy import DiffusionPolicyMixin, timestep_weighted
@@ -69,22 +71,29 @@ def model_fingerprint(
 PairInputs = tuple[torch.Tensor, torch.Tensor, dict, dict, torch.Tensor, torch.Tensor]
 
 
-class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
-    """Offline preference training of a diffusion model on a table of pairs (see the module docstring); SOAR and
-    SAIL's DPO rounds train through it too."""
-
-    reference_store: ReferenceLogpStore | None = None
+class OfflineDiffusionTrainer(DiffusionPolicyMixin, Trainer):
+    """A diffusion model trained on a table of pairs: ``loss.name``'s loss and its parameters, the policy (and the
+    reference the loss needs), the pair dataset (optionally a latent cache), and each batch's features and draws.
+    Subclasses supply ``compute_loss``."""
 
     def build(self) -> None:
-        mc, dc, lc, tc = self.config.model, self.config.data, self.config.loss, self.config.train
+        self._build_loss()
+        adapter = self.build_policy(needs_reference=getattr(self.loss_fn, "needs_reference", False))
+        self._build_data(adapter)
+
+    def _build_loss(self) -> None:
+        """``self.loss_fn`` and ``self.loss_params`` (``loss.beta`` and ``loss.params``, those the loss accepts)."""
+        lc = self.config.loss
         self.loss_fn = get_loss(lc.name)
         accepted = inspect.signature(self.loss_fn).parameters
         self.loss_params = {k: v for k, v in {"beta": lc.beta, **lc.params}.items() if k in accepted}
         unknown = set(lc.params) - set(accepted)
         if unknown:
             raise ValueError(f"loss.params: {sorted(unknown)} are not parameters of loss '{lc.name}'")
-        adapter = self.build_policy(needs_reference=getattr(self.loss_fn, "needs_reference", False))
 
+    def _build_data(self, adapter: DiffusionAdapter) -> None:
+        """``self.dataset`` (the pair table; the latent cache when ``data.cache_dir`` is set) and its collate."""
+        mc, dc, tc = self.config.model, self.config.data, self.config.train
         table = load_preference_table(
             dc.path,
             split=dc.split,
@@ -128,11 +137,6 @@ class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
         vae_dtype = self.adapter.vae.dtype if self.adapter.vae is not None else torch.float32
         return self.adapter.encode_images(pixels.to(self.accelerator.device, dtype=vae_dtype)).float()
 
-    def after_prepare(self) -> None:
-        super().after_prepare()
-        if isinstance(self.reference, PrecomputedReference):
-            self._fill_reference_store()  # here: before a checkpoint is restored, the weights are the initial ones
-
     def _features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
         device = self.accelerator.device
         if self.cached:
@@ -167,6 +171,26 @@ class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
         noise = adapter.sample_noise(tuple(x0.shape[1:]), seed, epoch, indices.tolist()).to(device, dtype=x0.dtype)
         return timesteps, noise
 
+
+class OfflinePreferenceTrainer(OfflineDiffusionTrainer):
+    """Offline preference training of a diffusion model on a table of pairs (see the module docstring); SAIL's DPO
+    rounds train through it too."""
+
+    reference_store: ReferenceLogpStore | None = None
+
+    def _build_loss(self) -> None:
+        super()._build_loss()
+        if getattr(self.loss_fn, "kind", None) == "chosen_only":
+            raise ValueError(
+                f"loss.name '{self.config.loss.name}' scores the chosen image only and OfflinePreferenceTrainer trains "
+                "on pairs: start the run with diffalign.trainers.run.train, which picks train.method's trainer"
+            )
+
+    def after_prepare(self) -> None:
+        super().after_prepare()
+        if isinstance(self.reference, PrecomputedReference):
+            self._fill_reference_store()  # here: before a checkpoint is restored, the weights are the initial ones
+
     def _pair_inputs(self, batch: dict[str, Any], epoch: int) -> PairInputs:
         x0_c, x0_r, cond_c, cond_r = self._features(batch)
         timesteps, noise = self._draws(batch, epoch, x0_c)
@@ -179,15 +203,10 @@ class OfflinePreferenceTrainer(DiffusionPolicyMixin, Trainer):
     def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         adapter = self.adapter
         inputs = self._pair_inputs(batch, epoch)
-        x0_c, _, cond_c, _, noise, timesteps = inputs
+        timesteps = inputs[-1]
         metrics: dict[str, torch.Tensor] = {}
         with self.accelerator.autocast():
             weights = self.timestep_weights(timesteps)
-            if self.config.train.method == "sft":
-                logp_c = adapter.denoising_logp(x0_c, noise, timesteps, cond_c)
-                metrics["mse_policy_chosen"] = -2 * logp_c.detach()
-                out = self.loss_fn(policy_chosen_logps=timestep_weighted(logp_c, weights))
-                return out.losses.mean(), metrics
             logp_c, logp_r = adapter.pair_logps(*inputs)
             metrics["mse_policy_chosen"] = -2 * logp_c.detach()
             metrics["mse_policy_rejected"] = -2 * logp_r.detach()

@@ -7,8 +7,9 @@ from diffalign.trainers.base import TrainResult
 
 
 def train(config: Config) -> TrainResult:
-    """Train with the method of ``config.train.method``: diffusion offline methods, diffusion
-    group RL (grpo) or direct reward back-propagation (direct_reward, D²-Align), or causal-LM preference / GRPO."""
+    """Train with the method of ``config.train.method``: diffusion offline methods (pairwise, SFT, SOAR, SAIL),
+    diffusion group RL (grpo) or direct reward back-propagation (direct_reward, D²-Align), or causal-LM preference /
+    GRPO."""
     method, llm = config.train.method, config.model.backbone == "causal_lm"
     if method == "preference":
         from diffalign.trainers.llm_preference import LLMPreferenceTrainer as trainer
@@ -20,6 +21,8 @@ def train(config: Config) -> TrainResult:
         from diffalign.trainers.sail import run_sail
 
         return run_sail(config)
+    elif method == "sft":
+        from diffalign.trainers.sft import SFTTrainer as trainer
     elif method == "soar":
         from diffalign.trainers.soar import SOARTrainer as trainer
     elif method == "direct_reward":

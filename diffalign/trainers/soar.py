@@ -17,10 +17,12 @@ from diffalign.losses.soar import soar_loss
 from diffalign.models.soar import SOARSettings, soar_aux_points
 from diffalign.trainers.base import TrainResult
 from diffalign.trainers.diffusion_policy import timestep_weighted
-from diffalign.trainers.offline import OfflinePreferenceTrainer
+from diffalign.trainers.sft import SFTTrainer
 
 
-class SOARTrainer(OfflinePreferenceTrainer):
+class SOARTrainer(SFTTrainer):
+    """SFT's data, draws and main term plus the self-correction term at the auxiliary points."""
+
     def build(self) -> None:
         super().build()
         self.soar = SOARSettings(**vars(self.config.soar))
