@@ -1,16 +1,19 @@
-"""Plugins: packages that add rewards, captioners and prompt scorers by name, the way the toy world does.
+"""Plugins: packages that add rewards, captioners, prompt scorers and diffusion backbones by name, the way the toy
+world does.
 
 A plugin is a function ``register() -> None`` that calls the public registration functions
 (:func:`diffalign.rewards.register_reward`, :func:`data_tools.caption.register_captioner`,
-:func:`diffalign.eval.scoring.register_prompt_scorer`), declared in the plugin package's ``pyproject.toml``::
+:func:`diffalign.eval.scoring.register_prompt_scorer`, :func:`diffalign.models.backbones.register_backbone`),
+declared in the plugin package's ``pyproject.toml``::
 
     [project.entry-points."diffalign.plugins"]
     mine = "my_package.diffalign_plugin:register"
 
-The registries call :func:`load_plugins` lazily, the first time a name is not found (or, for prompt scorers, the
-first time they are listed); every entry point's ``register`` runs once per process. Registering in code (calling
-the registration functions directly) needs no entry point. A plugin that fails to load is skipped with a warning
-naming it, so one broken package does not take the others down.
+The registries call :func:`load_plugins` lazily, the first time a name is not found (or, for prompt scorers and
+backbones, the first time they are listed, and for backbones before a pipeline's backbone is detected); every entry
+point's ``register`` runs once per process. Registering in code (calling the registration functions directly) needs
+no entry point. A plugin that fails to load is skipped with a warning naming it, so one broken package does not
+take the others down.
 """
 
 from __future__ import annotations

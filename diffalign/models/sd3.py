@@ -16,6 +16,9 @@ Text conditioning is ``StableDiffusion3Pipeline.encode_prompt``: ``hidden_states
 concatenated on features and zero-padded to the T5 width, then concatenated on the sequence axis with the T5
 embeddings — or, without T5, with zeros of shape (N, ``max_sequence_length``, ``joint_attention_dim``) as diffusers
 uses; ``pooled_projections`` = both CLIPs' projected pooled outputs concatenated.
+
+The module also holds the backbone's build function, its registry entry (``sd3``: a pipeline with a
+``transformer``) and its public loader, :func:`load_sd3_adapter`.
 """
 
 from __future__ import annotations
@@ -28,11 +31,16 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch import Tensor
+from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
+from diffalign.models.backbones import BUILTIN_CACHE_OPTIONS, Backbone, backbone_loader, register_backbone
+from diffalign.models.components import Source, eval_modules
 from diffalign.models.diffusion import DiffusionAdapter, unwrap
 from diffalign.utils.randomness import TIMESTEP, sample_generator
 
 TIMESTEP_DENSITIES = ("logit_normal", "mode", "uniform")
+#: The subfolders an SD3 pipeline folder must have (a VAE and T5, ``text_encoder_3`` / ``tokenizer_3``, are optional).
+SUBFOLDERS = ("transformer", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
 class SD3Adapter(DiffusionAdapter):
@@ -226,3 +234,61 @@ def sd3_prompt_embeds(
         t5 = t5_encoder(ids.to(next(t5_encoder.parameters()).device))[0].to(device=device, dtype=dtype)
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
     return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+
+def build_sd3(
+    src: Source,
+    *,
+    load_t5: bool = True,
+    max_sequence_length: int = 77,
+    timestep_density: str = "logit_normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    prediction_type: str | None = None,
+) -> SD3Adapter:
+    """Load an SD3 / SD3.5 pipeline's transformer, flow-matching scheduler, CLIP-L, CLIP-G (and T5 unless
+    ``load_t5=False`` or the pipeline has none: zeros replace its embeddings, as in diffusers) and VAE.
+
+    ``prediction_type`` may only be ``None`` or ``"flow"``: SD3 always predicts the flow velocity (the argument is
+    there so that ``model.prediction_type`` reaches every backbone's loader the same way)."""
+    if prediction_type not in (None, "flow"):
+        raise ValueError(f"prediction_type={prediction_type!r} does not apply to SD3 (a flow-matching model)")
+    vae = src.vae()
+    transformer = src.diffusers(SD3Transformer2DModel, "transformer")
+    text_encoder = src.transformers(CLIPTextModelWithProjection, "text_encoder")
+    text_encoder_2 = src.transformers(CLIPTextModelWithProjection, "text_encoder_2")
+    text_encoder_3 = tokenizer_3 = None
+    if load_t5 and src.has("text_encoder_3"):
+        text_encoder_3 = src.transformers(T5EncoderModel, "text_encoder_3")
+        tokenizer_3 = src.config_only(AutoTokenizer, "tokenizer_3")
+    eval_modules(transformer, text_encoder, text_encoder_2, text_encoder_3, vae)
+    return SD3Adapter(
+        transformer,
+        src.config_only(FlowMatchEulerDiscreteScheduler, "scheduler"),
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer=src.config_only(CLIPTokenizer, "tokenizer"),
+        tokenizer_2=src.config_only(CLIPTokenizer, "tokenizer_2"),
+        tokenizer_3=tokenizer_3,
+        max_sequence_length=max_sequence_length,
+        timestep_density=timestep_density,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        mode_scale=mode_scale,
+    )
+
+
+SD3 = register_backbone(
+    Backbone(
+        name="sd3",
+        build=build_sd3,
+        required=SUBFOLDERS,
+        detect="transformer",
+        priority=20,
+        cache_options=BUILTIN_CACHE_OPTIONS,
+    )
+)
+load_sd3_adapter = backbone_loader(SD3)

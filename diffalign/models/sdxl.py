@@ -14,6 +14,10 @@ in diffusers' ``train_diffusion_dpo_sdxl.py``):
     and MaPO (the data must then use the joint pair transform, see :mod:`diffalign.data.transforms`).
 
 Refiner-style aesthetic-score ids (``[R, R, 0, 0, 6.0]``) are not supported.
+
+The module also holds the backbone's build function (SD's components, :func:`~diffalign.models.sd.sd_components`,
+plus the second encoder and tokenizer), its registry entry (``sdxl``: a pipeline with a ``text_encoder_2`` and no more
+specific backbone's component) and its public loader, :func:`load_sdxl_adapter`.
 """
 
 from __future__ import annotations
@@ -22,19 +26,26 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from diffalign.models import sd  # its names are read at call time: backbones may import this module before sd's end
+from diffalign.models.backbones import BUILTIN_CACHE_OPTIONS, Backbone, backbone_loader, register_backbone
+from diffalign.models.components import Source
 from diffalign.models.diffusion import SDAdapter, unwrap
 
 TIME_ID_CONVENTIONS = ("constant", "from_data")
+#: The subfolders an SDXL pipeline folder must have (a VAE is optional).
+SUBFOLDERS = ("unet", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
 class SDXLAdapter(SDAdapter):
     """Stable Diffusion XL: ``UNet2DConditionModel`` with ``addition_embed_type="text_time"`` + two CLIP encoders.
 
     Noising, targets (epsilon / v-prediction), SNR weights and VAE encoding are SD's (:class:`SDAdapter`); only the
-    text conditioning and the added ``time_ids`` differ.
+    text conditioning and the added ``time_ids`` differ. The keywords beyond SDXL's own (``vae``, ``text_encoder``,
+    ``tokenizer``, ``prediction_type``) are :class:`SDAdapter`'s.
     """
 
     def __init__(
@@ -42,22 +53,12 @@ class SDXLAdapter(SDAdapter):
         unet: UNet2DConditionModel,
         scheduler: DDPMScheduler,
         *,
-        vae: AutoencoderKL | None = None,
-        text_encoder: torch.nn.Module | None = None,
         text_encoder_2: torch.nn.Module | None = None,
-        tokenizer: Any | None = None,
         tokenizer_2: Any | None = None,
-        prediction_type: str | None = None,
         time_ids: str = "constant",
+        **sd_parts: Any,
     ) -> None:
-        super().__init__(
-            unet,
-            scheduler,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            prediction_type=prediction_type,
-        )
+        super().__init__(unet, scheduler, **sd_parts)
         if time_ids not in TIME_ID_CONVENTIONS:
             raise ValueError(f"time_ids={time_ids!r}: expected one of {TIME_ID_CONVENTIONS}")
         if getattr(unwrap(unet).config, "addition_embed_type", None) != "text_time":
@@ -146,3 +147,30 @@ class SDXLAdapter(SDAdapter):
             added_cond_kwargs={"text_embeds": cast(cond["text_embeds"]), "time_ids": cast(cond["time_ids"])},
             return_dict=False,
         )[0]
+
+
+def build_sdxl(src: Source, *, prediction_type: str | None = None, time_ids: str = "constant") -> SDXLAdapter:
+    """Load an SDXL pipeline's UNet, DDPM scheduler, both CLIP encoders and tokenizers (and VAE) into an
+    :class:`SDXLAdapter`; ``time_ids`` is ``"constant"`` or ``"from_data"`` (see the module docstring)."""
+    text_encoder_2 = src.transformers(CLIPTextModelWithProjection, "text_encoder_2").eval()
+    return SDXLAdapter(
+        **sd.sd_components(src),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=src.config_only(CLIPTokenizer, "tokenizer_2"),
+        prediction_type=prediction_type,
+        time_ids=time_ids,
+    )
+
+
+SDXL = register_backbone(
+    Backbone(
+        name="sdxl",
+        build=build_sdxl,
+        required=SUBFOLDERS,
+        detect="text_encoder_2",
+        priority=10,
+        options={"prediction_type": "prediction_type", "sdxl_time_ids": "time_ids"},
+        cache_options=BUILTIN_CACHE_OPTIONS,
+    )
+)
+load_sdxl_adapter = backbone_loader(SDXL)

@@ -9,9 +9,10 @@ import logging
 import diffusers
 import torch
 
+from diffalign.models.backbones import backbone_for
 from diffalign.models.diffusion import DiffusionAdapter
 from diffalign.models.loading import adapter_from_config
-from diffalign.models.lora import DEFAULT_TARGET_MODULES, add_lora, save_lora
+from diffalign.models.lora import add_lora, save_lora
 from diffalign.trainers.reference import ReferenceModel, build_reference
 from diffalign.trainers.sharding import export_denoiser, export_lora
 
@@ -53,7 +54,7 @@ class DiffusionPolicyMixin:
                 denoiser,
                 rank=self.config.lora.rank,
                 alpha=self.config.lora.alpha,
-                target_modules=tuple(self.config.lora.target_modules or DEFAULT_TARGET_MODULES),
+                target_modules=self.lora_targets(adapter),
                 init=self.config.lora.init,
             )
             for p in denoiser.parameters():
@@ -77,6 +78,10 @@ class DiffusionPolicyMixin:
         self.adapter = adapter
         self.model = denoiser
         return adapter
+
+    def lora_targets(self, adapter: DiffusionAdapter) -> tuple[str, ...]:
+        """``lora.target_modules``, or when it is null the default LoRA targets of ``adapter``'s backbone."""
+        return tuple(self.config.lora.target_modules or backbone_for(adapter).lora_targets)
 
     def after_prepare(self) -> None:
         """The adapter runs the prepared policy (e.g. DDP-wrapped: its forward is what synchronises gradients)."""

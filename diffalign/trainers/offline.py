@@ -28,8 +28,8 @@ from diffalign.data import (
     load_preference_table,
 )
 from diffalign.losses import get_loss
+from diffalign.models.backbones import backbone_for
 from diffalign.models.diffusion import DiffusionAdapter
-from diffalign.models.lora import DEFAULT_TARGET_MODULES
 from diffalign.trainers.base import Trainer, TrainResult
 from diffalign.trainers.diffusion_policy import DiffusionPolicyMixin, timestep_weighted
 from diffalign.trainers.reference import PrecomputedReference
@@ -125,7 +125,7 @@ class OfflineDiffusionTrainer(DiffusionPolicyMixin, Trainer):
                         mc.revision,
                         mc.variant,
                         mc.vae,
-                        f"{mc.backbone}:{mc.load_t5}:{mc.max_sequence_length}",
+                        backbone_for(adapter).cache_fingerprint(mc),
                     ),
                     cache_root=dc.cache_dir,
                     show_progress=self.accelerator.is_local_main_process,
@@ -258,7 +258,7 @@ class OfflinePreferenceTrainer(OfflineDiffusionTrainer):
             # LoRA: the reference is the base with adapters disabled (its weights may differ from the pretrained
             # ones for inits that rewrite them); full fine-tune: the initial weights
             "source": (
-                ["lora_disabled", lora.init, lora.rank, list(lora.target_modules or DEFAULT_TARGET_MODULES)]
+                ["lora_disabled", lora.init, lora.rank, list(self.lora_targets(self.adapter))]
                 if lora.enabled
                 else "initial"
             ),

@@ -41,8 +41,9 @@ from diffalign.data.self_pairs import best_worst_pairs, mix_with_seed, read_rows
 from diffalign.data.synthetic import write_pickapic_parquet
 from diffalign.eval.implicit_reward import implicit_dpo_rewards
 from diffalign.eval.weights import DENOISER_CLASSES, load_trained_denoiser, trained_weights_kind
+from diffalign.models.backbones import resolve_backbone
 from diffalign.models.diffusion import DiffusionAdapter
-from diffalign.models.loading import adapter_from_config, detect_backbone, resolve_pretrained
+from diffalign.models.loading import adapter_from_config, resolve_pretrained
 from diffalign.models.rollout import SamplerSettings, conditioning, rollout
 from diffalign.trainers.base import TrainResult
 
@@ -153,8 +154,7 @@ def run_sail(config: Config) -> TrainResult:
         _clear_rounds(out)
     out.mkdir(parents=True, exist_ok=True)
     base = local_folder(config.model.pretrained, config.model.revision)
-    backbone = config.model.backbone if config.model.backbone != "auto" else detect_backbone(base)
-    subfolder = "transformer" if backbone == "sd3" else "unet"
+    subfolder = resolve_backbone(config.model.backbone, base).denoiser_subfolder
     seed_rows = None
     models, result = [base], TrainResult(out, 0, 0, 0.0)
     for r in range(sc.rounds + 1):
