@@ -5,11 +5,13 @@ Usage::
     config = load_config("configs/sd15_diffusion_dpo.yaml", ["train.max_steps=10", "lora.enabled=true"])
     save_config(config, Path(config.train.output_dir) / "config.yaml")
 
-File format: one mapping per section (``model``, ``data``, ``loss``, ``lora``, ``optim``, ``train``); keys left out
-keep the dataclass defaults below. ``defaults: base.yaml`` (a path relative to the file) names one base file that
-is merged first (mappings merge key by key, everything else is replaced); bases may have bases. Overrides are
-``dotted.key=value`` strings whose value is read as YAML (``train.max_steps=10``, ``lora.enabled=false``,
-``loss.params.alpha=1.0``, ``train.report_to=[tensorboard]``, ``model.revision=null``); they beat every file.
+File format: one mapping per section: the core ones defined here (``model``, ``data``, ``loss``, ``lora``, ``optim``,
+``train``) and those of the registered methods (``online``, ``soar``, ``sail``: each defined with its method in
+:mod:`diffalign.methods`, which :data:`Config` is built from); keys left out keep the dataclass defaults.
+``defaults: base.yaml`` (a path relative to the file) names one base file that is merged first (mappings merge key
+by key, everything else is replaced); bases may have bases. Overrides are ``dotted.key=value`` strings whose value
+is read as YAML (``train.max_steps=10``, ``lora.enabled=false``, ``loss.params.alpha=1.0``,
+``train.report_to=[tensorboard]``, ``model.revision=null``); they beat every file.
 
 YAML is read with ``yaml.SafeLoader`` plus one addition: YAML 1.2 exponent floats without a dot (``1e-5``) are
 floats, not the strings PyYAML's YAML 1.1 rules make of them.
@@ -18,7 +20,9 @@ Validation (every error is a :class:`ConfigError` naming the file or override, t
 unknown keys (with the nearest valid key, or the diffalign key for a diffusers / TRL spelling: :data:`KEY_ALIASES`),
 types (ints are accepted for float fields, bools are never ints, ``null`` only for optional keys; accepted spellings:
 ``train.mixed_precision: no`` / false is ``"no"``, a ``train.report_to`` string is a one-item list, ``none`` is
-``[]``; docs/cli.md), enumerations, obvious ranges, and consistency between ``train.method`` and ``loss.name``:
+``[]``; docs/cli.md), then each field's declared rules (``Literal`` values, registry-owned choices and bounds, as
+:mod:`diffalign.config_fields` describes), then the method's own checks and the consistency between
+``train.method`` and ``loss.name``:
 
 * ``loss.name`` left out: taken from the method (dpo/dcpo -> ``dpo``, mapo -> ``mapo``, sft -> ``sft``).
 * method ``mapo`` needs loss ``mapo``; ``sft`` needs ``sft``; ``dpo``/``dcpo`` need a paired loss with a reference
@@ -36,8 +40,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import difflib
-import importlib
 import inspect
 import math
 import os
@@ -49,11 +53,12 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from diffalign.errors import DiffalignError
+from diffalign.config_fields import Checker, ConfigError, check_section, owned_names, setting
+from diffalign.methods import Method, get_method, method_names, section_classes, section_fields
 
 __all__ = [
     "Config",
@@ -62,9 +67,7 @@ __all__ = [
     "LoraSettings",
     "LossConfig",
     "ModelConfig",
-    "OnlineConfig",
-    "SAILConfig",
-    "SOARConfig",
+    "method_of",
     "OptimConfig",
     "TrainConfig",
     "build_arg_parser",
@@ -78,15 +81,33 @@ __all__ = [
 ]
 
 
+PredictionType = Literal["epsilon", "v_prediction"]
+SDXLTimeIds = Literal["constant", "from_data"]
+TimestepDensity = Literal["logit_normal", "mode", "uniform"]
+TorchDtype = Literal["float32", "bfloat16", "float16"]
+OnBadRow = Literal["error", "skip"]
+LossWeighting = Literal["constant", "min_snr", "truncated_snr"]
+Optimizer = Literal["adamw", "adamw_8bit", "adafactor"]  # built by diffalign.trainers.optimizers.build_optimizer
+# diffusers.optimization.SchedulerType minus "piecewise_constant" (it needs step_rules, which the schema lacks).
+LRScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+ReferenceMode = Literal["auto", "frozen_copy", "frozen_copy_offload", "precomputed"]
+LR_SCHEDULERS: tuple[str, ...] = typing.get_args(LRScheduler)
+OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
+REFERENCE_MODES: tuple[str, ...] = typing.get_args(ReferenceMode)
+# accelerate.utils.LoggerType values (train.report_to); "all" = every installed one
+TRACKERS = ("all", "tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab")
+
+
 @dataclass
 class ModelConfig:
     pretrained: str = ""  # diffusers folder or hub id
     revision: str | None = None
     variant: str | None = None
-    prediction_type: str | None = None  # override the scheduler's ("epsilon" | "v_prediction"); SD/SDXL only
+    prediction_type: PredictionType | None = None  # override the scheduler's ("epsilon" | "v_prediction"); SD/SDXL
     local_files_only: bool = False
-    # "auto" (from the folder / model_index.json) | "sd" | "sdxl" | "sd3" | "causal_lm" (a transformers causal LM
-    # folder or hub id: train.method preference / grpo)
+    # "auto" (from the folder / model_index.json) | a registered diffusion backbone ("sd", "sdxl", "sd3", ...;
+    # docs/backbones.md) | "causal_lm" (a transformers causal LM folder or hub id: train.method preference / grpo)
     backbone: str = "auto"
     vae: str | None = None  # a separate VAE folder / hub id (diffusers' --pretrained_vae_model_name_or_path)
     # the frozen VAE's weights in channels_last (NHWC) memory format: its convolutions ran 19-20 % faster on CPU
@@ -94,18 +115,18 @@ class ModelConfig:
     vae_channels_last: bool = True
     # SDXL added time ids: "constant" [R, R, 0, 0, R, R] (original Diffusion-DPO) | "from_data" (diffusers / MaPO:
     # jpg_0's size and the crop offset, with the joint pair transform)
-    sdxl_time_ids: str = "constant"
+    sdxl_time_ids: SDXLTimeIds = "constant"
     # SD3: T5 text encoder (false = zeros in its place, as diffusers without text_encoder_3), its token length,
     # and the training timestep density (diffusers' compute_density_for_timestep_sampling)
     load_t5: bool = True
-    max_sequence_length: int = 77
-    timestep_density: str = "logit_normal"  # "logit_normal" | "mode" | "uniform"
+    max_sequence_length: int = setting(77, ge=1)
+    timestep_density: TimestepDensity = "logit_normal"  # "logit_normal" | "mode" | "uniform"
     logit_mean: float = 0.0
-    logit_std: float = 1.0
+    logit_std: float = setting(1.0, gt=0)
     mode_scale: float = 1.29
     # causal_lm: dtype of the loaded weights ("float32" | "bfloat16" | "float16"; trained parameters stay float32
     # under LoRA) and whether the model's own code may run (never implied)
-    torch_dtype: str = "float32"
+    torch_dtype: TorchDtype = "float32"
     trust_remote_code: bool = False
 
 
@@ -114,43 +135,43 @@ class DataConfig:
     path: str = ""  # parquet file/folder or datasets hub name
     split: str = "train"
     keep_ties: bool = False
-    on_bad_row: str = "error"  # "error" | "skip"
+    on_bad_row: OnBadRow = "error"  # "error" | "skip"
     caption_column: str = "caption"
     dual_captions: bool = False  # DCPO: caption_0 / caption_1
-    resolution: int = 512
+    resolution: int = setting(512, ge=1)
     random_crop: bool = False
     hflip: bool = True
-    proportion_empty_prompts: float = 0.0
-    max_samples: int | None = None
+    proportion_empty_prompts: float = setting(0.0, ge=0, lt=1)
+    max_samples: int | None = setting(None, ge=1)
     cache_dir: str | None = None  # latent/text-embedding cache root; None = encode on the fly
     # DataLoader of the micro-batches (diffalign/trainers/loader.py): worker processes decode and collate; results
     # do not depend on the worker count. pin_memory applies on CUDA only; prefetch_factor batches ahead per worker.
-    num_workers: int = 0
+    num_workers: int = setting(0, ge=0)
     pin_memory: bool = True
     persistent_workers: bool = True
-    prefetch_factor: int = 2
+    prefetch_factor: int = setting(2, ge=1)
     # causal_lm: prompt+completion tokens kept per sequence (truncation keeps the start, as TRL 1.16)
-    max_length: int | None = 1024
+    max_length: int | None = setting(1024, ge=2)
 
 
 @dataclass
 class LossConfig:
     name: str = "dpo"  # key of diffalign.losses.LOSSES
-    beta: float = 5000.0
+    beta: float = setting(5000.0, gt=0)
     # extra keyword hyper-parameters of the loss function, e.g. {alpha: 1.0}, {use_weighting: true},
     # {f_divergence_type: js_divergence}; checked against the function's defaults
     params: dict[str, Any] = field(default_factory=dict)
     # Timestep weighting ω(t) of each sample's MSE (the ω(λ_t) of the Diffusion-DPO objective): "constant" (the
     # authors' code), "min_snr" (Hang et al., γ 5) or "truncated_snr" (Salimans & Ho, γ 1); see SDAdapter.snr_weights.
-    weighting: str = "constant"
-    snr_gamma: float = 5.0
+    weighting: LossWeighting = "constant"
+    snr_gamma: float = setting(5.0, gt=0)
 
 
 @dataclass
 class LoraSettings:
     enabled: bool = True  # False = full fine-tune
-    rank: int = 8
-    alpha: float | None = None  # None = rank
+    rank: int = setting(8, ge=1)
+    alpha: float | None = setting(None, gt=0, note="= rank")  # None = rank
     # null = the backbone's default: [to_k, to_q, to_v, to_out.0] for UNets and SD3, "all-linear" for causal LMs
     target_modules: list[str] | None = None
     init: str = "gaussian"  # peft LoraConfig.init_lora_weights
@@ -161,190 +182,94 @@ class OptimConfig:
     # "adamw" (torch) | "adamw_8bit" (bitsandbytes AdamW8bit: needs `pip install 'diffalign[8bit]'`) | "adafactor"
     # (transformers, DiffusionDPO's SDXL settings: clip_threshold 1, no relative step or parameter scaling; uses
     # lr and weight_decay only). See diffalign/trainers/optimizers.py.
-    optimizer: str = "adamw"
-    lr: float = 1e-5
+    optimizer: Optimizer = "adamw"
+    lr: float = setting(1e-5, gt=0)
     scale_lr: bool = False  # lr *= batch * grad_accum * num_processes (original Diffusion-DPO script)
-    weight_decay: float = 1e-2
-    adam_beta1: float = 0.9  # adam_* apply to adamw and adamw_8bit
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    lr_scheduler: str = "constant"  # diffusers.optimization.get_scheduler names
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    weight_decay: float = setting(1e-2, ge=0)
+    adam_beta1: float = setting(0.9, ge=0, lt=1)  # adam_* apply to adamw and adamw_8bit
+    adam_beta2: float = setting(0.999, ge=0, lt=1)
+    adam_epsilon: float = setting(1e-8, gt=0)
+    lr_scheduler: LRScheduler = "constant"  # diffusers.optimization.get_scheduler names
+    warmup_steps: int = setting(0, ge=0)
+    max_grad_norm: float = setting(1.0, gt=0)
 
 
 @dataclass
 class TrainConfig:
-    # diffusion: "dpo" | "dcpo" | "mapo" | "sft"; causal LM (model.backbone causal_lm): "preference" (offline; the
-    # loss's kind picks the data: pairs, rankings or unpaired) | "grpo" (online, see the `online` section)
+    # a registered method (docs/methods/): diffusion "dpo" | "dcpo" | "mapo" | "sft" | "soar" | "sail" | "grpo" |
+    # "direct_reward"; causal LM (model.backbone causal_lm): "preference" (offline; the loss's kind picks the data:
+    # pairs, rankings or unpaired) | "grpo" (online, see the `online` section)
     method: str = "dpo"
     output_dir: str = "outputs/run"
     seed: int = 0
-    max_steps: int = 1000  # optimizer steps
-    train_batch_size: int = 1  # pairs per device per micro-step
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    max_steps: int = setting(1000, ge=1)  # optimizer steps
+    train_batch_size: int = setting(1, ge=1)  # pairs per device per micro-step
+    gradient_accumulation_steps: int = setting(1, ge=1)
+    mixed_precision: MixedPrecision = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
     # Reference model of dpo/dcpo: "auto" (LoRA -> adapters disabled, full -> frozen copy) | "frozen_copy" (full
     # fine-tune) | "frozen_copy_offload" (full fine-tune; the copy stays in CPU memory, streamed per forward) |
     # "precomputed" (values computed once before training for each sample's fixed (noise, t) draw, stored beside the
     # latent cache: training holds only the policy; with LoRA it saves the reference forward). See
     # diffalign/trainers/reference_store.py.
-    reference: str = "auto"
+    reference: ReferenceMode = "auto"
     ema: bool = False
-    ema_decay: float = 0.9999
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
+    ema_decay: float = setting(0.9999, gt=0, lt=1)
+    checkpointing_steps: int = setting(500, ge=1)
+    checkpoints_total_limit: int | None = setting(None, ge=1)
     # "auto" (resume from the newest valid checkpoint of output_dir; refuse an earlier run that has none) | "latest"
     # (the newest valid checkpoint, else a fresh start) | a checkpoint path | None (a fresh start; an earlier run in
     # output_dir is refused). See docs/runs.md.
     resume_from_checkpoint: str | None = "auto"
     overwrite_output_dir: bool = False  # remove an earlier run's checkpoints and metrics.jsonl and start at step 0
-    log_every: int = 1
+    log_every: int = setting(1, ge=1)
     report_to: list[str] = field(default_factory=list)  # accelerate trackers; metrics.jsonl is always written
     tracker_project_name: str = "diffalign"  # the trackers' project (tensorboard: its folder in output_dir)
     run_name: str | None = None  # the run's name in wandb, trackio, mlflow, clearml, swanlab; null = output_dir's name
-    max_nonfinite_steps: int = 10  # consecutive non-finite steps (loss or gradient norm) before the run stops
+    # consecutive non-finite steps (loss or gradient norm) before the run stops
+    max_nonfinite_steps: int = setting(10, ge=1)
     # a checkpoint or export is refused when max|w| of the trained parameters exceeds this x max(max|w| at step 0, 1)
-    max_weight_growth: float = 100.0
+    max_weight_growth: float = setting(100.0, ge=1)
     progress_bar: bool = True
 
 
-@dataclass
-class OnlineConfig:
-    """Online group RL (train.method grpo). Names and defaults follow TRL 1.16's GRPOConfig where one exists."""
-
-    # "module:function" or "path/to/file.py:function", called as fn(prompts=[...], completions=[...], **columns)
-    # -> list of floats (TRL's reward-function signature); several are summed with reward_weights
-    reward_functions: list[str] = field(default_factory=list)
-    reward_weights: list[float] | None = None
-    num_generations: int = 8  # completions per prompt (a group); MC-GRPO samples one more as its pivot
-    max_new_tokens: int = 64  # TRL max_completion_length
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off: samples from the model's distribution
-    # "group" | "batch" | "none" (TRL scale_rewards) | "rloo" | "mc_grpo" | "bnpo" | "best_of_k" (RAFT)
-    advantage: str = "group"
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # null = epsilon; DAPO uses 0.28
-    beta: float = 0.0  # k3 KL to the reference (TRL default 0: no reference forward)
-    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo (TRL aggregations)
-    importance_sampling_level: str = "token"  # token | sequence (GSPO)
-    # -- diffusion (train.method grpo / direct_reward on sd, sdxl, sd3); Flow-GRPO arXiv 2505.05470 ----------------
-    # reward_functions name reward models of diffalign.rewards (clip_score, pickscore, hpsv2, aesthetic,
-    # jpeg_compressibility, toy_gold, toy_reward_model) or "module:callable" returning one; keyword arguments per name
-    reward_options: dict[str, Any] = field(default_factory=dict)
-    sampler: str = "sde"  # sde (Flow-GRPO) | cps | dance (DanceGRPO) | ode | ddim (SD/SDXL, noise_level = eta)
-    sample_steps: int = 10
-    guidance_scale: float = 4.5  # CFG in rollouts and in the training forward (1 = off)
-    noise_level: float = 0.7  # Flow-GRPO's a; DanceGRPO's / DDIM's eta
-    prompts_per_rollout: int = 8  # groups per rollout epoch, over all processes
-    sample_batch_size: int | None = None  # rollout forward batch; null = train.train_batch_size (ratio 1 needs equal)
-    same_initial_noise: bool = False  # a group shares its initial noise (flow_grpo same_latent)
-    sde_window_size: int = 0  # Flow-GRPO-Fast: SDE only on this many consecutive steps (0 = all steps)
-    sde_window_range: list[int] | None = None  # [lo, hi): where the window may start (null = [0, sample_steps // 2])
-    timestep_fraction: float = 0.99  # trained steps = int(sample_steps * fraction), the first ones (Flow-GRPO)
-    inner_epochs: int = 1  # passes over each rollout
-    clip_range: float = 1e-4  # PPO clip on the mean-over-latent log-prob ratio (LLM GRPO uses epsilon)
-    adv_clip_max: float = 5.0
-    policy_loss: str = "flow_grpo"  # flow_grpo (PPO clip) | grpo_guard (RatioNorm + 1/|dt| reweighting)
-    drop_zero_advantage: bool = True  # drop samples whose advantage is 0 (re-added to keep micro-batch counts)
-    # D2-Align reward correction (arXiv 2512.24146): ''="none" or a b_v file (correction.safetensors)
-    reward_correction: str | None = None
-    correction_omega: float = 1.5
-    # train.method direct_reward (SRPO / Direct-Align style reward back-propagation; D2-Align stages 1 and 2)
-    direct_stage: str = "generator"  # generator (train the denoiser) | correction (learn b_v, generator frozen)
-    direct_sigma_range: list[float] = field(default_factory=lambda: [0.1, 0.9])  # sigma ~ U[lo, hi] of the added noise
-
-
-@dataclass
-class SOARConfig:
-    """train.method soar (SOAR, arXiv 2604.12617); defaults = Tencent-Hunyuan/HY-SOAR's ("v4")."""
-
-    lambda_aux: float = 1.0  # weight of each auxiliary point (0 = the SFT loss exactly)
-    num_aux_points: int = 6  # M re-noised points per rollout path
-    num_sampling_steps: int = 40  # K: the off-trajectory state is one step of a K-step schedule
-    cfg_scale: float = 4.5  # CFG of that stop-gradient step (empty-prompt negative; 1 = off)
-    num_paths: int = 1  # 1 = the ODE path only; more adds stochastic paths of sde_type
-    sde_type: str = "flow_sde"  # simple | sde | flow_sde | cps
-    sde_noise: float = 0.5
-
-
-@dataclass
-class SAILConfig:
-    """train.method sail (SAIL, arXiv 2602.05380): rounds of self-generated pairs after Diffusion-DPO on
-    the seed set data.path. Paper values: 3 rounds (SD 1.5), 8 samples per prompt, alpha 0.25, 10 reward draws,
-    50-step sampling at CFG 7.5 (SD 1.5)."""
-
-    rounds: int = 3  # self-amplification rounds after round 0 (DPO on the seed pairs)
-    prompts: str = ""  # .txt or dataset of prompts for the rounds (taken in order, fresh per round while they last)
-    prompts_per_round: int = 64
-    samples_per_prompt: int = 8  # N candidates per prompt; best vs worst becomes one pair
-    self_fraction: float = 0.25  # alpha: share of self-generated pairs in a round's training mixture
-    reward_draws: int = 10  # (t, eps) draws of the implicit DPO reward, shared by a prompt's candidates
-    judge_policy: str = "current"  # current | anchor (the round-0 model)
-    judge_reference: str = "previous"  # previous (the model the policy was trained from) | base (model.pretrained)
-    sampler: str = "ddim"  # ddim (SD/SDXL; noise_level = eta) | ode (SD3)
-    sample_steps: int = 50
-    guidance_scale: float = 7.5
-    noise_level: float = 1.0
-    sample_batch_size: int = 16
-    steps_per_round: int | None = None  # optimizer steps of rounds >= 1 (null = train.max_steps)
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    online: OnlineConfig = field(default_factory=OnlineConfig)
-    soar: SOARConfig = field(default_factory=SOARConfig)
-    sail: SAILConfig = field(default_factory=SAILConfig)
-
-
-class ConfigError(DiffalignError, ValueError):
-    """An invalid config file or override; the message names the source, the dotted key and what to do."""
-
-
-DIFFUSION_METHODS = ("dpo", "dcpo", "mapo", "sft", "soar", "sail", "grpo", "direct_reward")
-LLM_METHODS = ("preference", "grpo")
-METHODS = tuple(dict.fromkeys(DIFFUSION_METHODS + LLM_METHODS))
-ONLINE_METHODS = ("grpo", "direct_reward")
-SAMPLERS = ("sde", "cps", "dance", "ode", "ddim")  # diffalign.models.sampling.SAMPLER_KINDS
-DIRECT_STAGES = ("generator", "correction")
-SOAR_SDE_TYPES = ("simple", "sde", "flow_sde", "cps")  # diffalign.models.soar.SDE_TYPES
-LOSS_WEIGHTINGS = ("constant", "min_snr", "truncated_snr")
-ON_BAD_ROW = ("error", "skip")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-# accelerate.utils.LoggerType values (train.report_to); "all" = every installed one
-TRACKERS = ("all", "tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab")
-REFERENCE_MODES = ("auto", "frozen_copy", "frozen_copy_offload", "precomputed")
-OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")  # built by diffalign.trainers.optimizers.build_optimizer
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-# kept here (not imported from diffalign.models) so that reading a config never imports the model code
-BACKBONES = ("auto", "sd", "sdxl", "sd3", "causal_lm")
-TORCH_DTYPES = ("float32", "bfloat16", "float16")
-POLICY_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
-IS_LEVELS = ("token", "sequence")
-SDXL_TIME_IDS = ("constant", "from_data")
-TIMESTEP_DENSITIES = ("logit_normal", "mode", "uniform")
-# diffusers.optimization.SchedulerType minus "piecewise_constant" (it needs step_rules, which the schema lacks).
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-METHOD_DEFAULT_LOSS = {
-    "dpo": "dpo",
-    "dcpo": "dpo",
-    "mapo": "mapo",
-    "sft": "sft",
-    "soar": "sft",
-    "sail": "dpo",
-    "preference": "trl_sigmoid",
+#: The sections every config has, then those of the registered methods (:mod:`diffalign.methods`).
+CORE_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "loss": LossConfig,
+    "lora": LoraSettings,
+    "optim": OptimConfig,
+    "train": TrainConfig,
 }
-# Used when diffalign.losses is not importable; otherwise the registry's paired losses with needs_reference.
-PAIRED_REFERENCE_LOSSES = ("dpo", "hinge", "ipo", "poly_dpo", "robust")
-_BETA_DEFAULT_OK = ("dpo", "sft")
+
+
+def _method_sections() -> dict[str, type]:
+    """The registered methods' sections, each published here under its class name (so configs pickle)."""
+    sections = section_classes()
+    for cls in sections.values():
+        if cls.__module__ == "diffalign.methods":  # a section shared by several methods, composed there
+            cls.__module__, cls.__qualname__ = __name__, cls.__name__
+            globals()[cls.__name__] = cls
+    return sections
+
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(name, cls, field(default_factory=cls)) for name, cls in {**CORE_SECTIONS, **_method_sections()}.items()],
+)
+Config.__module__ = __name__
+Config.__doc__ = (
+    "A whole training config: the core sections (model, data, loss, lora, optim, train) and one section per "
+    "registered method that has settings (online, sail, soar, ...). Build it with load_config or config_from_dict."
+)
+
+
+def method_of(config: Any) -> Method | None:
+    """The registered method ``config.train.method`` names in the family of ``config.model.backbone``, or None."""
+    family = "llm" if config.model.backbone == "causal_lm" else "diffusion"
+    return get_method(config.train.method, family)
+
 
 # ---------------------------------------------------------------------------------------------------------- YAML
 
@@ -490,6 +415,8 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        return type(typing.get_args(tp)[0]).__name__
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(arg) for arg in typing.get_args(tp))
     if origin is list:
@@ -516,9 +443,9 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Return ``value`` as type ``tp`` (int -> float widening only) or raise a ConfigError naming ``key``."""
     if tp is Any:
         return value
-    if tp is Any:
-        return value
     origin = typing.get_origin(tp)
+    if origin is Literal:  # the allowed values are checked with the section's other rules
+        return _convert(value, type(typing.get_args(tp)[0]), key, source)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
@@ -681,40 +608,14 @@ def _accept_spellings(raw: dict) -> None:
 def _finish(raw: dict, origins: Mapping[str, str], source: str) -> Config:
     _accept_spellings(raw)
     config = _build(Config, raw, "", origins, source)
-    if "loss.name" not in origins and config.train.method in METHOD_DEFAULT_LOSS:
-        config.loss.name = METHOD_DEFAULT_LOSS[config.train.method]
+    method = method_of(config)
+    if "loss.name" not in origins and method is not None and method.default_loss is not None:
+        config.loss.name = method.default_loss
     _validate(config, origins, source)
     return config
 
 
 # --------------------------------------------------------------------------------------------------- validation
-
-
-class _Checker:
-    def __init__(self, config: Config, origins: Mapping[str, str], source: str) -> None:
-        self.config, self.origins, self.source = config, origins, source
-
-    def value(self, key: str) -> Any:
-        obj: Any = self.config
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        return obj
-
-    def fail(self, key: str, message: str) -> None:
-        raise ConfigError(f"{self.origins.get(key, self.source)}: {message}")
-
-    def one_of(self, key: str, allowed: Sequence[str], *, optional: bool = False) -> None:
-        value = self.value(key)
-        if (value is None and optional) or value in allowed:
-            return
-        close = difflib.get_close_matches(str(value), list(allowed), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        listed = ", ".join(f"'{a}'" for a in allowed) + (" or null" if optional else "")
-        self.fail(key, f"'{key}' must be one of {listed}; got {value!r}{hint}")
-
-    def check(self, key: str, ok: bool, requirement: str) -> None:
-        if not ok:
-            self.fail(key, f"'{key}' must be {requirement}, got {self.value(key)!r}")
 
 
 def _registry() -> Mapping[str, Any] | None:
@@ -725,105 +626,84 @@ def _registry() -> Mapping[str, Any] | None:
     return LOSSES
 
 
-def _owned_names(module: str, name: str) -> tuple[str, ...] | None:
-    """The names ``module.name`` (a registry dict or a tuple) defines, or None when the module is not importable.
-
-    Valid ``online.advantage`` / ``online.policy_loss`` values come from the modules that implement them, so a newly
-    registered one is valid here without a second list.
-    """
-    try:
-        return tuple(getattr(importlib.import_module(module), name))
-    except ImportError:
-        return None
-
-
-def _one_of_owned(c: _Checker, key: str, module: str, name: str) -> None:
-    allowed = _owned_names(module, name)
-    if allowed is not None:
-        c.one_of(key, allowed)
+_BACKBONES_SPEC = "diffalign.models.backbones:BACKBONE_NAMES"
 
 
 def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
-    c = _Checker(config, origins, source)
-    m, d, lo, lr, o, t = config.model, config.data, config.loss, config.lora, config.optim, config.train
-
-    if not m.pretrained:
+    c = Checker(config, origins, source)
+    if not config.model.pretrained:
         c.fail("model.pretrained", "'model.pretrained' is empty; set it to a diffusers folder or hub id")
-    c.one_of("model.prediction_type", PREDICTION_TYPES, optional=True)
-    c.one_of("model.backbone", BACKBONES)
-    c.one_of("model.sdxl_time_ids", SDXL_TIME_IDS)
-    c.one_of("model.timestep_density", TIMESTEP_DENSITIES)
-    c.check("model.max_sequence_length", m.max_sequence_length >= 1, ">= 1")
-    c.check("model.logit_std", m.logit_std > 0, "> 0")
-    c.one_of("model.torch_dtype", TORCH_DTYPES)
+    if config.model.backbone not in ("auto", "causal_lm"):  # else no need to import the adapters to know
+        backbones = owned_names(_BACKBONES_SPEC)  # the registered diffusion backbones (diffalign.models.backbones)
+        if backbones is not None:
+            c.one_of("model.backbone", ("auto", *backbones, "causal_lm"))
+    method = _validate_method(c)
+    _validate_data(c)
+    _validate_train(c, method)
+    for name in CORE_SECTIONS:
+        check_section(c, name, getattr(config, name))
+    for name in method.sections:
+        check_section(c, name, getattr(config, name), fields=section_fields(method, name))
+    if method.validate is not None:
+        method.validate(c)
+    if method.default_loss is not None:
+        _validate_method_and_loss(c, method)
+
+
+def _validate_method(c: Checker) -> Method:
+    """The registered method of ``train.method`` in the backbone's family, or the error naming the valid ones."""
+    m, t = c.config.model, c.config.train
     llm = m.backbone == "causal_lm"
-    if t.method in METHODS and t.method not in (LLM_METHODS if llm else DIFFUSION_METHODS):
+    family = "llm" if llm else "diffusion"
+    if t.method in method_names() and t.method not in method_names(family):
         key = "train.method" if "train.method" in c.origins or not llm else "model.backbone"
         c.fail(
             key,
             f"train.method '{t.method}' and model.backbone '{m.backbone}' do not go together: causal LMs "
-            f"(model.backbone=causal_lm) train with {' / '.join(LLM_METHODS)}, diffusion models with "
-            f"{' / '.join(DIFFUSION_METHODS)}",
+            f"(model.backbone=causal_lm) train with {' / '.join(method_names('llm'))}, diffusion models with "
+            f"{' / '.join(method_names('diffusion'))}",
         )
+    c.one_of("train.method", method_names())
+    method = get_method(t.method, family)
+    assert method is not None
+    return method
 
+
+def _validate_data(c: Checker) -> None:
+    d = c.config.data
     if not d.path:
         c.fail("data.path", "'data.path' is empty; set it to a parquet file/folder or a datasets hub name")
     c.check("data.split", bool(d.split), "a non-empty split name")
     c.check("data.caption_column", bool(d.caption_column), "a non-empty column name")
-    c.one_of("data.on_bad_row", ON_BAD_ROW)
-    c.check("data.resolution", d.resolution >= 1, ">= 1")
-    c.check("data.proportion_empty_prompts", 0.0 <= d.proportion_empty_prompts < 1.0, "in [0, 1)")
-    c.check("data.max_samples", d.max_samples is None or d.max_samples >= 1, ">= 1 or null")
-    c.check("data.num_workers", d.num_workers >= 0, ">= 0")
-    c.check("data.prefetch_factor", d.prefetch_factor >= 1, ">= 1")
-    c.check("data.max_length", d.max_length is None or d.max_length >= 2, ">= 2 or null")
     if d.random_crop and d.cache_dir is not None:
         c.fail(
             "data.random_crop",
             "random_crop is not supported with the cache; set data.random_crop=false or data.cache_dir=null",
         )
 
-    c.check("loss.beta", lo.beta > 0, "> 0")
-    c.check("loss.snr_gamma", lo.snr_gamma > 0, "> 0")
-    c.check("loss.weighting", lo.weighting in LOSS_WEIGHTINGS, f"one of {LOSS_WEIGHTINGS}")
-    c.check("lora.rank", lr.rank >= 1, ">= 1")
-    c.check("lora.alpha", lr.alpha is None or lr.alpha > 0, "> 0 or null (= rank)")
+
+def _validate_train(c: Checker, method: Method) -> None:
+    lr, o, t = c.config.lora, c.config.optim, c.config.train
     c.check(
         "lora.target_modules",
         lr.target_modules is None or bool(lr.target_modules) or not lr.enabled,
         "a non-empty list, or null for the backbone's default",
     )
     c.check("lora.init", bool(lr.init), "a non-empty peft init_lora_weights name")
-
-    c.one_of("optim.optimizer", OPTIMIZERS)
-    c.check("optim.lr", o.lr > 0, "> 0")
-    c.check("optim.weight_decay", o.weight_decay >= 0, ">= 0")
-    c.check("optim.adam_beta1", 0 <= o.adam_beta1 < 1, "in [0, 1)")
-    c.check("optim.adam_beta2", 0 <= o.adam_beta2 < 1, "in [0, 1)")
-    c.check("optim.adam_epsilon", o.adam_epsilon > 0, "> 0")
-    c.one_of("optim.lr_scheduler", LR_SCHEDULERS)
-    c.check("optim.warmup_steps", o.warmup_steps >= 0, ">= 0")
     if o.lr_scheduler == "constant" and o.warmup_steps > 0:
         c.fail(
             "optim.warmup_steps",
             f"'optim.warmup_steps' is {o.warmup_steps} but lr_scheduler 'constant' ignores warm-up; "
             "use optim.lr_scheduler=constant_with_warmup or optim.warmup_steps=0",
         )
-    c.check("optim.max_grad_norm", o.max_grad_norm > 0, "> 0")
-
-    c.one_of("train.method", METHODS)
     c.check("train.output_dir", bool(t.output_dir), "a non-empty path")
     c.check("train.seed", 0 <= t.seed < 2**32, "in [0, 2**32) (the seed range of numpy and torch)")
-    c.check("train.max_steps", t.max_steps >= 1, ">= 1")
-    c.check("train.train_batch_size", t.train_batch_size >= 1, ">= 1")
-    c.check("train.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, ">= 1")
     if t.mixed_precision in ("fp32", "float32", "full"):
         c.fail(
             "train.mixed_precision",
             f"'train.mixed_precision' must be one of 'no', 'fp16', 'bf16'; got '{t.mixed_precision}': full "
             "precision is 'no'",
         )
-    c.one_of("train.mixed_precision", MIXED_PRECISION)
     for i, tracker in enumerate(t.report_to):
         if tracker not in TRACKERS:
             close = difflib.get_close_matches(tracker, TRACKERS, n=1)
@@ -832,7 +712,6 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
     c.check("train.tracker_project_name", bool(t.tracker_project_name.strip()), "a non-empty name")
     if t.run_name is not None:
         c.check("train.run_name", bool(t.run_name.strip()), "a non-empty name or null (the output folder's name)")
-    c.one_of("train.reference", REFERENCE_MODES)
     if t.reference in ("frozen_copy", "frozen_copy_offload") and lr.enabled:
         c.fail(
             "train.reference",
@@ -840,25 +719,12 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
             "is the same network with its adapters disabled and costs no memory: use 'auto' (or 'precomputed' to "
             "also skip the reference forward)",
         )
-    if t.reference == "precomputed" and t.method == "grpo":
-        c.fail(
-            "train.reference",
-            "train.reference 'precomputed' stores values of a fixed data set, but GRPO evaluates its KL reference on "
-            "fresh rollouts; use train.reference=auto (or frozen_copy_offload under full fine-tuning)",
-        )
-    if t.reference != "auto" and t.method in ("mapo", "sft", "soar"):
+    if t.reference != "auto" and not method.uses_reference:
         c.fail(
             "train.reference",
             f"train.reference '{t.reference}' has no effect: train.method '{t.method}' uses no reference model; "
             "leave train.reference=auto",
         )
-    c.check("train.ema_decay", 0 < t.ema_decay < 1, "in (0, 1)")
-    c.check("train.checkpointing_steps", t.checkpointing_steps >= 1, ">= 1")
-    c.check(
-        "train.checkpoints_total_limit",
-        t.checkpoints_total_limit is None or t.checkpoints_total_limit >= 1,
-        ">= 1 or null",
-    )
     c.check("train.resume_from_checkpoint", t.resume_from_checkpoint != "", "'auto', 'latest', a path or null")
     if t.overwrite_output_dir and t.resume_from_checkpoint not in ("auto", None):
         c.fail(
@@ -867,216 +733,66 @@ def _validate(config: Config, origins: Mapping[str, str], source: str) -> None:
             f"'{t.resume_from_checkpoint}' resumes; set train.resume_from_checkpoint=auto to start afresh, or "
             "train.overwrite_output_dir=false to resume",
         )
-    c.check("train.max_weight_growth", t.max_weight_growth >= 1, ">= 1")
-    c.check("train.log_every", t.log_every >= 1, ">= 1")
-    c.check("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, ">= 1")
-
-    if t.method == "soar":
-        _validate_soar(c)
-    if t.method == "sail":
-        _validate_sail(c)
-    if t.method in ONLINE_METHODS and not llm:
-        _validate_diffusion_online(c)
-    elif t.method == "grpo":
-        _validate_online(c)
-    else:
-        _validate_method_and_loss(c)
 
 
-_PAIR_INPUTS = {
-    "policy_chosen_logps",
-    "policy_rejected_logps",
-    "reference_chosen_logps",
-    "reference_rejected_logps",
-    "beta",
-}
+#: Losses whose ``loss.beta`` default means something to the diffusion methods (Diffusion-DPO's 5000; SFT has none).
+_BETA_DEFAULT_OK = ("dpo", "sft")
 
 
-def _takes_only_pair_logps(fn: Any) -> bool:
-    """Whether the diffusion trainer can call ``fn``: every required tensor argument is one of the (B,)
-    log-likelihoods (scalar hyper-parameters come from ``loss.params``); LLM losses that need token tensors or
-    extra per-pair data are left out."""
-    required_tensors = {
-        name
-        for name, p in inspect.signature(fn).parameters.items()
-        if p.default is inspect.Parameter.empty and "Tensor" in str(p.annotation)
-    }
-    return required_tensors <= _PAIR_INPUTS
-
-
-def _validate_online(c: _Checker) -> None:
-    o = c.config.online
-    for key in ("loss.name", "loss.beta"):  # a saved config repeats the defaults: only a changed value is an error
-        if key in c.origins and c.value(key) != getattr(LossConfig, key.split(".")[1]):
-            c.fail(key, f"train.method 'grpo' takes its objective from the 'online' section; remove '{key}'")
-    c.check("online.reward_functions", bool(o.reward_functions), "at least one 'module:function' reward")
-    if o.reward_weights is not None and len(o.reward_weights) != len(o.reward_functions):
-        c.fail(
-            "online.reward_weights",
-            f"{len(o.reward_weights)} weights for {len(o.reward_functions)} reward functions; give one per function "
-            "or null (all 1)",
-        )
-    c.check("online.num_generations", o.num_generations >= 2, ">= 2 (advantages compare completions of a prompt)")
-    c.check("online.max_new_tokens", o.max_new_tokens >= 1, ">= 1")
-    c.check("online.temperature", o.temperature > 0, "> 0")
-    c.check("online.top_p", 0 < o.top_p <= 1, "in (0, 1]")
-    c.check("online.top_k", o.top_k >= 0, ">= 0 (0 = off)")
-    _one_of_owned(c, "online.advantage", "diffalign.losses.advantages", "ADVANTAGE_METHODS")
-    c.check("online.epsilon", o.epsilon >= 0, ">= 0")
-    c.check("online.epsilon_high", o.epsilon_high is None or o.epsilon_high >= 0, ">= 0 or null")
-    c.check("online.beta", o.beta >= 0, ">= 0")
-    c.one_of("online.loss_type", POLICY_AGGREGATIONS)
-    c.one_of("online.importance_sampling_level", IS_LEVELS)
-
-
-def _validate_diffusion_online(c: _Checker) -> None:
-    o, t = c.config.online, c.config.train
-    for key in ("loss.name", "loss.beta"):
-        if key in c.origins and c.value(key) != getattr(LossConfig, key.split(".")[1]):
-            c.fail(key, f"train.method '{t.method}' takes its objective from the 'online' section; remove '{key}'")
-    c.check("online.reward_functions", len(o.reward_functions) >= 1, "at least one reward model name")
-    if o.reward_weights is not None and len(o.reward_weights) != len(o.reward_functions):
-        c.fail("online.reward_weights", f"{len(o.reward_weights)} weights for {len(o.reward_functions)} rewards")
-    unknown = set(o.reward_options) - set(o.reward_functions)
-    if unknown:
-        c.fail("online.reward_options", f"options for {sorted(unknown)}, which are not in online.reward_functions")
-    c.one_of("online.sampler", SAMPLERS)
-    c.check("online.sample_steps", o.sample_steps >= 1, ">= 1")
-    c.check("online.guidance_scale", o.guidance_scale >= 0, ">= 0 (1 = no guidance)")
-    c.check("online.noise_level", o.noise_level >= 0, ">= 0")
-    c.check("online.correction_omega", o.correction_omega > 0, "> 0 (the paper uses 1.5)")
-    lo, hi = (o.direct_sigma_range + [None, None])[:2] if len(o.direct_sigma_range) == 2 else (None, None)
-    c.check("online.direct_sigma_range", lo is not None and 0 < lo <= hi < 1, "[lo, hi] with 0 < lo <= hi < 1")
-    if t.method == "direct_reward":
-        c.one_of("online.direct_stage", DIRECT_STAGES)
-        if o.direct_stage == "correction" and o.reward_correction:
-            c.fail("online.reward_correction", "stage 'correction' learns b_v; leave online.reward_correction empty")
-        return
-    c.check("online.num_generations", o.num_generations >= 2, ">= 2 (advantages compare images of a prompt)")
-    c.check("online.prompts_per_rollout", o.prompts_per_rollout >= 1, ">= 1")
-    c.check("online.sample_batch_size", o.sample_batch_size is None or o.sample_batch_size >= 1, ">= 1 or null")
-    c.check("online.sde_window_size", 0 <= o.sde_window_size <= o.sample_steps, "in [0, sample_steps]")
-    if o.sde_window_range is not None:
-        ok = len(o.sde_window_range) == 2 and 0 <= o.sde_window_range[0] < o.sde_window_range[1] <= o.sample_steps
-        c.check("online.sde_window_range", ok, "[lo, hi) with 0 <= lo < hi <= sample_steps")
-    c.check("online.timestep_fraction", 0 < o.timestep_fraction <= 1, "in (0, 1]")
-    c.check(
-        "online.timestep_fraction",
-        int(o.sample_steps * o.timestep_fraction) >= 1 or o.sde_window_size > 0,
-        f"large enough to train at least one of the {o.sample_steps} steps",
-    )
-    c.check("online.inner_epochs", o.inner_epochs >= 1, ">= 1")
-    c.check("online.clip_range", o.clip_range > 0, "> 0 (Flow-GRPO 1e-4, GRPO-Guard 2e-6..4e-6)")
-    c.check("online.adv_clip_max", o.adv_clip_max > 0, "> 0")
-    c.check("online.beta", o.beta >= 0, ">= 0")
-    _one_of_owned(c, "online.advantage", "diffalign.losses.advantages", "ADVANTAGE_METHODS")
-    _one_of_owned(c, "online.policy_loss", "diffalign.losses.policy_registry", "POLICY_LOSSES")
-    if o.policy_loss == "grpo_guard" and o.sampler in ("cps", "ode"):
-        c.fail("online.policy_loss", f"grpo_guard needs a Gaussian step (sde, dance or ddim), not '{o.sampler}'")
-    if o.sampler == "ode":
-        c.fail("online.sampler", "rollouts need a stochastic sampler (sde, cps, dance or ddim); 'ode' has no ratio")
-
-
-def _validate_soar(c: _Checker) -> None:
-    s = c.config.soar
-    c.check("soar.lambda_aux", s.lambda_aux >= 0, ">= 0 (0 = the SFT loss)")
-    c.check("soar.num_aux_points", s.num_aux_points >= 1, ">= 1")
-    c.check("soar.num_sampling_steps", s.num_sampling_steps >= 1, ">= 1")
-    c.check("soar.cfg_scale", s.cfg_scale >= 0, ">= 0 (1 = no guidance)")
-    c.check("soar.num_paths", s.num_paths >= 1, ">= 1 (1 = the ODE path only)")
-    c.one_of("soar.sde_type", SOAR_SDE_TYPES)
-    c.check("soar.sde_noise", s.sde_noise >= 0, ">= 0")
-
-
-def _validate_sail(c: _Checker) -> None:
-    s = c.config.sail
-    c.check("sail.rounds", s.rounds >= 0, ">= 0 (0 = Diffusion-DPO on the seed set only)")
-    c.check("sail.prompts", bool(s.prompts) or s.rounds == 0, "a prompt file or dataset for the rounds")
-    c.check("sail.prompts_per_round", s.prompts_per_round >= 1, ">= 1")
-    c.check("sail.samples_per_prompt", s.samples_per_prompt >= 2, ">= 2 (best against worst)")
-    c.check("sail.self_fraction", 0 <= s.self_fraction < 1, "in [0, 1) (the paper: 0.25)")
-    c.check("sail.reward_draws", s.reward_draws >= 1, ">= 1 (the paper: 10)")
-    c.one_of("sail.judge_policy", ("current", "anchor"))
-    c.one_of("sail.judge_reference", ("previous", "base"))
-    c.one_of("sail.sampler", ("ddim", "ode"))
-    c.check("sail.sample_steps", s.sample_steps >= 1, ">= 1")
-    c.check("sail.sample_batch_size", s.sample_batch_size >= 1, ">= 1")
-    c.check("sail.steps_per_round", s.steps_per_round is None or s.steps_per_round >= 1, ">= 1 or null")
-
-
-def _llm_allowed_losses(registry: Mapping[str, Any] | None) -> tuple[str, ...]:
-    if registry is None:
-        return ("trl_sigmoid",)
-    return tuple(sorted(n for n, fn in registry.items() if getattr(fn, "kind", None) != "chosen_only" or n == "sft"))
-
-
-def _validate_method_and_loss(c: _Checker) -> None:
+def _validate_method_and_loss(c: Checker, method: Method) -> None:
+    """``loss.name`` is one the method trains (its ``losses`` from the registry, else its default), with an explicit
+    ``loss.beta`` where the default would apply silently, and ``loss.params`` its hyper-parameters."""
     config = c.config
-    method, loss = config.train.method, config.loss
+    loss = config.loss
     registry = _registry()
     if registry is not None and loss.name not in registry:
         c.one_of("loss.name", sorted(registry))
-    if method == "preference":
-        allowed = _llm_allowed_losses(registry)
-    elif method in ("dpo", "dcpo", "sail"):
-        allowed = PAIRED_REFERENCE_LOSSES
-        if registry is not None:
-            allowed = tuple(
-                sorted(
-                    name
-                    for name, fn in registry.items()
-                    if getattr(fn, "needs_reference", False)
-                    and getattr(fn, "kind", None) == "paired"
-                    and _takes_only_pair_logps(fn)
-                )
-            )
+    if registry is None:  # schema-only checks: the loss registry is not importable
+        allowed: Sequence[str] = (loss.name,)
+    elif method.losses is not None:
+        allowed = method.losses(registry)
     else:
-        allowed = (METHOD_DEFAULT_LOSS[method],)
+        allowed = (method.default_loss,)
     if loss.name not in allowed:
         key = "loss.name" if "loss.name" in c.origins else "train.method"
         listed = ", ".join(f"'{a}'" for a in allowed)
-        c.fail(key, f"train.method '{method}' needs loss.name in {listed}, got '{loss.name}' (or leave loss.name out)")
+        c.fail(
+            key, f"train.method '{method.name}' needs loss.name in {listed}, got '{loss.name}' (or leave loss.name out)"
+        )
     fn = registry.get(loss.name) if registry is not None else None
     takes_beta = fn is None or "beta" in inspect.signature(fn).parameters
-    if method == "preference" and takes_beta and "loss.beta" not in c.origins:
+    default_beta = LossConfig.beta
+    if method.family == "llm" and takes_beta and "loss.beta" not in c.origins:
         c.fail(
             "loss.name",
             f"loss '{loss.name}' needs an explicit 'loss.beta' (TRL's DPO default is 0.1); the default "
-            f"{LossConfig.beta} is Diffusion-DPO's",
+            f"{default_beta} is Diffusion-DPO's",
         )
-    elif method != "preference" and loss.name not in _BETA_DEFAULT_OK and "loss.beta" not in c.origins:
+    elif method.family != "llm" and loss.name not in _BETA_DEFAULT_OK and "loss.beta" not in c.origins:
         hint = " (MaPO's authors use 0.1)" if loss.name == "mapo" else ""
         c.fail(
             "loss.name",
-            f"loss '{loss.name}' needs an explicit 'loss.beta'{hint}; the default {LossConfig.beta} is "
+            f"loss '{loss.name}' needs an explicit 'loss.beta'{hint}; the default {default_beta} is "
             "Diffusion-DPO's and would apply silently",
         )
-    if registry is not None and loss.name in registry:
-        _validate_loss_params(c, registry[loss.name])
-    if method == "dcpo" and not config.data.dual_captions:
-        c.fail(
-            "data.dual_captions",
-            "train.method 'dcpo' conditions each image on its own caption: set data.dual_captions=true and give "
-            "the data caption_0/caption_1 columns",
-        )
+    if fn is not None:
+        _validate_loss_params(c, fn)
 
 
 def _loss_hyperparameters(fn: Any) -> dict[str, bool]:
-    """Keyword hyper-parameters of a loss function -> whether each is required.
+    """Keyword hyper-parameters of a loss function -> whether each is required: every argument but its tensor
+    inputs (:func:`diffalign.losses.registry.tensor_inputs`), ``beta`` (it has its own key) and ``**kwargs``."""
+    from diffalign.losses.registry import tensor_inputs
 
-    Tensor inputs (annotation mentions ``Tensor`` and no scalar type, e.g. ``policy_chosen_logps``,
-    ``chosen_lengths``) and ``beta`` (it has its own key) are not hyper-parameters.
-    """
-    out = {}
-    for name, p in inspect.signature(fn).parameters.items():
-        note = "" if p.annotation is inspect.Parameter.empty else str(p.annotation)
-        tensor_only = "Tensor" in note and not re.search(r"\b(float|int|bool)\b", note)
-        if name != "beta" and not tensor_only and p.kind is not inspect.Parameter.VAR_KEYWORD:
-            out[name] = p.default is inspect.Parameter.empty
-    return out
+    tensors = tensor_inputs(fn)
+    return {
+        name: p.default is inspect.Parameter.empty
+        for name, p in inspect.signature(fn).parameters.items()
+        if name != "beta" and name not in tensors and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
 
 
-def _validate_loss_params(c: _Checker, fn: Any) -> None:
+def _validate_loss_params(c: Checker, fn: Any) -> None:
     """``loss.params`` must name the loss function's hyper-parameters and give the required ones."""
     hyper = _loss_hyperparameters(fn)
     name = c.config.loss.name
@@ -1095,7 +811,7 @@ def _validate_loss_params(c: _Checker, fn: Any) -> None:
             c.fail("loss.name", f"loss '{name}' needs 'loss.params.{param}' (e.g. loss.params.{param}=1.0)")
 
 
-def _check_param_type(c: _Checker, key: str, value: Any, fn: Any, param: str) -> None:
+def _check_param_type(c: Checker, key: str, value: Any, fn: Any, param: str) -> None:
     """A value of the kind the parameter's default has (bool, number, string); no check for ``None`` defaults."""
     default = inspect.signature(fn).parameters[param].default
     if default is inspect.Parameter.empty or default is None:
@@ -1120,9 +836,17 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return asdict(config)
 
 
-def config_to_yaml(config: Config) -> str:
-    """The config as YAML text that :func:`load_config` reads back to an equal Config."""
-    return yaml.dump(config_to_dict(config), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+def config_to_yaml(config: Config, *, only_read: bool = False) -> str:
+    """The config as YAML text that :func:`load_config` reads back to an equal Config; ``only_read``: only the
+    sections (and, of a shared section, the keys) that ``train.method`` reads (what ``--print-config`` shows)."""
+    data = config_to_dict(config)
+    method = method_of(config) if only_read else None
+    if method is not None:
+        data = {name: values for name, values in data.items() if method.reads(name)}
+        for name in method.sections:
+            keep = section_fields(method, name)
+            data[name] = {k: v for k, v in data[name].items() if keep is None or k in keep}
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def save_config(config: Config, path: str | Path) -> Path:
@@ -1162,7 +886,11 @@ def build_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "errors: one 'error: <message>' line and exit status 2; --debug shows the traceback (docs/cli.md)",
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="YAML config file")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML (the sections train.method reads) and exit",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, applied after the file")
     return parser
 
@@ -1174,7 +902,7 @@ def parse_cli(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser
     args = parser.parse_intermixed_args(None if argv is None else list(argv))
     config = load_config(args.config, args.overrides)
     if args.print_config:
-        sys.stdout.write(config_to_yaml(config))
+        sys.stdout.write(config_to_yaml(config, only_read=True))
         sys.stdout.flush()
         raise SystemExit(0)
     from diffalign.utils.imports import check_config_dependencies

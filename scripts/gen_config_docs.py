@@ -21,6 +21,7 @@ import re
 import sys
 import textwrap
 import tokenize
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -77,17 +78,65 @@ def _leading_comments(lines: list[str], comments: dict[int, str], lineno: int) -
     return block[::-1]
 
 
+def _own_source(cls: type) -> bool:
+    """Whether ``cls`` has a class statement of its own (a section composed with ``make_dataclass`` has none)."""
+    try:
+        _class_node(cls)
+    except (OSError, TypeError):
+        return False
+    return True
+
+
+def _parts(cls: type) -> list[type]:
+    """The dataclasses whose class statements define the fields of ``cls``: itself, or for a composed section the
+    settings classes it was made of, base classes first."""
+    if _own_source(cls):
+        return [cls]
+    return [c for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c) and c is not cls and _own_source(c)]
+
+
 def class_docstring(cls: type) -> str:
-    """The class's own docstring (dataclasses invent one from the signature when there is none)."""
+    """The class's own docstring (dataclasses invent one from the signature when there is none); a composed
+    section's is its own ``__doc__``."""
+    if not _own_source(cls):
+        return cls.__doc__ or ""
     node, _ = _class_node(cls)
     return ast.get_docstring(node) or ""
 
 
+def _type_text(annotation: str, hint: Any) -> str:
+    """The annotation as written, or for a ``Literal`` alias its values (``"a" | "b"``)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not any(typing.get_origin(a) is typing.Literal for a in args):
+        return annotation
+    texts = [
+        " | ".join(f'"{v}"' for v in typing.get_args(a)) if typing.get_origin(a) is typing.Literal else "None"
+        for a in args
+    ]
+    return " | ".join(texts)
+
+
 def field_docs(cls: type) -> list[FieldDoc]:
-    """Every field of dataclass ``cls`` in definition order, with its comments from the source."""
-    node, lines = _class_node(cls)
+    """Every field of dataclass ``cls`` in definition order, with its comments from the source; the fields of a
+    composed section are grouped by the settings class that defines them (its docstring's first sentence)."""
+    parts = _parts(cls)
+    if len(parts) == 1:
+        return _own_field_docs(parts[0], cls)
+    docs: dict[str, FieldDoc] = {}
+    for part in parts:
+        title = class_docstring(part).split("\n\n")[0].replace("\n", " ").strip().rstrip(".")
+        for fd in _own_field_docs(part, cls):
+            docs[fd.name] = dataclasses.replace(fd, group=title)
+    return [docs[f.name] for f in dataclasses.fields(cls)]
+
+
+def _own_field_docs(part: type, cls: type) -> list[FieldDoc]:
+    """The fields that the class statement of ``part`` defines, with defaults and types as ``cls`` has them."""
+    node, lines = _class_node(part)
+    hints = typing.get_type_hints(cls)
+    cls_fields = {f.name: f for f in dataclasses.fields(cls)}
     comments = _comments("\n".join(lines) + "\n")
-    defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
+    defaults = {name: _default(f) for name, f in cls_fields.items()}
     docs: list[FieldDoc] = []
     group = ""
     for stmt in node.body:
@@ -102,7 +151,7 @@ def field_docs(cls: type) -> list[FieldDoc]:
             else:
                 above.append(text)
         inline = [comments[n] for n in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1) if n in comments]
-        annotation = ast.get_source_segment("\n".join(lines), stmt.annotation) or ""
+        annotation = _type_text(ast.get_source_segment("\n".join(lines), stmt.annotation) or "", hints[name])
         docs.append(FieldDoc(name, annotation, defaults[name], " ".join(above + inline), group))
     return docs
 
@@ -191,10 +240,23 @@ def section_markdown(section: str, cls: type) -> str:
         if fd.group != group:
             group = fd.group
             parts.append(f"| **{_cell(clean_text(group))}** | | | |")
-        parts.append(
-            f"| `{section}.{fd.name}` | `{_cell(fd.type)}` | `{_cell(fd.default)}` | {_cell(clean_text(fd.text))} |"
-        )
+        text, rule = clean_text(fd.text), _rule(cls, fd.name)
+        if rule:
+            text = f"{text}{'' if not text or text.endswith('.') else '.'} {rule}".strip()
+        parts.append(f"| `{section}.{fd.name}` | `{_cell(fd.type)}` | `{_cell(fd.default)}` | {_cell(text)} |")
     return "\n".join(parts)
+
+
+def _rule(cls: type, name: str) -> str:
+    """``Must be >= 1.`` for a field declared with bounds (:func:`diffalign.config_fields.setting`)."""
+    from diffalign.config_fields import LIMIT
+
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    limit = field.metadata.get(LIMIT)
+    if limit is None:
+        return ""
+    optional = type(None) in typing.get_args(typing.get_type_hints(cls)[name])
+    return f"Must be {limit.requirement(optional)}."
 
 
 def render(config_module: Any = None) -> str:
@@ -207,7 +269,8 @@ def render(config_module: Any = None) -> str:
     parts = [
         "# Configuration reference",
         "",
-        "<!-- Generated by scripts/gen_config_docs.py from diffalign/config.py: edit the dataclasses and rerun it. -->",
+        "<!-- Generated by scripts/gen_config_docs.py from diffalign/config.py and diffalign/methods/: "
+        "edit the dataclasses and rerun it. -->",
         "",
         "Every key a config file or a `dotted.key=value` override can set, with its type and default. "
         "`python scripts/train.py --config FILE --print-config` prints the resolved values of a run; "

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffalign.config import DIRECT_STAGES, ConfigError, load_config
+from diffalign.config import ConfigError, load_config
 from diffalign.losses import policy_registry
 from diffalign.losses.policy import PolicyLossOutput
 from diffalign.losses.policy_registry import PolicyStep, register_policy_loss
@@ -209,7 +210,10 @@ def _direct(tiny_dirs, out: Path, *extra: str, backbone: str = "sd3"):
 
 
 def test_each_direct_stage_has_its_trainer(tiny_dirs, tmp_path):
-    assert sorted(STAGE_TRAINERS) == sorted(DIRECT_STAGES)
+    from diffalign.methods.online import DirectRewardSettings
+
+    stages = typing.get_args(typing.get_type_hints(DirectRewardSettings)["direct_stage"])
+    assert sorted(STAGE_TRAINERS) == sorted(stages)
     stage1 = direct_reward_trainer(_direct(tiny_dirs, tmp_path, "online.direct_stage=correction"))
     assert type(stage1) is CorrectionStageTrainer and stage1.stage == "correction"
     stage2 = direct_reward_trainer(_direct(tiny_dirs, tmp_path))

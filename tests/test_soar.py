@@ -6,11 +6,14 @@ lands on x0, s' in range, the normaliser) on SD3 and SD (ε and v), the DDIM rea
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from helpers_adapters import sd3_adapter
 
+from diffalign.config_fields import Checker, ConfigError, check_section
 from diffalign.losses.soar import soar_loss
 from diffalign.models.diffusion import SDAdapter
 from diffalign.models.sd3 import SD3Adapter
@@ -25,14 +28,7 @@ B = 3
 def _sd3(shift: float = 3.0) -> SD3Adapter:
     c = tiny_sd3_components(sample_size=8, with_vae=False)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    return SD3Adapter(
-        c["transformer"],
-        scheduler,
-        text_encoder=c["text_encoder"],
-        text_encoder_2=c["text_encoder_2"],
-        tokenizer=c["tokenizer"],
-        tokenizer_2=c["tokenizer_2"],
-    )
+    return sd3_adapter({**c, "scheduler": scheduler})
 
 
 def _sd(prediction_type: str) -> SDAdapter:
@@ -174,8 +170,9 @@ def test_grid_positions_and_loss_normaliser():
     assert soar_loss(main, aux, lambda_aux=0.0).item() == pytest.approx(1.5)
     with pytest.raises(ValueError, match="lambda_aux"):
         soar_loss(main, aux, lambda_aux=-1.0)
-    with pytest.raises(ValueError, match="sde_type"):
-        SOARSettings(sde_type="euler")
+    bad = SimpleNamespace(soar=SOARSettings(sde_type="euler"))  # the section's Literal, checked with the config's
+    with pytest.raises(ConfigError, match="'soar.sde_type' must be one of 'simple', 'sde', 'flow_sde', 'cps'; got"):
+        check_section(Checker(bad, {}, "<test>"), "soar", bad.soar)
     assert math.isclose(float(adapter.scheduler.sigmas[0]), 1.0)
 
 

@@ -8,7 +8,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from diffalign.config import SAMPLERS as SAMPLER_KINDS  # = diffalign.models.sampling's; no torch for --help
+#: diffalign.models.sampling.SAMPLER_KINDS, copied so that --help imports no torch (a test keeps them equal)
+SAMPLER_KINDS = ("sde", "cps", "dance", "ode", "ddim")
 
 
 def generate_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import inspect
+import sys
+import types
+import typing
 from collections.abc import Callable, Iterable
 from typing import Literal, TypeVar
+
+import torch
 
 from diffalign.errors import DiffalignError
 from diffalign.losses.types import LossOutput
@@ -57,6 +63,30 @@ def unknown_loss(what: str, name: str, registered: Iterable[str], config_key: st
     return UnknownLossError(
         f"unknown {what} {name!r} (check {config_key} in your config).{hint} Valid names: {', '.join(valid)}."
     )
+
+
+def _resolved(annotation: object, fn: LossFn) -> object:
+    """An annotation as an object: a string one (``from __future__ import annotations``, or a wrapper's
+    ``__signature__``) is evaluated in the namespace of the function's module, as ``typing.get_type_hints`` does."""
+    if not isinstance(annotation, str):
+        return annotation
+    namespace = {"torch": torch, "Tensor": torch.Tensor, **vars(sys.modules[fn.__module__])}
+    try:
+        return eval(annotation, namespace)  # noqa: S307 - an annotation of registered code, as typing evaluates it
+    except Exception:  # noqa: BLE001 - a name only imported for type checking: not a tensor
+        return None
+
+
+def tensor_inputs(fn: LossFn) -> dict[str, bool]:
+    """The tensor arguments of a loss function (annotated ``Tensor`` or ``Tensor | None``) -> whether each is
+    required; its other keyword arguments (but ``**kwargs``) are hyper-parameters."""
+    out = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        tp = _resolved(param.annotation, fn)
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        if torch.Tensor in args and all(a in (torch.Tensor, type(None)) for a in args):
+            out[name] = param.default is inspect.Parameter.empty
+    return out
 
 
 def get_loss(name: str) -> LossFn:

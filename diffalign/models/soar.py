@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from diffalign.losses.soar import soar_correction_velocity, soar_renoise
+from diffalign.methods.soar import SOARConfig
 from diffalign.models.diffusion import DiffusionAdapter
 from diffalign.models.rollout import guided_prediction
 from diffalign.models.sampling import cps_step, flow_sde_step
@@ -39,27 +40,9 @@ from diffalign.utils.randomness import per_sample_normal, sample_generator
 
 SOAR_LEVEL_STREAM = 30
 SOAR_PATH_STREAM = 31
-SDE_TYPES = ("simple", "sde", "flow_sde", "cps")
-
-
-@dataclass(frozen=True)
-class SOARSettings:
-    """SOAR's knobs with the official code's defaults ("v4": ``num_sampling_steps`` 40, ``trajectory_length`` 6,
-    ``cfg_scale_sampling`` 4.5, ``lambda_aux`` 1, one ODE path, extra paths ``flow_sde`` at noise 0.5)."""
-
-    lambda_aux: float = 1.0
-    num_aux_points: int = 6
-    num_sampling_steps: int = 40
-    cfg_scale: float = 4.5
-    num_paths: int = 1
-    sde_type: str = "flow_sde"
-    sde_noise: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.num_aux_points < 1 or self.num_sampling_steps < 1 or self.num_paths < 1:
-            raise ValueError(f"SOARSettings: num_aux_points, num_sampling_steps and num_paths must be >= 1: {self}")
-        if self.sde_type not in SDE_TYPES:
-            raise ValueError(f"SOARSettings.sde_type={self.sde_type!r}: expected one of {SDE_TYPES}")
+#: SOAR's knobs are its config section (:class:`diffalign.methods.soar.SOARConfig`, the official code's defaults);
+#: the functions here read them from it.
+SOARSettings = SOARConfig
 
 
 @dataclass

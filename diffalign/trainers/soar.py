@@ -14,7 +14,7 @@ import torch
 
 from diffalign.config import Config
 from diffalign.losses.soar import soar_loss
-from diffalign.models.soar import SOARSettings, soar_aux_points
+from diffalign.models.soar import soar_aux_points
 from diffalign.trainers.base import TrainResult
 from diffalign.trainers.diffusion_policy import timestep_weighted
 from diffalign.trainers.sft import SFTTrainer
@@ -25,7 +25,7 @@ class SOARTrainer(SFTTrainer):
 
     def build(self) -> None:
         super().build()
-        self.soar = SOARSettings(**vars(self.config.soar))
+        self.soar = self.config.soar
         self._uncond: dict[str, torch.Tensor] | None = None
 
     def _empty_prompt(self) -> dict[str, torch.Tensor] | None:
