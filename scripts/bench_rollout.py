@@ -86,12 +86,46 @@ def build_sd(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _batch(adapter: Any, args: argparse.Namespace) -> tuple[list[str], list[int], tuple[int, ...], torch.Tensor]:
+    """The timed batch: ``args.batch`` prompts cycling :data:`PROMPTS`, their indices, the latent shape and the
+    initial noise the rollout draws (handed to the diffusers pipeline as its ``latents``)."""
+    from diffalign.utils.randomness import NOISE, per_sample_normal
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    indices = list(range(args.batch))
+    shape = adapter.latent_shape(args.resolution, args.resolution)
+    return prompts, indices, shape, per_sample_normal(shape, args.seed, 0, indices, NOISE)
+
+
+def _pipeline_side(
+    pipe: Any, prompts: list[str], latents: torch.Tensor, args: argparse.Namespace, *, seeded: bool, **extra: Any
+) -> Callable[[], Any]:
+    """The diffusers side: ``pipe`` on ``prompts`` from ``latents`` with the benchmark's steps, guidance and
+    resolution, images as tensors; ``seeded`` hands each call a fresh generator seeded ``args.seed``; ``extra`` are
+    the pipeline's own keywords."""
+
+    def run() -> Any:
+        generator = {"generator": torch.Generator().manual_seed(args.seed)} if seeded else {}
+        return pipe(
+            prompts,
+            latents=latents.clone(),
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=args.resolution,
+            width=args.resolution,
+            output_type="pt",
+            **extra,
+            **generator,
+        ).images
+
+    return run
+
+
 def sd3_sides(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
     from diffusers import StableDiffusion3Pipeline
 
     from diffalign.models.rollout import SamplerSettings, rollout
     from diffalign.models.sd3 import SD3Adapter
-    from diffalign.utils.randomness import NOISE, per_sample_normal
 
     c = build_sd3(args)
     adapter = SD3Adapter(
@@ -106,23 +140,9 @@ def sd3_sides(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any]], d
     )
     pipe = StableDiffusion3Pipeline(**c)
     pipe.set_progress_bar_config(disable=True)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
-    indices = list(range(args.batch))
-    shape = adapter.latent_shape(args.resolution, args.resolution)
-    latents = per_sample_normal(shape, args.seed, 0, indices, NOISE)  # what the rollout draws as its initial noise
+    prompts, indices, shape, latents = _batch(adapter, args)
     settings = SamplerSettings("sde", args.steps, args.guidance, 0.7, args.resolution)
-
-    def diffusers_side() -> Any:
-        return pipe(
-            prompts,
-            latents=latents.clone(),
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            height=args.resolution,
-            width=args.resolution,
-            output_type="pt",
-            max_sequence_length=77,
-        ).images
+    diffusers_side = _pipeline_side(pipe, prompts, latents, args, seeded=False, max_sequence_length=77)
 
     def ours(keep_means: bool) -> Callable[[], Any]:
         return lambda: rollout(adapter, prompts, settings, seed=args.seed, indices=indices, keep_means=keep_means)
@@ -143,7 +163,6 @@ def sd_sides(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any]], di
 
     from diffalign.models.diffusion import SDAdapter
     from diffalign.models.rollout import SamplerSettings, rollout
-    from diffalign.utils.randomness import NOISE, per_sample_normal
 
     c = build_sd(args)
     adapter = SDAdapter(
@@ -160,24 +179,9 @@ def sd_sides(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any]], di
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
-    indices = list(range(args.batch))
-    shape = adapter.latent_shape(args.resolution, args.resolution)
-    latents = per_sample_normal(shape, args.seed, 0, indices, NOISE)
+    prompts, indices, shape, latents = _batch(adapter, args)
     settings = SamplerSettings("ddim", args.steps, args.guidance, 1.0, args.resolution)
-
-    def diffusers_side() -> Any:
-        return pipe(
-            prompts,
-            latents=latents.clone(),
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            eta=1.0,
-            height=args.resolution,
-            width=args.resolution,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(args.seed),
-        ).images
+    diffusers_side = _pipeline_side(pipe, prompts, latents, args, seeded=True, eta=1.0)
 
     def ours() -> Any:
         return rollout(adapter, prompts, settings, seed=args.seed, indices=indices)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+from helpers_config import tiny_lora_config
 from safetensors.torch import load_file
 
 from diffalign.config import Config
@@ -40,24 +41,12 @@ def pairs(tmp_path_factory) -> str:
 
 
 def make_config(backbone: str, model: str, data: str, out: Path, method: str = "dpo", **train) -> Config:
-    cfg = Config()
-    cfg.model.pretrained = model
-    cfg.data.path = data
-    cfg.data.resolution = 32
+    cfg = tiny_lora_config(model, data, out, resolution=32, **{"method": method, "max_steps": 2, **train})
     cfg.data.dual_captions = method == "dcpo"
     cfg.loss.name = {"dcpo": "dpo", "soar": "sft"}.get(method, method)
     cfg.loss.beta = {"mapo": 0.1}.get(method, BETA[backbone])
-    cfg.lora.rank = 4
     if backbone == "sd3":
         cfg.lora.target_modules = list(SD3_LORA_TARGETS)
-    cfg.optim.lr = 1e-3
-    cfg.train.method = method
-    cfg.train.output_dir = str(out)
-    cfg.train.train_batch_size = 2
-    cfg.train.max_steps = 2
-    cfg.train.progress_bar = False
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
     return cfg
 
 

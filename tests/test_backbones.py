@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionXLPipeline
+from helpers_adapters import sd3_adapter, sdxl_adapter
+from helpers_losses import pair_loss
 from PIL import Image
 
 from diffalign.data.synthetic import encode_png, write_pickapic_parquet
@@ -26,24 +28,6 @@ from diffalign.trainers.reference import AdaptersDisabled
 
 PROMPTS = ["a red circle", "a blue square on a grey background"]
 BATCH = {"index": torch.tensor([0, 1])}  # live references ignore the batch: the forward carries its inputs
-
-
-def sdxl_adapter(components: dict, **kwargs) -> SDXLAdapter:
-    return SDXLAdapter(
-        components["unet"],
-        components["scheduler"],
-        vae=components["vae"],
-        text_encoder=components["text_encoder"],
-        text_encoder_2=components["text_encoder_2"],
-        tokenizer=components["tokenizer"],
-        tokenizer_2=components["tokenizer_2"],
-        **kwargs,
-    )
-
-
-def sd3_adapter(components: dict, **kwargs) -> SD3Adapter:
-    names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
-    return SD3Adapter(components["transformer"], components["scheduler"], **{n: components[n] for n in names}, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -189,13 +173,7 @@ def test_sd3_dpo_is_ln2_at_init_and_matches_the_hand_computed_loss(sd3_component
     reference = AdaptersDisabled(adapter.denoiser)  # the trainers' LoRA reference
     pol = adapter.pair_logps(x0_w, x0_l, cond, None, noise, t)
     ref = reference.logps(BATCH, 0, lambda m: adapter.with_denoiser(m).pair_logps(x0_w, x0_l, cond, None, noise, t))
-    out = dpo(
-        policy_chosen_logps=pol[0],
-        policy_rejected_logps=pol[1],
-        reference_chosen_logps=ref[0],
-        reference_rejected_logps=ref[1],
-        beta=100.0,
-    )
+    out = pair_loss(dpo, pol, ref, beta=100.0)
     torch.testing.assert_close(out.losses, torch.full((2,), math.log(2)), atol=1e-7, rtol=0)
     with torch.no_grad():  # move the policy away from the reference
         for name, p in adapter.denoiser.named_parameters():

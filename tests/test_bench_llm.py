@@ -10,29 +10,18 @@ step 1 is exactly ln 2 on both sides whatever the tokens are: steps 2-3 are what
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from helpers_scripts import load_script
 
 pytest.importorskip("trl")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_llm.py"
 LOSS_ATOL = 1e-5
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_llm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_llm"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_llm_loss_parity_with_trl(tmp_path):
-    bench = _load_bench()
+    bench = load_script("bench_llm", register=True)
     args = bench.parse_args(
         [
             "--steps", "3", "--warmup", "1", "--batch-size", "2", "--max-length", "32",

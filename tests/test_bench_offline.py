@@ -24,17 +24,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers_scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_offline.py"
 STEPS = 4
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_offline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_offline"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _diffusers_script() -> str | None:
@@ -57,7 +49,7 @@ def _parity(bench, tmp_path: Path, diffusers: str | None) -> dict:
 
 
 def test_bench_offline_floor_and_diffusers_loss_parity(tmp_path):
-    bench = _load_bench()
+    bench = load_script("bench_offline", register=True)
     diffusers = _diffusers_script()
     p = _parity(bench, tmp_path, diffusers)
 
@@ -87,7 +79,7 @@ def test_pickapic_like_rows_are_jpegs_in_range():
 
     from PIL import Image
 
-    bench = _load_bench()
+    bench = load_script("bench_offline", register=True)
     rows = bench.make_pickapic_like_rows(3, (64, 96), seed=0)
     for i, row in enumerate(rows):
         sizes = set()

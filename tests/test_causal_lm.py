@@ -8,8 +8,10 @@ import math
 
 import pytest
 import torch
+from helpers_llm import tiny_llama_config
+from helpers_losses import pair_loss
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from diffalign.losses import get_loss
 from diffalign.models.causal_lm import (
@@ -51,17 +53,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_llama_config(49408)).eval()
 
 
 def test_standard_examples_get_eos_and_split_at_the_common_prefix(tokenizer):
@@ -128,13 +120,7 @@ def test_reference_by_adapters_disabled_or_frozen_copy_and_dpo_ln2(tokenizer, mo
     ref = reference.logps(batch, 0, forward)
     assert pol[0].requires_grad and not ref[0].requires_grad
     dpo = get_loss("trl_sigmoid")
-    out = dpo(
-        policy_chosen_logps=pol[0],
-        policy_rejected_logps=pol[1],
-        reference_chosen_logps=ref[0],
-        reference_rejected_logps=ref[1],
-        beta=0.1,
-    )
+    out = pair_loss(dpo, pol, ref, beta=0.1)
     assert out.losses.item() == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: policy == reference
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

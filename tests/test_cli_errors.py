@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers_scripts import load_script
 from PIL import Image
 
 from diffalign.errors import DiffalignError
@@ -29,13 +30,6 @@ TOY_BASE = REPO / "diffalign" / "toy" / "weights" / "base"
 
 class _Exit3(DiffalignError):
     exit_code = 3
-
-
-def _load_script(name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------- the helper
@@ -93,7 +87,7 @@ def _toy_config(tmp_path: Path) -> Path:
 
 
 def test_train_script_model_and_data_errors_are_one_line(tmp_path, capsys) -> None:
-    train = _load_script("train")
+    train = load_script("train")
     config = str(_toy_config(tmp_path))
     missing = tmp_path / "no_model"
     assert train.main(["--config", config, f"model.pretrained={missing}", "data.path=x.parquet"]) == 2
@@ -114,7 +108,7 @@ def test_train_script_model_and_data_errors_are_one_line(tmp_path, capsys) -> No
 
 
 def test_train_script_checks_optional_packages_before_loading(tmp_path, capsys, monkeypatch) -> None:
-    train = _load_script("train")
+    train = load_script("train")
     config = str(_toy_config(tmp_path))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed (find_spec answers None)
     assert train.main(["--config", config, "optim.optimizer=adamw_8bit"]) == 2

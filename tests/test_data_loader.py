@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_config import tiny_lora_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -32,24 +33,13 @@ def pairs(tmp_path_factory) -> str:
 
 
 def config(model: str, data: str, out: Path, *, workers: int, **train) -> Config:
-    cfg = Config()
-    cfg.model.pretrained = model
-    cfg.data.path = data
-    cfg.data.resolution = 16
+    # max_steps 6 of 2 micro-batches: 12 micro-batches of 8 per epoch, into epoch 1
+    steps = {"gradient_accumulation_steps": 2, "max_steps": 6, "checkpointing_steps": 3}
+    cfg = tiny_lora_config(model, data, out, **{**steps, **train})
     cfg.data.hflip = True
     cfg.data.random_crop = True  # per-sample crops, flips and prompt dropout all drawn in the workers
     cfg.data.proportion_empty_prompts = 0.3
     cfg.data.num_workers = workers
-    cfg.lora.rank = 4
-    cfg.optim.lr = 1e-3
-    cfg.train.output_dir = str(out)
-    cfg.train.train_batch_size = 2
-    cfg.train.gradient_accumulation_steps = 2
-    cfg.train.max_steps = 6  # 12 micro-batches of 8 per epoch: into epoch 1
-    cfg.train.checkpointing_steps = 3
-    cfg.train.progress_bar = False
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
     return cfg
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_llm import tiny_llama_config
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from diffalign.config import ConfigError, config_from_dict
 from diffalign.data.llm import TextDataError, load_text_rows
@@ -37,15 +38,8 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = build_clip_tokenizer(model_max_length=64)
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
+    config = tiny_llama_config(
+        len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from helpers_adapters import sd3_adapter
 
 from diffalign.models.diffusion import SDAdapter
 from diffalign.models.rollout import SamplerSettings, build_schedule, conditioning, rollout, step_log_prob
@@ -118,16 +119,7 @@ def test_ddim_step_matches_diffusers(prediction_type: str, eta: float):
 
 
 def _sd3_adapter(with_vae: bool = True) -> SD3Adapter:
-    c = tiny_sd3_components(with_vae=with_vae)
-    return SD3Adapter(
-        c["transformer"],
-        c["scheduler"],
-        vae=c["vae"],
-        text_encoder=c["text_encoder"],
-        text_encoder_2=c["text_encoder_2"],
-        tokenizer=c["tokenizer"],
-        tokenizer_2=c["tokenizer_2"],
-    )
+    return sd3_adapter(tiny_sd3_components(with_vae=with_vae))
 
 
 def _sd_adapter(prediction_type: str) -> SDAdapter:
@@ -201,16 +193,7 @@ def test_windowed_sde_is_deterministic_outside_the_window():
 
 def test_ode_rollout_matches_the_diffusers_sd3_pipeline():
     c = tiny_sd3_components()
-    adapter = SD3Adapter(
-        c["transformer"],
-        c["scheduler"],
-        vae=c["vae"],
-        text_encoder=c["text_encoder"],
-        text_encoder_2=c["text_encoder_2"],
-        tokenizer=c["tokenizer"],
-        tokenizer_2=c["tokenizer_2"],
-        max_sequence_length=77,
-    )
+    adapter = sd3_adapter(c, max_sequence_length=77)
     settings = SamplerSettings(kind="ode", steps=4, guidance_scale=4.5, resolution=32)
     traj = rollout(adapter, ["a red circle", "a blue square"], settings, seed=1, indices=[0, 1])
     pipe = StableDiffusion3Pipeline(**{k: v for k, v in c.items()})

@@ -14,6 +14,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
+from helpers_config import tiny_lora_config
 
 from diffalign.config import OPTIMIZERS, Config, ConfigError, OptimConfig, config_from_dict
 from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
@@ -53,20 +54,7 @@ def fresh_accelerate_state():
 
 
 def make_config(model: str, data: str, out: Path, **train_kwargs) -> Config:
-    cfg = Config()
-    cfg.model.pretrained = model
-    cfg.data.path = data
-    cfg.data.resolution = 16
-    cfg.lora.rank = 4
-    cfg.optim.lr = 1e-3
-    cfg.train.output_dir = str(out)
-    cfg.train.train_batch_size = 2
-    cfg.train.max_steps = 2
-    cfg.train.checkpointing_steps = 100
-    cfg.train.progress_bar = False
-    for key, value in train_kwargs.items():
-        setattr(cfg.train, key, value)
-    return cfg
+    return tiny_lora_config(model, data, out, **{"max_steps": 2, "checkpointing_steps": 100, **train_kwargs})
 
 
 # -------------------------------------------------------------------------------------------------- optimizers

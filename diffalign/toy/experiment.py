@@ -14,6 +14,7 @@ import torch
 from diffalign.config import Config, load_config
 from diffalign.eval.weights import load_trained_unet
 from diffalign.toy import RETRAIN
+from diffalign.toy.configs import CONFIG_DIR
 from diffalign.toy.metrics import summarize
 from diffalign.toy.model import load_toy_model
 from diffalign.toy.pairs import make_preference_pairs
@@ -21,7 +22,6 @@ from diffalign.toy.pretrain import ensure_base
 from diffalign.toy.sampling import EVAL_ETA, evaluation_prompts, generate
 
 PAIRS_VERSION = 2  # bump when make_preference_pairs changes what it writes (v2: DCPO-h loser captions)
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "toy"
 
 
 @dataclass

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffalign.config import load_config
-from diffalign.toy import RETRAIN
+from diffalign.toy.configs import toy_run_config
 from diffalign.toy.llm_data import write_preference_pairs, write_prompts, write_rankings
 from diffalign.toy.llm_model import load_toy_lm, property_rate
 from diffalign.toy.llm_pretrain import ensure_llm_base
@@ -24,7 +23,6 @@ from diffalign.toy.llm_world import gold_score
 from diffalign.toy.reports import write_report
 
 LLM_METHODS = ("llm_dpo", "llm_pro", "llm_grpo")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "toy"
 DATA_VERSION = 1  # bump when the data writers change what they write
 _LAYOUT_OF_METHOD = {"llm_dpo": "pairs", "llm_pro": "rankings", "llm_grpo": "prompts"}
 
@@ -64,16 +62,8 @@ def prepare_llm_world(workdir: str | os.PathLike, *, n_prompts: int = 600, seed:
 
 
 def llm_method_config(method: str, world: LLMWorld, overrides: Sequence[str] = ()) -> Any:
-    return load_config(
-        CONFIG_DIR / f"{method}.yaml",
-        [
-            f"model.pretrained={world.base}",
-            f"data.path={world.data[_LAYOUT_OF_METHOD[method]]}",
-            f"train.output_dir={world.workdir / 'runs' / method}",
-            RETRAIN,  # a rerun retrains (see diffalign.toy.RETRAIN)
-            *overrides,
-        ],
-    )
+    data = world.data[_LAYOUT_OF_METHOD[method]]
+    return toy_run_config(method, world.base, data, world.workdir / "runs" / method, overrides)
 
 
 def train_llm_method(method: str, world: LLMWorld, overrides: Sequence[str] = ()) -> tuple[Path, float]:

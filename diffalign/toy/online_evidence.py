@@ -28,14 +28,13 @@ from pathlib import Path
 
 import torch
 
-from diffalign.config import load_config
 from diffalign.eval.diversity import embedding_spread, layout_dispersion, pvs_per_prompt
 from diffalign.losses.advantages import samples_per_prompt
-from diffalign.toy import RETRAIN
-from diffalign.toy.experiment import CONFIG_DIR, Evaluation, first_per_prompt, segment_cuts, segment_overrides
+from diffalign.toy.configs import CONFIG_DIR, toy_run_config
+from diffalign.toy.experiment import Evaluation, first_per_prompt, segment_cuts, segment_overrides
 from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.flow_pretrain import ensure_flow_base
-from diffalign.toy.reports import write_report, write_samples_grid
+from diffalign.toy.reports import finish_report, write_report
 from diffalign.toy.rewards import load_toy_reward_model, shape_boxes
 
 ONLINE_METHODS = ("flow_grpo", "grpo_guard", "direct_reward", "d2_align")
@@ -67,16 +66,7 @@ def steps_per_rollout(config) -> int:
 
 
 def _config(name: str, output_dir: Path, overrides: Sequence[str]):
-    return load_config(
-        CONFIG_DIR / f"{name}.yaml",
-        [
-            f"model.pretrained={ensure_flow_base()}",
-            f"data.path={CONFIG_DIR / 'prompts.txt'}",
-            f"train.output_dir={output_dir}",
-            RETRAIN,  # a rerun retrains (see diffalign.toy.RETRAIN)
-            *overrides,
-        ],
-    )
+    return toy_run_config(name, ensure_flow_base(), CONFIG_DIR / "prompts.txt", output_dir, overrides)
 
 
 def _train(config) -> float:
@@ -143,10 +133,7 @@ def run_online_evidence(
         rows.append(first_per_prompt(evaluation, 1))
         labels.append(method)
         write_report(output_dir, report, format_online_report)
-    report["checks"] = issue_checks(report)
-    write_report(output_dir, report, format_online_report)
-    write_samples_grid(output_dir, rows, labels)
-    return report
+    return finish_report(output_dir, report, format_online_report, issue_checks, rows, labels)
 
 
 def issue_checks(report: dict) -> dict[str, float | bool]:

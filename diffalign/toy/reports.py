@@ -25,3 +25,19 @@ def write_samples_grid(output_dir: str | os.PathLike, rows: Sequence[torch.Tenso
 
     columns = [p.removeprefix("a ") for p in all_prompts()]
     labelled_grid(rows, labels, Path(output_dir) / "samples.png", column_labels=columns)
+
+
+def finish_report(
+    output_dir: str | os.PathLike,
+    report: dict,
+    format_report: Callable[[dict], str],
+    checks: Callable[[dict], dict],
+    rows: Sequence[torch.Tensor],
+    labels: Sequence[str],
+) -> dict:
+    """The end of an evidence run: ``report["checks"] = checks(report)``, then the final ``report.json`` /
+    ``report.md`` (:func:`write_report`) and ``samples.png`` (:func:`write_samples_grid`); returns ``report``."""
+    report["checks"] = checks(report)
+    write_report(output_dir, report, format_report)
+    write_samples_grid(output_dir, rows, labels)
+    return report

@@ -24,7 +24,7 @@ from diffalign.toy.experiment import (
     prepare_world,
     train_method,
 )
-from diffalign.toy.reports import write_report, write_samples_grid
+from diffalign.toy.reports import finish_report, write_report
 from diffalign.trainers.sail import sail_rounds
 
 SAIL_METHODS = ("dpo_seed", "dpo_full", "sail")
@@ -96,10 +96,7 @@ def run_sail_evidence(
         rows.append(first_per_prompt(after, 1))
         labels.append(method)
         write_report(output_dir, report, format_sail_report)
-    report["checks"] = sail_checks(report)
-    write_report(output_dir, report, format_sail_report)
-    write_samples_grid(output_dir, rows, labels)
-    return report
+    return finish_report(output_dir, report, format_sail_report, sail_checks, rows, labels)
 
 
 def sail_checks(report: dict) -> dict[str, float | bool]:

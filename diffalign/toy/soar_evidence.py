@@ -29,7 +29,7 @@ from diffalign.toy.experiment import (
     train_method,
 )
 from diffalign.toy.flow_experiment import evaluate_flow, prepare_flow_world
-from diffalign.toy.reports import write_report, write_samples_grid
+from diffalign.toy.reports import finish_report, write_report
 from diffalign.toy.world import RESOLUTION, all_prompts, parse_caption, render_batch, sample_specs
 from diffalign.utils.randomness import per_sample_normal
 
@@ -107,10 +107,7 @@ def run_soar_evidence(
             write_report(output_dir, report, format_soar_report)
         rows.append(first_per_prompt(after, 1))
         labels.append(method)
-    report["checks"] = soar_checks(report)
-    write_report(output_dir, report, format_soar_report)
-    write_samples_grid(output_dir, rows, labels)
-    return report
+    return finish_report(output_dir, report, format_soar_report, soar_checks, rows, labels)
 
 
 def _method_entry(base: dict, trajectory: list[dict], seconds: float) -> dict:

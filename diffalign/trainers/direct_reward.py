@@ -28,6 +28,7 @@ FLUX.1-dev with HPS-v2.1).
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from diffalign.data.prompts import PromptDataset, collate_prompts, load_prompts
 from diffalign.eval.diversity import pvs
 from diffalign.models.diffusion import DiffusionAdapter
 from diffalign.models.loading import adapter_from_config
-from diffalign.models.rollout import SamplerSettings, Trajectory, build_schedule, latents_to_images, rollout
+from diffalign.models.rollout import SamplerSettings, build_schedule, latents_to_images, rollout
 from diffalign.rewards.base import EmbeddingReward
 from diffalign.rewards.correction import CorrectionVector, save_correction
 from diffalign.rewards.from_config import build_online_reward, reward_from_name
@@ -47,6 +48,18 @@ from diffalign.trainers.sharding import full_tensor
 from diffalign.utils.randomness import per_sample_normal, per_sample_uniform, sample_key
 
 GENERATION_STREAM, SIGMA_STREAM, RECON_NOISE_STREAM = 41, 42, 43
+
+
+@dataclass
+class GeneratedSamples:
+    """Step 1's output for one micro-batch: the clean samples ``x0``, their conditioning and prompts, and the
+    per-sample addresses (``indices``, ``epoch``) that steps 2-3 draw their noise from."""
+
+    x0: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    prompts: list[str]
+    indices: list[int]
+    epoch: int
 
 
 class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
@@ -60,17 +73,9 @@ class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
         """Set ``self.model`` (what trains) and ``self.reward``; return the generator's adapter."""
 
     @abstractmethod
-    def stage_rewards(
-        self,
-        x0: torch.Tensor,
-        traj: Trajectory,
-        prompts: list[str],
-        indices: list[int],
-        epoch: int,
-        metrics: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        """Step 4: per-sample rewards ``(B,)`` of the reconstructions of ``x0`` (the loss is their negative mean);
-        may add stage metrics to ``metrics``."""
+    def stage_rewards(self, samples: GeneratedSamples, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Step 4: per-sample rewards ``(B,)`` of the reconstructions of ``samples`` (the loss is their negative
+        mean); may add stage metrics to ``metrics``."""
 
     def build(self) -> None:
         oc, dc = self.config.online, self.config.data
@@ -122,13 +127,19 @@ class DirectRewardTrainer(DiffusionPolicyMixin, Trainer):
         x_next = a_next.sqrt() * x0_hat + (1.0 - a_next).sqrt() * eps_hat
         return (x_next - (1.0 - a_next).sqrt() * eps) / a_next.sqrt()
 
+    def reconstructed_images(self, samples: GeneratedSamples) -> torch.Tensor:
+        """Steps 2-3 on ``samples`` (:meth:`reconstruct`), decoded to images."""
+        return latents_to_images(
+            self.adapter, self.reconstruct(samples.x0, samples.cond, samples.indices, samples.epoch)
+        )
+
     def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prompts, indices = [row["prompt"] for row in batch["rows"]], batch["index"].tolist()
         seed = sample_key(self.config.train.seed, epoch, 0, GENERATION_STREAM)
         traj = rollout(self.adapter, prompts, self.settings, seed=seed, indices=indices, schedule=self.schedule)
-        x0 = traj.latents[:, -1]
+        samples = GeneratedSamples(traj.latents[:, -1], traj.cond, prompts, indices, epoch)
         metrics: dict[str, torch.Tensor] = {}
-        rewards = self.stage_rewards(x0, traj, prompts, indices, epoch, metrics)
+        rewards = self.stage_rewards(samples, metrics)
         metrics["reward"] = rewards.detach()
         metrics["mean_brightness"] = traj.images.mean(dim=(1, 2, 3)).detach()
         metrics["diversity/pvs"] = torch.tensor([pvs(traj.images)])  # over the batch's prompts (one image each)
@@ -161,20 +172,11 @@ class CorrectionStageTrainer(DirectRewardTrainer):
     def after_prepare(self) -> None:
         """Nothing to hand the adapter: the generator stays frozen and unwrapped."""
 
-    def stage_rewards(
-        self,
-        x0: torch.Tensor,
-        traj: Trajectory,
-        prompts: list[str],
-        indices: list[int],
-        epoch: int,
-        metrics: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
+    def stage_rewards(self, samples: GeneratedSamples, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
         """The guided reward ``score(Φ_img(x̂0), ẽ)``; gradient to ``b_v`` only. Logs the plain reward and ‖b_v‖."""
         with torch.no_grad():
-            images = latents_to_images(self.adapter, self.reconstruct(x0, traj.cond, indices, epoch))
-            image_embeds = self.reward.image_embeds(images)
-            text = self.reward.text_embeds(prompts).to(image_embeds.device)
+            image_embeds = self.reward.image_embeds(self.reconstructed_images(samples))
+            text = self.reward.text_embeds(samples.prompts).to(image_embeds.device)
             metrics["reward/plain"] = self.reward.score_embeds(image_embeds, text).float().detach()
         guided = self.model(text, self.config.online.correction_omega)
         rewards = self.reward.score_embeds(image_embeds, guided).float()
@@ -204,18 +206,9 @@ class GeneratorStageTrainer(DirectRewardTrainer):
         self.reward = build_online_reward(self.config.online, self.accelerator.device)
         return adapter
 
-    def stage_rewards(
-        self,
-        x0: torch.Tensor,
-        traj: Trajectory,
-        prompts: list[str],
-        indices: list[int],
-        epoch: int,
-        metrics: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
+    def stage_rewards(self, samples: GeneratedSamples, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reward of the reconstructed images, back-propagated through the one generator step."""
-        images = latents_to_images(self.adapter, self.reconstruct(x0, traj.cond, indices, epoch))
-        return self.reward(images, prompts).float()
+        return self.reward(self.reconstructed_images(samples), samples.prompts).float()
 
 
 STAGE_TRAINERS: dict[str, type[DirectRewardTrainer]] = {
