@@ -10,7 +10,9 @@ import diffusers
 import torch
 
 from diffalign.models.backbones import backbone_for
+from diffalign.models.components import ModelNotFoundError
 from diffalign.models.diffusion import DiffusionAdapter
+from diffalign.models.export import pipeline_base, write_pipeline_folder
 from diffalign.models.loading import adapter_from_config
 from diffalign.models.lora import add_lora, save_lora
 from diffalign.trainers.reference import ReferenceModel, build_reference
@@ -42,7 +44,7 @@ class DiffusionPolicyMixin:
             frozen.requires_grad_(False).to(device)
             if self.weight_dtype != torch.float32:
                 frozen.to(dtype=self.weight_dtype)
-        if mc.vae_channels_last and adapter.vae is not None:
+        if mc.vae_channels_last and _is_2d(adapter.vae):
             adapter.vae.to(memory_format=torch.channels_last)  # its convolutions run ~20 % faster in NHWC
         denoiser = adapter.denoiser
         if self.config.lora.enabled:
@@ -95,8 +97,10 @@ class DiffusionPolicyMixin:
         return self.adapter.snr_weights(timesteps, lc.snr_gamma, lc.weighting)
 
     def save_final(self) -> None:
-        """LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights``); full fine-tune: the denoiser's
-        folder (``from_pretrained(output_dir, subfolder=...)``). Under FSDP2 every rank gathers, the main one writes."""
+        """LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights``). Full fine-tune: the denoiser's
+        folder (``unet/`` or ``transformer/``, the EMA weights under ``train.ema``), completed into a pipeline folder
+        that ``<Pipeline>.from_pretrained(output_dir)`` loads (:meth:`export_pipeline`). Under FSDP2 every rank
+        gathers, the main one writes."""
         subfolder = self.adapter.denoiser_subfolder
         pipeline_cls = getattr(diffusers, self.adapter.pipeline_class_name)
         if self.fsdp2 is not None:
@@ -113,4 +117,35 @@ class DiffusionPolicyMixin:
             )
         else:
             self.accelerator.unwrap_model(self.model).save_pretrained(self.output_dir / subfolder)
+        if not self.config.lora.enabled and self.accelerator.is_main_process:
+            self.export_pipeline()
         logger.info("final weights written to %s", self.output_dir)
+
+    def export_pipeline(self) -> None:
+        """Place the base pipeline's ``model_index.json`` and other components beside the saved denoiser
+        (:func:`~diffalign.models.export.write_pipeline_folder`). A base that cannot provide them (no index, a
+        component missing, a hub snapshot out of reach) leaves the denoiser folder alone, with a warning."""
+        subfolder = self.adapter.denoiser_subfolder
+        try:
+            placed = write_pipeline_folder(pipeline_base(self.config.model), self.output_dir, subfolder)
+        except ModelNotFoundError as err:
+            logger.warning(
+                "no pipeline folder written: %s; %s holds the trained %s/ only (from_pretrained(..., subfolder=%r))",
+                err,
+                self.output_dir,
+                subfolder,
+                subfolder,
+            )
+            return
+        logger.info(
+            "pipeline folder %s: %s/ trained, %s from the base",
+            self.output_dir,
+            subfolder,
+            ", ".join(f"{name}/ ({how})" for name, how in placed.items()),
+        )
+
+
+def _is_2d(vae: torch.nn.Module | None) -> bool:
+    """Whether ``vae`` is an image VAE whose convolutions take the NHWC layout (not Qwen-Image's 3-D video VAE,
+    whose 5-D weights have no channels_last)."""
+    return vae is not None and all(p.ndim != 5 for p in vae.parameters())

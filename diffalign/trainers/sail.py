@@ -13,12 +13,13 @@ Round 0 is Diffusion-DPO on the small seed set (``data.path``) from ``model.pret
    ``sail.self_fraction``; :mod:`diffalign.data.self_pairs`);
 4. Diffusion-DPO on the mixture with the current model as initialisation and reference.
 
-After each round the trained model is exported as a diffusers folder (``round_i/model``: the trained denoiser, with
-LoRA merged in, plus links to the other components), which the next round loads. Every round writes its pairs
-(``round_i/pairs.parquet``), its metrics (``round_i/round.json``, written last and atomically: a round is done when it
-exists) and its training run; a stopped loop resumes at the first unfinished round, inside which the DPO run resumes
-from its latest checkpoint and a finished sampling step is not redone. ``train.overwrite_output_dir: true`` removes
-the earlier loop's rounds first and starts again at round 0.
+After each round the trained model is exported as a diffusers pipeline folder (``round_i/model``: the trained
+denoiser, with LoRA merged in, beside the base's ``model_index.json`` and links to its other components,
+:mod:`diffalign.models.export`), which the next round loads. Every round writes its pairs (``round_i/pairs.parquet``),
+its metrics (``round_i/round.json``, written last and atomically: a round is done when it exists) and its training
+run; a stopped loop resumes at the first unfinished round, inside which the DPO run resumes from its latest
+checkpoint and a finished sampling step is not redone. ``train.overwrite_output_dir: true`` removes the earlier
+loop's rounds first and starts again at round 0.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,8 @@ from diffalign.eval.implicit_reward import implicit_dpo_rewards
 from diffalign.eval.weights import DENOISER_CLASSES, load_trained_denoiser, trained_weights_kind
 from diffalign.models.backbones import resolve_backbone
 from diffalign.models.diffusion import DiffusionAdapter
-from diffalign.models.loading import adapter_from_config, resolve_pretrained
+from diffalign.models.export import PipelineBase, pipeline_base, write_pipeline_folder
+from diffalign.models.loading import adapter_from_config
 from diffalign.models.rollout import SamplerSettings, conditioning, rollout
 from diffalign.trainers.base import TrainResult
 
@@ -52,26 +55,15 @@ logger = logging.getLogger(__name__)
 SAIL_SAMPLE_STREAM = 40
 
 
-def local_folder(pretrained: str, revision: str | None = None) -> Path:
-    """A local folder for ``pretrained`` (a hub id is resolved to its downloaded snapshot)."""
-    location, is_local = resolve_pretrained(pretrained)
-    if is_local:
-        return Path(location).resolve()
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(location, revision=revision))
-
-
-def export_model(base: Path, run_dir: Path, out: Path, subfolder: str) -> Path:
-    """Write ``out`` = ``base``'s components (linked) with the trained denoiser of ``run_dir`` (LoRA merged in);
-    atomic: built beside ``out`` and renamed into place."""
+def export_model(base: PipelineBase, run_dir: Path, out: Path, subfolder: str) -> Path:
+    """Write ``out``: the trained denoiser of ``run_dir`` (LoRA merged in) with ``base``'s other components and
+    index (:func:`~diffalign.models.export.write_pipeline_folder`); atomic: built beside ``out`` and renamed into
+    place."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for entry in base.iterdir():
-        if entry.name != subfolder:
-            (tmp / entry.name).symlink_to(entry.resolve())
-    load_trained_denoiser(base, run_dir, subfolder).save_pretrained(tmp / subfolder)
+    load_trained_denoiser(base.folder, run_dir, subfolder).save_pretrained(tmp / subfolder)
+    write_pipeline_folder(base, tmp, subfolder)
     if out.exists():  # an export of a round whose record was not written yet: the round is redone from here
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -153,10 +145,10 @@ def run_sail(config: Config) -> TrainResult:
     if config.train.overwrite_output_dir:
         _clear_rounds(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = local_folder(config.model.pretrained, config.model.revision)
-    subfolder = resolve_backbone(config.model.backbone, base).denoiser_subfolder
+    base = pipeline_base(config.model)
+    subfolder = resolve_backbone(config.model.backbone, base.folder).denoiser_subfolder
     seed_rows = None
-    models, result = [base], TrainResult(out, 0, 0, 0.0)
+    models, result = [base.folder], TrainResult(out, 0, 0, 0.0)
     for r in range(sc.rounds + 1):
         round_dir = out / f"round_{r}"
         done = round_dir / "round.json"
@@ -187,7 +179,7 @@ def run_sail(config: Config) -> TrainResult:
             round_config.data.max_samples = None
         if trained_weights_kind(run_dir, subfolder) is None:
             result = train_dpo(round_config)
-        export_model(models[-1], run_dir, round_dir / "model", subfolder)
+        export_model(replace(base, folder=models[-1]), run_dir, round_dir / "model", subfolder)
         record = {"round": r, "data": data, "steps": steps, "seconds": time.perf_counter() - started, **stats}
         (round_dir / "round.json.tmp").write_text(json.dumps(record, indent=2) + "\n")
         os.replace(round_dir / "round.json.tmp", done)
