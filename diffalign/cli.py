@@ -1,5 +1,6 @@
-"""The ``diffalign`` command: ``demo``, ``evidence offline|flow|llm|online|soar|sail``, ``toy pretrain``, ``toy pairs``,
-``train``. ``--debug`` (anywhere) shows the traceback of an error; without it an error is one ``error:`` line."""
+"""The ``diffalign`` command: ``demo``, ``evidence offline|flow|llm|online|soar|sail|flux``, ``toy pretrain``,
+``toy pairs``, ``train``. ``--debug`` (anywhere) shows the traceback of an error; without it an error is one
+``error:`` line."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _run(argv: list[str]) -> int:
     demo.add_argument("overrides", nargs="*", help="config overrides for configs/toy/dpo.yaml (key=value)")
 
     evidence = sub.add_parser("evidence", help="train every method of a family on the toy world and report")
-    evidence.add_argument("family", choices=["offline", "flow", "llm", "online", "soar", "sail"])
+    evidence.add_argument("family", choices=["offline", "flow", "llm", "online", "soar", "sail", "flux"])
     evidence.add_argument("--output-dir", default=None)
     evidence.add_argument("--methods", default=None, help="comma-separated subset")
     evidence.add_argument("--n-per-prompt", type=int, default=16)
@@ -112,6 +113,7 @@ def _evidence(args: argparse.Namespace) -> None:
         "online": ("diffalign.toy.online_evidence", "run_online_evidence", "format_online_report"),
         "soar": ("diffalign.toy.soar_evidence", "run_soar_evidence", "format_soar_report"),
         "sail": ("diffalign.toy.sail_evidence", "run_sail_evidence", "format_sail_report"),
+        "flux": ("diffalign.toy.flux_evidence", "run_flux_evidence", "format_flux_report"),
     }
     kwargs = {
         "methods": args.methods.split(",") if args.methods else None,

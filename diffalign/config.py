@@ -116,14 +116,18 @@ class ModelConfig:
     # SDXL added time ids: "constant" [R, R, 0, 0, R, R] (original Diffusion-DPO) | "from_data" (diffusers / MaPO:
     # jpg_0's size and the crop offset, with the joint pair transform)
     sdxl_time_ids: SDXLTimeIds = "constant"
-    # SD3: T5 text encoder (false = zeros in its place, as diffusers without text_encoder_3), its token length,
-    # and the training timestep density (diffusers' compute_density_for_timestep_sampling)
+    # SD3: T5 text encoder (false = zeros in its place, as diffusers without text_encoder_3); SD3 and FLUX: the T5
+    # token length (FluxPipeline's default is 512) and the training timestep density (diffusers'
+    # compute_density_for_timestep_sampling)
     load_t5: bool = True
     max_sequence_length: int = setting(77, ge=1)
     timestep_density: TimestepDensity = "logit_normal"  # "logit_normal" | "mode" | "uniform"
     logit_mean: float = 0.0
     logit_std: float = setting(1.0, gt=0)
     mode_scale: float = 1.29
+    # FLUX.1-dev: the distilled guidance embedding's value in every rollout and training call (diffusers' default;
+    # schnell has no embedding and ignores it). FLUX takes no classifier-free guidance on top.
+    guidance: float = setting(3.5, ge=0)
     # causal_lm: dtype of the loaded weights ("float32" | "bfloat16" | "float16"; trained parameters stay float32
     # under LoRA) and whether the model's own code may run (never implied)
     torch_dtype: TorchDtype = "float32"

@@ -39,7 +39,8 @@ SD3_OPTIONS = ["load_t5", "max_sequence_length", "timestep_density", "logit_mean
 
 
 def test_the_built_in_backbones_are_registered_with_their_adapters_and_layouts() -> None:
-    assert backbones.BACKBONE_NAMES == ("sd", "sdxl", "sd3")
+    # the least specific rule first
+    assert backbones.BACKBONE_NAMES == ("sd", "sdxl", "sd3", "flux", "qwen_image", "z_image")
     sd, sdxl, sd3 = (BACKBONES[name] for name in ("sd", "sdxl", "sd3"))
     assert (sd.adapter_class, sdxl.adapter_class, sd3.adapter_class) == (SDAdapter, SDXLAdapter, SD3Adapter)
     assert sd.required == SD_SUBFOLDERS
@@ -151,10 +152,17 @@ def test_an_unknown_backbone_is_a_one_line_error_naming_the_key_and_the_closest_
         get_backbone("sdx1")
     message = str(info.value)
     assert "\n" not in message and "model.backbone" in message
-    assert "Did you mean 'sdxl'?" in message and message.endswith("Valid names: auto (detect it), sd, sdxl, sd3.")
+    assert "Did you mean 'sdxl'?" in message and message.endswith(
+        "Valid names: auto (detect it), sd, sdxl, sd3, flux, qwen_image, z_image."
+    )
     with pytest.raises(UnknownBackboneError, match="model.backbone"):
         loading.adapter_from_config(ModelConfig(pretrained=str(sd_folder), backbone="sdx1"))
-    with pytest.raises(ValueError, match=re.escape("backbone='nope': expected 'auto' or one of ('sd', 'sdxl', 'sd3')")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "backbone='nope': expected 'auto' or one of ('sd', 'sdxl', 'sd3', 'flux', 'qwen_image', 'z_image')"
+        ),
+    ):
         loading.load_adapter(sd_folder, backbone="nope")
     with pytest.raises(ValueError, match="reserved"):
         Backbone(name="auto", adapter_class=SDAdapter, build=build_marked, required=())
@@ -168,5 +176,10 @@ GENERIC_MODULES = ("diffalign/models/loading.py", "diffalign/trainers/offline.py
 @pytest.mark.parametrize("path", GENERIC_MODULES)
 def test_the_generic_modules_name_no_backbone(path: str) -> None:
     source = (ROOT / path).read_text()
-    named = [name for name in ("sd", "sdxl", "sd3") for quote in "\"'" if f"{quote}{name}{quote}" in source]
+    named = [
+        name
+        for name in ("sd", "sdxl", "sd3", "flux", "qwen_image", "z_image")
+        for quote in "\"'"
+        if f"{quote}{name}{quote}" in source
+    ]
     assert named == [], f"{path} names backbone(s) {named}; take what differs from the registry entry instead"

@@ -1,5 +1,6 @@
-"""The offline trainer on SDXL and SD3: every method runs through the same code, LoRA outputs load into diffusers'
-own pipelines, SDXL's data-derived time ids survive the cache, and 2 processes give the 1-process result."""
+"""The offline trainer on SDXL, SD3 and FLUX.1: every method runs through the same code, LoRA outputs load into
+diffusers' own pipelines, SDXL's data-derived time ids survive the cache, and 2 processes give the 1-process
+result."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 from helpers_config import tiny_lora_config
 from safetensors.torch import load_file
 
 from diffalign.config import Config
 from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
+from diffalign.models.tiny_flux import save_tiny_flux_pipeline
 from diffalign.models.tiny_sd3 import SD3_LORA_TARGETS, save_tiny_sd3_pipeline
 from diffalign.models.tiny_sdxl import save_tiny_sdxl_pipeline
 from diffalign.trainers.checkpointing import list_checkpoints
@@ -21,13 +23,18 @@ from diffalign.trainers.metrics import read_metrics
 from diffalign.trainers.run import train
 
 REPO = Path(__file__).resolve().parents[1]
-BETA = {"sdxl": 5000.0, "sd3": 100.0}
+BETA = {"sdxl": 5000.0, "sd3": 100.0, "flux": 100.0}
+PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("backbones")
-    return {"sdxl": str(save_tiny_sdxl_pipeline(root / "sdxl")), "sd3": str(save_tiny_sd3_pipeline(root / "sd3"))}
+    return {
+        "sdxl": str(save_tiny_sdxl_pipeline(root / "sdxl")),
+        "sd3": str(save_tiny_sd3_pipeline(root / "sd3")),
+        "flux": str(save_tiny_flux_pipeline(root / "flux")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +54,13 @@ def make_config(backbone: str, model: str, data: str, out: Path, method: str = "
     cfg.loss.beta = {"mapo": 0.1}.get(method, BETA[backbone])
     if backbone == "sd3":
         cfg.lora.target_modules = list(SD3_LORA_TARGETS)
+    if backbone == "flux":  # guidance-distilled: its guidance is model.guidance, never CFG (LoRA: FLUX's targets)
+        cfg.soar.cfg_scale = 1.0
+        cfg.model.max_sequence_length = 32
     return cfg
 
 
-@pytest.mark.parametrize("backbone", ["sdxl", "sd3"])
+@pytest.mark.parametrize("backbone", ["sdxl", "sd3", "flux"])
 @pytest.mark.parametrize("method", ["dpo", "dcpo", "mapo", "sft", "soar"])
 def test_every_method_trains_on_every_backbone(backbone, method, models, pairs, tmp_path):
     cfg = make_config(backbone, models[backbone], pairs, tmp_path / "run", method)
@@ -63,12 +73,11 @@ def test_every_method_trains_on_every_backbone(backbone, method, models, pairs, 
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
 
 
-@pytest.mark.parametrize("backbone", ["sdxl", "sd3"])
+@pytest.mark.parametrize("backbone", ["sdxl", "sd3", "flux"])
 def test_lora_output_loads_into_the_diffusers_pipeline(backbone, models, pairs, tmp_path):
     train(make_config(backbone, models[backbone], pairs, tmp_path / "run"))
-    pipeline_cls = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[backbone]
     no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if backbone == "sd3" else {}  # as diffusers documents
-    pipe = pipeline_cls.from_pretrained(models[backbone], **no_t5)
+    pipe = PIPELINES[backbone].from_pretrained(models[backbone], **no_t5)
     pipe.load_lora_weights(str(tmp_path / "run"))
     denoiser = pipe.unet if backbone == "sdxl" else pipe.transformer
     trained = load_file(str(list_checkpoints(tmp_path / "run")[-1] / "trainable_0.safetensors"))
@@ -112,7 +121,7 @@ def test_sdxl_time_ids_from_data_are_cached_like_uncached(models, pairs, tmp_pat
     assert runs[True][0] == pytest.approx(math.log(2), abs=1e-6)
 
 
-@pytest.mark.parametrize("backbone", ["sdxl", "sd3"])
+@pytest.mark.parametrize("backbone", ["sdxl", "sd3", "flux"])
 def test_two_processes_match_one_process(backbone, models, pairs, tmp_path, run_train_script):
     common = [
         f"model.pretrained={models[backbone]}",
@@ -129,6 +138,8 @@ def test_two_processes_match_one_process(backbone, models, pairs, tmp_path, run_
     ]
     if backbone == "sd3":
         common.append(f"lora.target_modules=[{','.join(SD3_LORA_TARGETS)}]")
+    if backbone == "flux":
+        common.append("model.max_sequence_length=32")
     common = ["--config", str(REPO / "configs" / "toy" / "dpo.yaml"), *common]
     # 1 process x 2 accumulation steps: bit for bit the 2-process run (test_offline_trainer explains why)
     for name, processes, accumulation in (("one", 1, 2), ("two", 2, 1)):
@@ -153,7 +164,7 @@ def test_two_processes_match_one_process(backbone, models, pairs, tmp_path, run_
         assert [r[key] for r in metrics[0]] == [r[key] for r in metrics[1]], key
 
 
-@pytest.mark.parametrize("backbone", ["sdxl", "sd3"])
+@pytest.mark.parametrize("backbone", ["sdxl", "sd3", "flux"])
 def test_soar_with_lambda_zero_is_the_sft_loss(backbone, models, pairs, tmp_path):
     losses = {}
     for method in ("sft", "soar"):

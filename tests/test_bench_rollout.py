@@ -1,6 +1,6 @@
-"""scripts/bench_rollout.py end to end at toy size (--tiny): it runs both backbones against diffusers' pipelines and
-prints a JSON line with finite positive ratios. The speed itself is not asserted (that is the script's job at a
-realistic size, not a unit test's)."""
+"""scripts/bench_rollout.py end to end at toy size (--tiny): it runs every backbone (SD3, SD, FLUX) against
+diffusers' pipelines and prints a JSON line with finite positive ratios. The speed itself is not asserted (that is
+the script's job at a realistic size, not a unit test's)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def test_bench_rollout_tiny_reports_finite_ratios(tmp_path):
     assert summary == json.loads(out_file.read_text())
     assert summary["settings"]["tiny"] is True
     backbones = summary["backbones"]
-    assert set(backbones) == {"sd3", "sd"}
+    assert set(backbones) == {"sd3", "sd", "flux"}
+    assert set(backbones["flux"]["ratios"]) == {"ours"} and backbones["flux"]["target_ratio"] == 1.05
     assert set(backbones["sd3"]["ratios"]) == {"ours", "ours_keep_means"}
     assert set(backbones["sd"]["ratios"]) == {"ours"}
     for name, result in backbones.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import os
 import typing
 from collections.abc import Callable, Mapping
@@ -39,7 +40,14 @@ from diffalign.models.lora import DEFAULT_TARGET_MODULES
 from diffalign.plugins import check_name, load_plugins
 
 #: The modules that register the built-in backbones when imported: the one place a new built-in is listed.
-BUILTIN_MODULES = ("diffalign.models.sd", "diffalign.models.sdxl", "diffalign.models.sd3")
+BUILTIN_MODULES = (
+    "diffalign.models.sd",
+    "diffalign.models.sdxl",
+    "diffalign.models.sd3",
+    "diffalign.models.flux",
+    "diffalign.models.qwen_image",
+    "diffalign.models.z_image",
+)
 
 #: ``model.backbone`` value that detects the backbone from the pipeline's components.
 AUTO = "auto"
@@ -55,7 +63,7 @@ class UnknownBackboneError(DiffalignError, ValueError):
     """A ``model.backbone`` name that is not registered (the message names the closest one and all valid ones)."""
 
 
-def _any_pipeline(components: Mapping[str, bool]) -> bool:
+def _any_pipeline(components: Mapping[str, Any]) -> bool:
     return True
 
 
@@ -86,7 +94,8 @@ class Backbone:
         adapter_class: the :class:`~diffalign.models.diffusion.DiffusionAdapter` subclass ``build`` returns; by
             default the class its return annotation names.
         detect: the detection rule: a component name (the pipeline has it), or a callable on a mapping component
-            name → whether the pipeline has it; the default takes any pipeline.
+            name → its class name (``"FluxTransformer2DModel"``; ``True`` where no class name is recorded) for the
+            components the pipeline has; the default takes any pipeline.
         priority: rules are tried from the highest priority down; the first that accepts the pipeline wins.
         options: ``model.<field>`` name → the build keyword it is passed as (the fields this backbone reads); by
             default every keyword of ``build`` after the source, read from the ``model.*`` field of its own name.
@@ -99,7 +108,7 @@ class Backbone:
     build: Callable[..., DiffusionAdapter]
     required: tuple[str, ...]
     adapter_class: type[DiffusionAdapter] | None = None
-    detect: Callable[[Mapping[str, bool]], bool] | str = _any_pipeline
+    detect: Callable[[Mapping[str, Any]], bool] | str = _any_pipeline
     priority: int = 0
     options: Mapping[str, str] | None = None
     lora_targets: tuple[str, ...] = DEFAULT_TARGET_MODULES
@@ -120,7 +129,7 @@ class Backbone:
         options = {p.name: p.name for p in build_parameters(self.build)} if self.options is None else self.options
         object.__setattr__(self, "options", MappingProxyType(dict(options)))
 
-    def accepts(self, components: Mapping[str, bool]) -> bool:
+    def accepts(self, components: Mapping[str, Any]) -> bool:
         """Whether the detection rule takes a pipeline with these components (name → present)."""
         if isinstance(self.detect, str):
             return bool(components.get(self.detect))
@@ -208,7 +217,7 @@ def get_backbone(name: str) -> Backbone:
     )
 
 
-def backbone_of_components(components: Mapping[str, bool]) -> Backbone:
+def backbone_of_components(components: Mapping[str, Any]) -> Backbone:
     """The backbone of a pipeline with these components (name → present): the highest-priority rule that accepts."""
     load_plugins()
     for backbone in _by_priority():
@@ -220,9 +229,35 @@ def backbone_of_components(components: Mapping[str, bool]) -> Backbone:
     )
 
 
+def _index_components(model_index: Mapping[str, Any]) -> dict[str, Any]:
+    """Component name → its class name (``model_index.json``'s ``[library, class]``), or whether it is present."""
+    out: dict[str, Any] = {}
+    for name, entry in model_index.items():
+        if name.startswith("_"):
+            continue
+        is_pair = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)
+        out[name] = entry[1] if is_pair else present(entry)
+    return out
+
+
+def _folder_components(folder: Path) -> dict[str, Any]:
+    """Component name → class name of a local pipeline folder: each subfolder's ``config.json`` ``_class_name``,
+    else the folder's ``model_index.json`` entry, else just present (``True``)."""
+    index_path = folder / "model_index.json"
+    index = _index_components(json.loads(index_path.read_text())) if index_path.is_file() else {}
+    out: dict[str, Any] = {}
+    for entry in folder.iterdir():
+        if not entry.is_dir():
+            continue
+        config = entry / "config.json"
+        name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+        out[entry.name] = name or index.get(entry.name) or True
+    return out
+
+
 def backbone_of_index(model_index: Mapping[str, Any]) -> str:
     """The backbone name of a pipeline's ``model_index.json`` (a ``null`` / ``[null, null]`` entry is absent)."""
-    return backbone_of_components({name: present(entry) for name, entry in model_index.items()}).name
+    return backbone_of_components(_index_components(model_index)).name
 
 
 def detect_backbone(
@@ -232,7 +267,7 @@ def detect_backbone(
     location, is_local = resolve_pretrained(pretrained)
     if not is_local:
         return backbone_of_index(hub_model_index(location, revision, local_files_only))
-    return backbone_of_components({entry.name: True for entry in Path(location).iterdir() if entry.is_dir()}).name
+    return backbone_of_components(_folder_components(Path(location))).name
 
 
 def resolve_backbone(

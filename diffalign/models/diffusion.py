@@ -155,6 +155,21 @@ class DiffusionAdapter(ABC):
         # contiguous: a channels_last VAE returns NHWC latents, which would carry its layout into the denoiser
         return (latents * self.vae.config.scaling_factor).contiguous()
 
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Pixels (N, 3, H, W), nominally in [-1, 1], of latents ``x0``: the inverse of :meth:`encode_images`,
+        ``vae.decode(x0 / scaling_factor + shift_factor)`` (SD: no shift), in the VAE's dtype; the identity in pixel
+        space. Keeps gradients (reward back-propagation decodes through it). A backbone with its own latent
+        normalisation overrides this together with :meth:`encode_images`."""
+        if self.vae is None:
+            return latents
+        vae = self.vae
+        param = next(vae.parameters())
+        z = latents.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:
+            z = z + shift
+        return vae.decode(z).sample
+
     # ----- shared parts -----
 
     @property
@@ -185,6 +200,12 @@ class DiffusionAdapter(ABC):
         """Standard normal noise of shape (len(indices), *shape_per_sample), float32, from NOISE-stream generators."""
         noise = per_sample_normal(tuple(shape_per_sample), seed, epoch, indices, NOISE)
         return noise.to(self.device if device is None else device)
+
+    def combine_guidance(self, uncond_out: Tensor, cond_out: Tensor, scale: float) -> Tensor:
+        """Classifier-free guidance of the unconditional and conditional outputs at guidance scale ``scale``:
+        ``u + scale·(c − u)``. A backbone whose pipeline guides differently (Qwen-Image's renormalised true CFG)
+        overrides it."""
+        return uncond_out + scale * (cond_out - uncond_out)
 
     def predict(self, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """The denoiser's output at ``x_t`` (in the model's dtype); grad is the caller's business."""
@@ -335,8 +356,7 @@ class SDAdapter(DiffusionAdapter):
         """CLIP token ids (N, model_max_length): padding "max_length", truncation, no attention mask."""
         if self.tokenizer is None:
             raise RuntimeError("SDAdapter has no tokenizer; pass tokenizer= (or load with load_sd_adapter)")
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
+        prompts = check_prompts(prompts)
         return self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -425,6 +445,24 @@ class SDAdapter(DiffusionAdapter):
             encoder_hidden_states=hidden.to(device=param.device, dtype=param.dtype),
             return_dict=False,
         )[0]
+
+
+def check_prompts(prompts: Any) -> list[str]:
+    """``prompts`` as a list of str (a single string or a non-string item is a TypeError)."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
+    return list(prompts)
+
+
+def check_conditioning(cond: Mapping[str, Tensor], keys: Sequence[str], rows: int, label: str) -> None:
+    """``cond`` holds every one of ``keys`` with one row per sample (``rows``); else a KeyError / ValueError naming
+    the backbone (``label``) and the key."""
+    missing = set(keys) - set(cond)
+    if missing:
+        raise KeyError(f"{label} conditioning is missing {sorted(missing)}; got keys {sorted(cond)}")
+    for key in keys:
+        if cond[key].shape[0] != rows:
+            raise ValueError(f"{key} has {cond[key].shape[0]} rows but x_t has {rows}; one per sample")
 
 
 def _check_prediction_type(prediction_type: str) -> None:

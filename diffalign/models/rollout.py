@@ -6,12 +6,15 @@ stored step with the current weights — with the same batch, dtype and code pat
 1 in fp32 (tests check it bit for bit).
 
 * Classifier-free guidance: ``v = v_u + w·(v_c − v_u)`` from one forward of the concatenated ``[uncond; cond]``
-  batch (empty negative prompt), in rollouts and in training (flow_grpo's ``train.cfg``); ``w = 1`` skips it.
+  batch (empty negative prompt), in rollouts and in training (flow_grpo's ``train.cfg``); ``w = 1`` skips it. The
+  combination is the adapter's :meth:`~diffalign.models.diffusion.DiffusionAdapter.combine_guidance` (Qwen-Image
+  renormalises it).
 * Randomness is addressed per sample: initial noise ``per_sample_normal(seed, epoch=0, index)`` and step ``k``'s
   noise ``per_sample_normal(seed, epoch=k + 1, index)``, so images do not depend on batch size or process count.
   ``noise_indices`` lets a group share its initial noise (flow_grpo ``same_latent``, DanceGRPO ``init_same_noise``).
 * Windowed SDE (Flow-GRPO-Fast): only steps ``window`` are stochastic (and trained); the rest run the ODE.
-* Schedules: flow models use their ``FlowMatchEulerDiscreteScheduler`` (its shift) with ``steps`` sigmas; DDPM
+* Schedules: flow models use their pipeline's (:meth:`~diffalign.models.flow.FlowMatchingAdapter.sampling_schedule`:
+  the static shift, or FLUX's resolution-dependent one) with ``steps`` sigmas; DDPM
   models use ``DDIMScheduler`` timesteps built from the adapter's scheduler config, ``t_prev = max(t − T/steps, 0)``.
 """
 
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler
 from torch import Tensor
 
 from diffalign.models.diffusion import DiffusionAdapter
@@ -83,10 +86,9 @@ def build_schedule(adapter: DiffusionAdapter, settings: SamplerSettings) -> Sche
             f"sampler kind {settings.kind!r} does not fit a {'flow' if is_flow(adapter) else 'DDPM'} model: use one of "
             f"{FLOW_KINDS if is_flow(adapter) else ('ddim',)}"
         )
-    if is_flow(adapter):
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(adapter.scheduler.config)
-        scheduler.set_timesteps(settings.steps)
-        return Schedule(timesteps=scheduler.timesteps.float().cpu(), sigmas=scheduler.sigmas.float().cpu())
+    if is_flow(adapter):  # the backbone's pipeline schedule (static shift, or FLUX's resolution-dependent mu)
+        timesteps, sigmas = adapter.sampling_schedule(settings.steps, settings.resolution)
+        return Schedule(timesteps=timesteps, sigmas=sigmas)
     scheduler = DDIMScheduler.from_config(adapter.scheduler.config)
     scheduler.set_timesteps(settings.steps)
     timesteps = scheduler.timesteps.long().cpu()
@@ -149,7 +151,8 @@ def guided_prediction(
     uncond: dict[str, Tensor] | None,
     guidance_scale: float,
 ) -> Tensor:
-    """The (guided) denoiser output at ``x``: one forward of ``[uncond; cond]`` when ``uncond`` is given.
+    """The (guided) denoiser output at ``x``: one forward of ``[uncond; cond]`` when ``uncond`` is given, combined by
+    ``adapter.combine_guidance`` (standard CFG unless the backbone guides otherwise).
 
     ``timestep``: one for the batch or one per sample. ``uncond`` may hold one row (the empty prompt), broadcast to the
     batch; keys it lacks (data conditioning such as SDXL's time ids from a training batch) are taken from ``cond``."""
@@ -159,10 +162,16 @@ def guided_prediction(
         timesteps = timesteps.expand(n)
     if uncond is None or guidance_scale == 1.0:
         return adapter.predict(x, timesteps, cond)
+    if not getattr(adapter, "uses_cfg", True):
+        raise ValueError(
+            f"{type(adapter).__name__} is guidance-distilled (its guidance is an embedding, model.guidance): set the "
+            f"sampler's guidance scale to 1 (online.guidance_scale, soar.cfg_scale, sail.guidance_scale), not "
+            f"{guidance_scale}"
+        )
     unc = {k: uncond[k].expand(n, *uncond[k].shape[1:]) if k in uncond else cond[k] for k in cond}
     both = {k: torch.cat([unc[k], cond[k]]) for k in cond}
     out_u, out_c = adapter.predict(torch.cat([x, x]), torch.cat([timesteps, timesteps]), both).chunk(2)
-    return out_u + guidance_scale * (out_c - out_u)
+    return adapter.combine_guidance(out_u, out_c, guidance_scale)
 
 
 def conditioning(adapter: DiffusionAdapter, prompts: Sequence[str], resolution: int) -> dict[str, Tensor]:
@@ -198,17 +207,9 @@ class Trajectory:
 
 
 def latents_to_images(adapter: DiffusionAdapter, latents: Tensor) -> Tensor:
-    """Decode to float images in [0, 1] (pixel-space models: ``(x + 1)/2``); keeps gradients if ``latents`` has them."""
-    if adapter.vae is None:
-        pixels = latents
-    else:
-        vae = adapter.vae
-        param = next(vae.parameters())
-        z = latents.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift is not None:
-            z = z + shift
-        pixels = vae.decode(z).sample
+    """Decode to float images in [0, 1]: ``(adapter.decode_latents(latents) + 1) / 2`` clamped (pixel-space models:
+    ``(x + 1)/2``); keeps gradients if ``latents`` has them."""
+    pixels = adapter.decode_latents(latents)
     return ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 

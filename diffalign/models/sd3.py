@@ -1,16 +1,9 @@
 """SD3 adapter: an MMDiT ``SD3Transformer2DModel`` trained by rectified flow matching.
 
-Quantities (diffusers' ``examples/dreambooth/train_dreambooth_sd3.py``, ``yifan123/flow_grpo``
-``scripts/train_sd3_dpo.py``), with σ ∈ (0, 1] and the transformer's timestep ``t = σ·T``:
-
-    x_t    = (1 − σ)·x0 + σ·ε                    (FlowMatchEulerDiscreteScheduler.scale_noise)
-    target = v = ε − x0
-    L(x)   = mean_{c,h,w} (v_θ(x_t, t, c) − v)²   (fp32)
-
-Timesteps are drawn from SD3's training density (``compute_density_for_timestep_sampling``: logit-normal with mean 0
-and std 1 by default, or ``mode`` / ``uniform``) and mapped onto the scheduler's discrete, shifted schedule exactly as
-diffusers does: ``index = int(u·T)``, ``t = scheduler.timesteps[index]``, ``σ = t / T``. The shift is the scheduler
-config's (3.0 for SD3 / SD3.5). Each pair index has its own generator, so a pair shares its timestep.
+Noising, target, training timesteps and sampling schedules are the shared flow layer's
+(:mod:`diffalign.models.flow`, as diffusers' ``examples/dreambooth/train_dreambooth_sd3.py`` and ``yifan123/flow_grpo``
+``scripts/train_sd3_dpo.py``): ``x_t = (1 − σ)·x0 + σ·ε``, target ``v = ε − x0``, the transformer's timestep
+``t = σ·T`` on the scheduler's shifted grid (shift 3.0 for SD3 / SD3.5).
 
 Text conditioning is ``StableDiffusion3Pipeline.encode_prompt``: ``hidden_states[-2]`` of CLIP-L and CLIP-G,
 concatenated on features and zero-padded to the T5 width, then concatenated on the sequence axis with the T5
@@ -29,23 +22,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch import Tensor
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
 from diffalign.models.backbones import BUILTIN_CACHE_OPTIONS, Backbone, backbone_loader, register_backbone
 from diffalign.models.components import Source, eval_modules
-from diffalign.models.diffusion import DiffusionAdapter, unwrap
-from diffalign.utils.randomness import TIMESTEP, sample_generator
+from diffalign.models.diffusion import check_conditioning, check_prompts, unwrap
+from diffalign.models.flow import FlowMatchingAdapter, check_flow_prediction
 
-TIMESTEP_DENSITIES = ("logit_normal", "mode", "uniform")
 #: The subfolders an SD3 pipeline folder must have (a VAE and T5, ``text_encoder_3`` / ``tokenizer_3``, are optional).
 SUBFOLDERS = ("transformer", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
-class SD3Adapter(DiffusionAdapter):
+class SD3Adapter(FlowMatchingAdapter):
     """Stable Diffusion 3 / 3.5: ``SD3Transformer2DModel`` + ``FlowMatchEulerDiscreteScheduler`` (+ VAE, 2–3 text
-    encoders). Without a VAE the transformer works on pixels (the toy flow model)."""
+    encoders) on the shared flow layer (:class:`~diffalign.models.flow.FlowMatchingAdapter`). Without a VAE the
+    transformer works on pixels (the toy flow model)."""
 
     def __init__(
         self,
@@ -60,98 +52,25 @@ class SD3Adapter(DiffusionAdapter):
         tokenizer_2: Any | None = None,
         tokenizer_3: Any | None = None,
         max_sequence_length: int = 77,
-        timestep_density: str = "logit_normal",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-        mode_scale: float = 1.29,
+        **training: Any,
     ) -> None:
-        super().__init__(transformer, vae=vae)
-        if timestep_density not in TIMESTEP_DENSITIES:
-            raise ValueError(f"timestep_density={timestep_density!r}: expected one of {TIMESTEP_DENSITIES}")
+        super().__init__(transformer, scheduler, vae=vae, **training)
         if max_sequence_length < 1:
             raise ValueError(f"max_sequence_length={max_sequence_length}: must be positive")
-        # a private copy: set_timesteps during sampling elsewhere must not change the training schedule
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
         self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoder, text_encoder_2, text_encoder_3
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
         self.max_sequence_length = max_sequence_length
-        self.timestep_density = timestep_density
-        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
         for frozen in (text_encoder, text_encoder_2, text_encoder_3):
             if frozen is not None:
                 frozen.requires_grad_(False)
 
-    denoiser_subfolder = "transformer"
     pipeline_class_name = "StableDiffusion3Pipeline"
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, *self._text_modules()) if m is not None]
 
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
-
-    @property
-    def prediction_type(self) -> str:
-        return "flow"
-
     def _text_modules(self) -> tuple[torch.nn.Module | None, ...]:
         return self.text_encoder, self.text_encoder_2, self.text_encoder_3
-
-    # ----- timesteps and noising -----
-
-    def sample_timesteps(
-        self, seed: int, epoch: int, indices: Sequence[int], *, device: torch.device | str | None = None
-    ) -> Tensor:
-        """SD3 training timesteps ``t = scheduler.timesteps[int(u·T)]`` (float32, (N,)), one per index, ``u`` from
-        the configured density drawn with the index's own TIMESTEP-stream generator."""
-        u = torch.cat(
-            [
-                compute_density_for_timestep_sampling(
-                    self.timestep_density,
-                    1,
-                    logit_mean=self.logit_mean,
-                    logit_std=self.logit_std,
-                    mode_scale=self.mode_scale,
-                    generator=sample_generator(seed, epoch, int(i), TIMESTEP),
-                )
-                for i in indices
-            ]
-        )
-        index = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
-        timesteps = self.scheduler.timesteps[index].float()
-        return timesteps.to(self.device if device is None else device)
-
-    def sigmas(self, timesteps: Tensor) -> Tensor:
-        """σ = t / T (float32, (N,)): the scheduler's sigma at each of its own timesteps."""
-        return timesteps.float() / self.num_train_timesteps
-
-    def _sigma_like(self, timesteps: Tensor, like: Tensor) -> Tensor:
-        return self.sigmas(timesteps).to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
-
-    def noise_coefficients(self, timesteps: Tensor) -> tuple[Tensor, Tensor]:
-        """``(1 − σ, σ)``, float32 ``(N,)``."""
-        sigma = self.sigmas(timesteps)
-        return 1.0 - sigma, sigma
-
-    def training_grid(self) -> Tensor:
-        """The scheduler's ``T`` training timesteps (shifted grid, descending; float32)."""
-        return self.scheduler.timesteps.float().to(self.device)
-
-    def clean_and_noise(self, x_t: Tensor, prediction: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
-        """``x̂0 = x_t − σ·v``, ``ε̂ = x_t + (1 − σ)·v``."""
-        sigma = self._sigma_like(timesteps, x_t)
-        x_t, prediction = x_t.float(), prediction.float()
-        return x_t - sigma * prediction, x_t + (1.0 - sigma) * prediction
-
-    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """x_t = (1 − σ)·x0 + σ·ε in float32."""
-        sigma = self._sigma_like(timesteps, x0)
-        return (1.0 - sigma) * x0.float() + sigma * noise.float()
-
-    def target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """The flow-matching velocity v = ε − x0 (float32); it does not depend on the timestep."""
-        return noise.float() - x0.float()
 
     # ----- encoders -----
 
@@ -159,8 +78,7 @@ class SD3Adapter(DiffusionAdapter):
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         """``{"encoder_hidden_states": (N, 77 + max_sequence_length, D), "pooled_projections": (N, P)}``
         (:func:`sd3_prompt_embeds`)."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
+        prompts = check_prompts(prompts)
         clips = [(self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2)]
         if any(enc is None or tok is None for enc, tok in clips):
             raise RuntimeError("SD3Adapter needs text_encoder/tokenizer and text_encoder_2/tokenizer_2 (load_adapter)")
@@ -178,13 +96,8 @@ class SD3Adapter(DiffusionAdapter):
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def _denoise(self, model: torch.nn.Module, x_t: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        missing = {"encoder_hidden_states", "pooled_projections"} - set(cond)
-        if missing:
-            raise KeyError(f"SD3 conditioning is missing {sorted(missing)}; got keys {sorted(cond)}")
+        check_conditioning(cond, ("encoder_hidden_states", "pooled_projections"), x_t.shape[0], "SD3")
         param = next(unwrap(model).parameters())
-        for key in ("encoder_hidden_states", "pooled_projections"):
-            if cond[key].shape[0] != x_t.shape[0]:
-                raise ValueError(f"{key} has {cond[key].shape[0]} rows but x_t has {x_t.shape[0]}; one per sample")
         return model(
             hidden_states=x_t.to(device=param.device, dtype=param.dtype),
             timestep=timesteps.to(param.device),
@@ -252,8 +165,7 @@ def build_sd3(
 
     ``prediction_type`` may only be ``None`` or ``"flow"``: SD3 always predicts the flow velocity (the argument is
     there so that ``model.prediction_type`` reaches every backbone's loader the same way)."""
-    if prediction_type not in (None, "flow"):
-        raise ValueError(f"prediction_type={prediction_type!r} does not apply to SD3 (a flow-matching model)")
+    check_flow_prediction(prediction_type, "SD3")
     vae = src.vae()
     transformer = src.diffusers(SD3Transformer2DModel, "transformer")
     text_encoder = src.transformers(CLIPTextModelWithProjection, "text_encoder")

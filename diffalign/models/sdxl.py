@@ -33,7 +33,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 from diffalign.models import sd  # its names are read at call time: backbones may import this module before sd's end
 from diffalign.models.backbones import BUILTIN_CACHE_OPTIONS, Backbone, backbone_loader, register_backbone
 from diffalign.models.components import Source
-from diffalign.models.diffusion import SDAdapter, unwrap
+from diffalign.models.diffusion import SDAdapter, check_prompts, unwrap
 
 TIME_ID_CONVENTIONS = ("constant", "from_data")
 #: The subfolders an SDXL pipeline folder must have (a VAE is optional).
@@ -85,8 +85,7 @@ class SDXLAdapter(SDAdapter):
         """Token ids of both tokenizers, each padded to its ``model_max_length`` and truncated."""
         if self.tokenizer is None or self.tokenizer_2 is None:
             raise RuntimeError("SDXLAdapter needs tokenizer and tokenizer_2 (load with load_adapter)")
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
+        prompts = check_prompts(prompts)
         return tuple(  # type: ignore[return-value]
             tok(
                 list(prompts),
