@@ -143,6 +143,29 @@ class FlowMatchingAdapter(DiffusionAdapter):
     text_pipeline_class: type | None = None
     text_components: tuple[str, ...] = ("text_encoder", "tokenizer")
 
+    #: The most text tokens the backbone's pipeline takes (``None``: no limit).
+    max_text_tokens: int | None = None
+
+    def hold_text(self, max_sequence_length: int, **parts: Any) -> None:
+        """Keep the text encoders and tokenizers ``parts`` (:attr:`text_components`) as attributes, the encoders
+        frozen, and the text length, checked against :attr:`max_text_tokens`."""
+        limit = self.max_text_tokens
+        if max_sequence_length < 1 or (limit is not None and max_sequence_length > limit):
+            raise ValueError(
+                f"max_sequence_length={max_sequence_length}: {type(self).__name__} takes 1 to {limit or 'any'} "
+                "text tokens"
+            )
+        for name, part in parts.items():
+            setattr(self, name, part)
+            if isinstance(part, torch.nn.Module):
+                part.requires_grad_(False)
+        self.max_sequence_length = int(max_sequence_length)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """The VAE and the text encoders among :attr:`text_components`."""
+        parts = (self.vae, *(getattr(self, name, None) for name in self.text_components))
+        return [m for m in parts if isinstance(m, torch.nn.Module)]
+
     def text_pipeline(self) -> Any:
         """The backbone's pipeline holding only the scheduler and :attr:`text_components` (no VAE, no transformer),
         built once: the adapter encodes prompts with its own ``encode_prompt``, so conditioning cannot drift from

@@ -71,6 +71,7 @@ class FluxAdapter(FlowMatchingAdapter):
     uses_cfg = False
     pipeline_sigmas = True
     text_pipeline_class = FluxPipeline
+    max_text_tokens = 512  # FLUX's T5 (FluxPipeline._get_t5_prompt_embeds)
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     token_patch = 2
     packed_channels = True
@@ -91,17 +92,9 @@ class FluxAdapter(FlowMatchingAdapter):
         **training: Any,
     ) -> None:
         super().__init__(transformer, scheduler, vae=vae, **training)
-        if not 1 <= max_sequence_length <= 512:
-            raise ValueError(f"max_sequence_length={max_sequence_length}: FLUX's T5 takes 1 to 512 tokens")
-        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.max_sequence_length, self.guidance = max_sequence_length, float(guidance)
-        for frozen in (text_encoder, text_encoder_2):
-            if frozen is not None:
-                frozen.requires_grad_(False)
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
+        texts = {"text_encoder": text_encoder, "tokenizer": tokenizer}
+        self.hold_text(max_sequence_length, **texts, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        self.guidance = float(guidance)
 
     @property
     def guidance_embeds(self) -> bool:

@@ -93,6 +93,7 @@ class QwenImageAdapter(FlowMatchingAdapter):
 
     pipeline_sigmas = True
     text_pipeline_class = QwenImagePipeline
+    max_text_tokens = MAX_TEXT_TOKENS
     token_patch = 2
     packed_channels = True
     pipeline_class_name = "QwenImagePipeline"
@@ -109,19 +110,9 @@ class QwenImageAdapter(FlowMatchingAdapter):
         **training: Any,
     ) -> None:
         super().__init__(transformer, scheduler, vae=vae, **training)
-        if not 1 <= max_sequence_length <= MAX_TEXT_TOKENS:
-            raise ValueError(
-                f"max_sequence_length={max_sequence_length}: Qwen-Image takes 1 to {MAX_TEXT_TOKENS} text tokens"
-            )
         if getattr(unwrap(transformer).config, "guidance_embeds", False):
             raise ValueError("a guidance-distilled Qwen-Image transformer (guidance_embeds=true) is not supported")
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.max_sequence_length = max_sequence_length
-        if text_encoder is not None:
-            text_encoder.requires_grad_(False)
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.vae, self.text_encoder) if m is not None]
+        self.hold_text(max_sequence_length, text_encoder=text_encoder, tokenizer=tokenizer)
 
     # ----- latents and the VAE -----
 

@@ -83,15 +83,7 @@ class ZImageAdapter(FlowMatchingAdapter):
         **training: Any,
     ) -> None:
         super().__init__(transformer, scheduler, vae=vae, **training)
-        if max_sequence_length < 1:
-            raise ValueError(f"max_sequence_length={max_sequence_length}: Z-Image needs at least 1 caption token")
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.max_sequence_length = int(max_sequence_length)
-        if text_encoder is not None:
-            text_encoder.requires_grad_(False)
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.vae, self.text_encoder) if m is not None]
+        self.hold_text(max_sequence_length, text_encoder=text_encoder, tokenizer=tokenizer)
 
     # ----- latents and schedule -----
 
