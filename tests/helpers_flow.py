@@ -15,7 +15,7 @@ from diffalign.models.rollout import SamplerSettings, Trajectory, build_schedule
 def add_perturbed_lora(adapter: DiffusionAdapter, targets: Sequence[str], *, rank: int = 4, std: float = 0.05) -> None:
     """A LoRA on ``targets`` whose B matrices are drawn N(0, std²) from one seeded generator (B = 0 at init would be a
     no-op), in parameter order, so the weights are the same in every process."""
-    add_lora(adapter.denoiser, rank=rank, target_modules=tuple(targets))
+    add_lora(adapter.denoiser, rank=rank, target_modules=tuple(targets), exclude_modules=adapter.unused_modules())
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in adapter.denoiser.named_parameters():

@@ -1,6 +1,6 @@
-"""The offline trainer on SDXL, SD3 and FLUX.1: every method runs through the same code, LoRA outputs load into
-diffusers' own pipelines, SDXL's data-derived time ids survive the cache, and 2 processes give the 1-process
-result."""
+"""The offline trainer on SDXL, SD3, FLUX.1, Qwen-Image and Z-Image: every method runs through the same code, LoRA
+outputs load into diffusers' own pipelines, SDXL's data-derived time ids survive the cache, and 2 processes give the
+1-process result."""
 
 from __future__ import annotations
 
@@ -9,22 +9,39 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
+from diffusers import (
+    FluxPipeline,
+    QwenImagePipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionXLPipeline,
+    ZImagePipeline,
+)
 from helpers_config import tiny_lora_config
 from safetensors.torch import load_file
 
 from diffalign.config import Config
 from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
 from diffalign.models.tiny_flux import save_tiny_flux_pipeline
+from diffalign.models.tiny_qwen_image import save_tiny_qwen_image_pipeline
 from diffalign.models.tiny_sd3 import SD3_LORA_TARGETS, save_tiny_sd3_pipeline
 from diffalign.models.tiny_sdxl import save_tiny_sdxl_pipeline
+from diffalign.models.tiny_z_image import save_tiny_z_image_pipeline
 from diffalign.trainers.checkpointing import list_checkpoints
 from diffalign.trainers.metrics import read_metrics
 from diffalign.trainers.run import train
 
 REPO = Path(__file__).resolve().parents[1]
-BETA = {"sdxl": 5000.0, "sd3": 100.0, "flux": 100.0}
-PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+BETA = {"sdxl": 5000.0, "sd3": 100.0, "flux": 100.0, "qwen_image": 100.0, "z_image": 100.0}
+PIPELINES = {
+    "sdxl": StableDiffusionXLPipeline,
+    "sd3": StableDiffusion3Pipeline,
+    "flux": FluxPipeline,
+    "qwen_image": QwenImagePipeline,
+    "z_image": ZImagePipeline,
+}
+ALL = ["sdxl", "sd3", "flux", "qwen_image", "z_image"]
+# the 2-process runs of the newest flow backbones are kept out of CI's time budget (marked slow, still runnable)
+MULTI = ["sdxl", "sd3", "flux", *(pytest.param(b, marks=pytest.mark.slow) for b in ("qwen_image", "z_image"))]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +51,8 @@ def models(tmp_path_factory) -> dict[str, str]:
         "sdxl": str(save_tiny_sdxl_pipeline(root / "sdxl")),
         "sd3": str(save_tiny_sd3_pipeline(root / "sd3")),
         "flux": str(save_tiny_flux_pipeline(root / "flux")),
+        "qwen_image": str(save_tiny_qwen_image_pipeline(root / "qwen_image")),
+        "z_image": str(save_tiny_z_image_pipeline(root / "z_image")),
     }
 
 
@@ -56,11 +75,12 @@ def make_config(backbone: str, model: str, data: str, out: Path, method: str = "
         cfg.lora.target_modules = list(SD3_LORA_TARGETS)
     if backbone == "flux":  # guidance-distilled: its guidance is model.guidance, never CFG (LoRA: FLUX's targets)
         cfg.soar.cfg_scale = 1.0
+    if backbone in ("flux", "qwen_image", "z_image"):
         cfg.model.max_sequence_length = 32
     return cfg
 
 
-@pytest.mark.parametrize("backbone", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("backbone", ALL)
 @pytest.mark.parametrize("method", ["dpo", "dcpo", "mapo", "sft", "soar"])
 def test_every_method_trains_on_every_backbone(backbone, method, models, pairs, tmp_path):
     cfg = make_config(backbone, models[backbone], pairs, tmp_path / "run", method)
@@ -73,7 +93,7 @@ def test_every_method_trains_on_every_backbone(backbone, method, models, pairs, 
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
 
 
-@pytest.mark.parametrize("backbone", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("backbone", ALL)
 def test_lora_output_loads_into_the_diffusers_pipeline(backbone, models, pairs, tmp_path):
     train(make_config(backbone, models[backbone], pairs, tmp_path / "run"))
     no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if backbone == "sd3" else {}  # as diffusers documents
@@ -121,7 +141,7 @@ def test_sdxl_time_ids_from_data_are_cached_like_uncached(models, pairs, tmp_pat
     assert runs[True][0] == pytest.approx(math.log(2), abs=1e-6)
 
 
-@pytest.mark.parametrize("backbone", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("backbone", MULTI)
 def test_two_processes_match_one_process(backbone, models, pairs, tmp_path, run_train_script):
     common = [
         f"model.pretrained={models[backbone]}",
@@ -138,7 +158,7 @@ def test_two_processes_match_one_process(backbone, models, pairs, tmp_path, run_
     ]
     if backbone == "sd3":
         common.append(f"lora.target_modules=[{','.join(SD3_LORA_TARGETS)}]")
-    if backbone == "flux":
+    if backbone in ("flux", "qwen_image", "z_image"):
         common.append("model.max_sequence_length=32")
     common = ["--config", str(REPO / "configs" / "toy" / "dpo.yaml"), *common]
     # 1 process x 2 accumulation steps: bit for bit the 2-process run (test_offline_trainer explains why)
@@ -164,7 +184,7 @@ def test_two_processes_match_one_process(backbone, models, pairs, tmp_path, run_
         assert [r[key] for r in metrics[0]] == [r[key] for r in metrics[1]], key
 
 
-@pytest.mark.parametrize("backbone", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("backbone", ALL)
 def test_soar_with_lambda_zero_is_the_sft_loss(backbone, models, pairs, tmp_path):
     losses = {}
     for method in ("sft", "soar"):

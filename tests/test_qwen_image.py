@@ -239,3 +239,18 @@ def test_flow_grpo_with_true_cfg_runs_on_qwen_image(qwen_dirs, tmp_path):
     train(load_config(path, overrides))
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+def test_every_trained_parameter_gets_a_gradient(qwen_dirs):
+    """DDP needs a gradient for every trained parameter: the last block's text-output layers, whose output the
+    transformer discards, are left out of the LoRA (and frozen under a full fine-tune)."""
+    adapter = _adapter(qwen_dirs["model"])
+    unused = adapter.unused_modules()
+    assert unused and all(name.startswith("transformer_blocks.1.") for name in unused)  # the tiny model has 2 blocks
+    add_perturbed_lora(adapter, (*QWEN_IMAGE_LORA_TARGETS, "txt_mlp.net.2"))
+    excluded = {n for n, _ in adapter.denoiser.named_parameters() if any(u in n for u in unused)}
+    assert not {n for n in excluded if "lora_" in n}  # no adapter on them
+    x, t = torch.randn(2, *adapter.latent_shape(RESOLUTION, RESOLUTION)), torch.tensor([500.0, 700.0])
+    adapter.predict(x, t, adapter.encode_prompts(PROMPTS)).float().pow(2).mean().backward()
+    missing = [n for n, p in adapter.denoiser.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []

@@ -88,6 +88,12 @@ class DiffusionAdapter(ABC):
         """The frozen encoders the adapter holds (VAE, text encoders), for device / dtype placement."""
         return []
 
+    def unused_modules(self) -> tuple[str, ...]:
+        """Full names of denoiser modules whose outputs never reach the prediction (so they never get a gradient):
+        LoRA leaves them out and a full fine-tune freezes them, since DDP wants a gradient for every trained
+        parameter. Empty for most backbones."""
+        return ()
+
     @abstractmethod
     def noise_coefficients(self, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         """``(a_t, b_t)``, float32 ``(N,)``, with ``add_noise(x0, ε, t) = a_t·x0 + b_t·ε``."""

@@ -42,8 +42,12 @@ def add_lora(
     init: str | bool = "gaussian",
     dropout: float = 0.0,
     adapter_name: str = "default",
+    exclude_modules: Sequence[str] = (),
 ) -> list[torch.nn.Parameter]:
     """Freeze ``unet`` and attach a LoRA adapter (scale alpha/rank; ``alpha=None`` means alpha = rank).
+
+    ``exclude_modules``: full module names the target names match but that get no adapter (peft's
+    ``exclude_modules``): the backbone's modules whose outputs never reach the prediction.
 
     ``init`` is peft's ``init_lora_weights`` ("gaussian" as diffusers' scripts, True for peft's Kaiming default).
     Returns the trainable LoRA parameters (float32), ready for an optimizer.
@@ -57,6 +61,7 @@ def add_lora(
         lora_alpha=rank if alpha is None else alpha,
         init_lora_weights=init,
         target_modules=list(target_modules),
+        exclude_modules=list(exclude_modules) or None,
         lora_dropout=dropout,
     )
     bare.add_adapter(config, adapter_name=adapter_name)

@@ -114,6 +114,13 @@ class QwenImageAdapter(FlowMatchingAdapter):
             raise ValueError("a guidance-distilled Qwen-Image transformer (guidance_embeds=true) is not supported")
         self.hold_text(max_sequence_length, text_encoder=text_encoder, tokenizer=tokenizer)
 
+    def unused_modules(self) -> tuple[str, ...]:
+        """The last block's text-stream output layers: its text output is discarded
+        (``QwenImageTransformer2DModel.forward`` keeps only the image tokens after the last block), so they never get
+        a gradient."""
+        last = f"transformer_blocks.{len(unwrap(self.denoiser).transformer_blocks) - 1}"
+        return tuple(f"{last}.{name}" for name in ("attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2"))
+
     # ----- latents and the VAE -----
 
     @property

@@ -11,7 +11,7 @@ import torch
 
 from diffalign.models.backbones import backbone_for
 from diffalign.models.components import ModelNotFoundError
-from diffalign.models.diffusion import DiffusionAdapter
+from diffalign.models.diffusion import DiffusionAdapter, unwrap
 from diffalign.models.export import pipeline_base, write_pipeline_folder
 from diffalign.models.loading import adapter_from_config
 from diffalign.models.lora import add_lora, save_lora
@@ -58,12 +58,17 @@ class DiffusionPolicyMixin:
                 alpha=self.config.lora.alpha,
                 target_modules=self.lora_targets(adapter),
                 init=self.config.lora.init,
+                exclude_modules=adapter.unused_modules(),
             )
             for p in denoiser.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
         else:
             denoiser.requires_grad_(True)
+            unused = set(adapter.unused_modules())
+            for name, module in unwrap(denoiser).named_modules():
+                if name in unused:
+                    module.requires_grad_(False)  # no gradient ever reaches it
         self.reference = None
         if needs_reference:  # full fine-tune: still on the CPU, so that an offloaded copy never occupies the device
             self.reference = build_reference(
