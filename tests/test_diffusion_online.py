@@ -264,3 +264,19 @@ def test_direct_reward_raises_the_reward_on_sd(tiny_dirs, tmp_path):
     logged = _metrics(tmp_path)
     first, last = sum(m["reward"] for m in logged[:2]) / 2, sum(m["reward"] for m in logged[-2:]) / 2
     assert last > first
+
+
+def test_online_sigma_schedule_picks_the_dance_or_the_pipeline_grid(tiny_dirs, tmp_path):
+    from diffalign.models.sampling import dance_sigmas
+
+    grids = {}
+    for choice in ("null", "pipeline", "dance"):
+        config = _config(tiny_dirs, tmp_path / choice, "online.sampler=dance", f"online.sigma_schedule={choice}")
+        trainer = DiffusionGRPOTrainer(config)
+        trainer.build()
+        grids[choice] = trainer.schedule.sigmas
+    _, pipeline_sigmas = trainer.adapter.sampling_schedule(3, 16)
+    _, dance = dance_sigmas(3, float(trainer.adapter.scheduler.config.shift))
+    assert torch.equal(grids["pipeline"], pipeline_sigmas)
+    assert torch.equal(grids["null"], grids["dance"]) and torch.allclose(grids["dance"], dance, atol=0, rtol=0)
+    assert not torch.equal(grids["dance"], grids["pipeline"])

@@ -10,10 +10,12 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiff
 from helpers_adapters import sd3_adapter
 
 from diffalign.models.diffusion import SDAdapter
+from diffalign.models.flux import FluxAdapter
 from diffalign.models.rollout import SamplerSettings, build_schedule, conditioning, rollout, step_log_prob
-from diffalign.models.sampling import cps_step, dance_sde_step, ddim_step, flow_sde_step
+from diffalign.models.sampling import cps_step, dance_sde_step, dance_sigmas, ddim_step, flow_sde_step
 from diffalign.models.sd3 import SD3Adapter
 from diffalign.models.tiny import tiny_sd_components
+from diffalign.models.tiny_flux import tiny_flux_components
 from diffalign.models.tiny_sd3 import tiny_sd3_components
 
 
@@ -209,3 +211,72 @@ def test_ode_rollout_matches_the_diffusers_sd3_pipeline():
         max_sequence_length=77,
     ).images
     torch.testing.assert_close(traj.images, images.float(), rtol=0, atol=1e-4)
+
+
+def _dance_grid_by_hand(steps: int, shift: float) -> list[float]:
+    """DanceGRPO's ``sd3_time_shift(shift, linspace(1, 0, S + 1))``, element by element in Python floats."""
+    grid = [1.0 - k / steps for k in range(steps + 1)]
+    return [shift * s / (1.0 + (shift - 1.0) * s) for s in grid]
+
+
+def test_dance_sigmas_are_danceGRPOs_shifted_linspace_not_the_pipeline_grid():
+    timesteps, sigmas = dance_sigmas(16, 3.0)
+    expected = torch.tensor(_dance_grid_by_hand(16, 3.0))
+    assert sigmas.shape == (17,) and timesteps.shape == (16,)
+    torch.testing.assert_close(sigmas, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(timesteps, expected[:-1] * 1000, rtol=0, atol=1e-4)
+    assert sigmas[0].item() == 1.0 and sigmas[-1].item() == 0.0
+    pipeline = _flow_schedule(16, 3.0).sigmas  # SD3's set_timesteps grid
+    gap = (pipeline - sigmas).abs().max().item()
+    assert 0.15 < gap < 0.17, f"dance vs pipeline sigmas: max |difference| {gap:.4f}"
+    assert (pipeline - sigmas).abs().argmax().item() == 15, "the largest gap is the second-to-last sigma"
+    with pytest.raises(ValueError, match="dance_sigmas"):
+        dance_sigmas(0, 3.0)
+
+
+def test_build_schedule_gives_dance_its_grid_and_the_pipeline_grid_on_request():
+    adapter = _sd3_adapter(False)
+    dance = SamplerSettings(kind="dance", steps=16, guidance_scale=1.0, noise_level=0.3, resolution=32)
+    sde = SamplerSettings(kind="sde", steps=16, guidance_scale=1.0, resolution=32)
+    expected_t, expected_sigmas = dance_sigmas(16, 3.0)
+    schedule = build_schedule(adapter, dance)
+    assert torch.equal(schedule.sigmas, expected_sigmas) and torch.equal(schedule.timesteps, expected_t)
+    pipeline_t, pipeline_sigmas = adapter.sampling_schedule(16, 32)
+    for settings in (sde, dance):  # every other sampler keeps the pipeline grid; dance takes it when asked
+        chosen = build_schedule(adapter, settings, "pipeline" if settings.kind == "dance" else None)
+        assert torch.equal(chosen.sigmas, pipeline_sigmas) and torch.equal(chosen.timesteps, pipeline_t)
+    assert torch.equal(build_schedule(adapter, sde, "dance").sigmas, expected_sigmas)
+    with pytest.raises(ValueError, match="sigma schedule 'linear'"):
+        build_schedule(adapter, dance, "linear")
+
+
+def test_dance_grid_on_a_dynamically_shifted_scheduler_uses_the_static_config_shift():
+    c = tiny_flux_components()
+    adapter = FluxAdapter(c["transformer"], c["scheduler"])
+    assert adapter.scheduler.config.use_dynamic_shifting and adapter.scheduler.config.shift == 3.0
+    settings = SamplerSettings(kind="dance", steps=16, guidance_scale=1.0, noise_level=0.3, resolution=32)
+    schedule = build_schedule(adapter, settings)
+    torch.testing.assert_close(schedule.sigmas, torch.tensor(_dance_grid_by_hand(16, 3.0)), rtol=0, atol=1e-6)
+    pipeline = build_schedule(adapter, settings, "pipeline").sigmas  # FLUX's mu from the image size
+    assert (pipeline - schedule.sigmas).abs().max().item() > 0.05
+
+
+def test_a_dance_rollout_runs_on_its_grid_and_reevaluates_bit_for_bit():
+    torch.manual_seed(0)
+    adapter = _sd3_adapter(False)
+    settings = SamplerSettings(kind="dance", steps=6, guidance_scale=2.0, noise_level=0.3, resolution=32)
+    prompts = ["a red circle", "a blue square"]
+    traj = rollout(adapter, prompts, settings, seed=5, indices=[0, 1], keep_means=True)
+    _, sigmas = dance_sigmas(6, 3.0)
+    torch.testing.assert_close(traj.sqrt_dt, torch.sqrt(sigmas[:-1] - sigmas[1:]), rtol=1e-6, atol=0)
+    assert torch.equal(traj.std_dev_t, torch.full((6,), 0.3))
+    schedule = build_schedule(adapter, settings)
+    cond = conditioning(adapter, prompts, settings.resolution)
+    uncond = {k: v.expand(2, *v.shape[1:]) for k, v in conditioning(adapter, [""], settings.resolution).items()}
+    for k in range(settings.steps):
+        with torch.no_grad():
+            step = step_log_prob(
+                adapter, settings, schedule, k, traj.latents[:, k], traj.latents[:, k + 1], cond, uncond
+            )
+        assert torch.equal(step.log_prob, traj.log_probs[:, k]), k
+        assert torch.equal(step.mean, traj.means[:, k]), k

@@ -328,6 +328,12 @@ def grpo_guard_log_ratio(
     ``tests/test_policy_losses.py`` checks it).
     Source: ``scripts/train_sd3_GRPO_Guard.py`` (``config.rationorm``), read from the fork ``zhtmike/flow_grpo@2e2f712``
     that mirrors upstream ``yifan123/flow_grpo``; paper arXiv 2510.22319.
+
+    ``b`` here is per sample, as the paper writes it. The released code differs (verified in that file, the
+    ``config.rationorm`` branch of the training loop in ``main``, line 917 at 2e2f712): it takes
+    ``(μθ − μold)².mean(dim=tuple(range(1, log_prob.ndim)))`` with a 1-D ``log_prob``, i.e. ``.mean(dim=())``, which
+    torch reduces over every dimension — one bias, the mean over the whole micro-batch, added to every sample's
+    log-ratio.
     """
     fn = "grpo_guard_log_ratio"
     check_shape(fn, ("B",), floating=False, logps=logps, old_logps=old_logps)

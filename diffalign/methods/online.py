@@ -41,6 +41,9 @@ class DiffusionRolloutSettings(GroupSettings, DiffusionRewardSettings):
     # sde (Flow-GRPO) | cps | dance (DanceGRPO) | ode | ddim (SD/SDXL, noise_level = eta)
     sampler: str = setting("sde", choices="diffalign.models.sampling:SAMPLER_KINDS")
     noise_level: float = setting(0.7, ge=0)  # Flow-GRPO's a; DanceGRPO's / DDIM's eta
+    # flow models' sampling sigmas: null = the sampler's own (dance: DanceGRPO's shift(linspace(1, 0, S+1)); the
+    # others: the pipeline's) | "pipeline" | "dance"
+    sigma_schedule: str | None = setting(None, choices="diffalign.models.sampling:SIGMA_SCHEDULES")
     prompts_per_rollout: int = setting(8, ge=1)  # groups per rollout epoch, over all processes
     # rollout forward batch; null = train.train_batch_size (ratio 1 needs equal)
     sample_batch_size: int | None = setting(None, ge=1)

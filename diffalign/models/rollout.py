@@ -14,7 +14,8 @@ stored step with the current weights — with the same batch, dtype and code pat
   ``noise_indices`` lets a group share its initial noise (flow_grpo ``same_latent``, DanceGRPO ``init_same_noise``).
 * Windowed SDE (Flow-GRPO-Fast): only steps ``window`` are stochastic (and trained); the rest run the ODE.
 * Schedules: flow models use their pipeline's (:meth:`~diffalign.models.flow.FlowMatchingAdapter.sampling_schedule`:
-  the static shift, or FLUX's resolution-dependent one) with ``steps`` sigmas; DDPM
+  the static shift, or FLUX's resolution-dependent one) with ``steps`` sigmas, except ``dance``, which takes
+  DanceGRPO's grid (:func:`~diffalign.models.sampling.dance_sigmas`; :func:`build_schedule`); DDPM
   models use ``DDIMScheduler`` timesteps built from the adapter's scheduler config, ``t_prev = max(t − T/steps, 0)``.
 """
 
@@ -31,9 +32,11 @@ from diffalign.models.diffusion import DiffusionAdapter
 from diffalign.models.sampling import (
     FLOW_KINDS,
     SAMPLER_KINDS,
+    SIGMA_SCHEDULES,
     StepOutput,
     cps_step,
     dance_sde_step,
+    dance_sigmas,
     ddim_step,
     flow_sde_step,
 )
@@ -80,14 +83,32 @@ def is_flow(adapter: DiffusionAdapter) -> bool:
     return adapter.prediction_type == "flow"
 
 
-def build_schedule(adapter: DiffusionAdapter, settings: SamplerSettings) -> Schedule:
+def build_schedule(adapter: DiffusionAdapter, settings: SamplerSettings, sigma_schedule: str | None = None) -> Schedule:
+    """The sampler's ``settings.steps``-step schedule for this adapter.
+
+    Flow models: ``sigma_schedule`` picks the grid (one of ``SIGMA_SCHEDULES``); ``None`` takes the sampler's own —
+    DanceGRPO's :func:`~diffalign.models.sampling.dance_sigmas` for ``dance``, the backbone pipeline's
+    (:meth:`~diffalign.models.flow.FlowMatchingAdapter.sampling_schedule`) for every other sampler. ``"pipeline"``
+    gives a ``dance`` rollout the pipeline's grid instead. The DanceGRPO grid's shift is the scheduler config's static
+    ``shift``, also for a dynamically shifted scheduler (``use_dynamic_shifting``): DanceGRPO's
+    ``fastvideo/train_grpo_flux.py`` shifts ``linspace(1, 0, S + 1)`` by its static ``--shift`` (3 in its FLUX
+    scripts, FLUX.1-dev's config value) and never uses the resolution-dependent ``mu``. (Qwen-Image's config shift is
+    1, an unshifted grid, where DanceGRPO's Qwen-Image script passes ``--shift 3``.) DDPM models: DDIM timesteps.
+    """
     if is_flow(adapter) != (settings.kind in FLOW_KINDS):
         raise ValueError(
             f"sampler kind {settings.kind!r} does not fit a {'flow' if is_flow(adapter) else 'DDPM'} model: use one of "
             f"{FLOW_KINDS if is_flow(adapter) else ('ddim',)}"
         )
-    if is_flow(adapter):  # the backbone's pipeline schedule (static shift, or FLUX's resolution-dependent mu)
-        timesteps, sigmas = adapter.sampling_schedule(settings.steps, settings.resolution)
+    if sigma_schedule is not None and sigma_schedule not in SIGMA_SCHEDULES:
+        raise ValueError(f"sigma schedule {sigma_schedule!r}: expected one of {SIGMA_SCHEDULES} (or None)")
+    if is_flow(adapter):
+        grid = sigma_schedule or ("dance" if settings.kind == "dance" else "pipeline")
+        if grid == "dance":
+            shift = float(adapter.scheduler.config.get("shift", 1.0))
+            timesteps, sigmas = dance_sigmas(settings.steps, shift, adapter.num_train_timesteps)
+        else:  # the backbone's pipeline schedule (static shift, or FLUX's resolution-dependent mu)
+            timesteps, sigmas = adapter.sampling_schedule(settings.steps, settings.resolution)
         return Schedule(timesteps=timesteps, sigmas=sigmas)
     scheduler = DDIMScheduler.from_config(adapter.scheduler.config)
     scheduler.set_timesteps(settings.steps)

@@ -9,7 +9,8 @@ Given ``prev_sample`` the step is re-evaluated at that sample (training); given 
 Flow matching (``x_σ = (1 − σ)·x0 + σ·ε``, velocity ``v ≈ ε − x0``, ``Δ = σ' − σ < 0``):
 
 * :func:`flow_sde_step` — Flow-GRPO's SDE (``sde_type='sde'``), noise level ``a``; ``a = 0`` is the Euler ODE step.
-* :func:`dance_sde_step` — DanceGRPO's step: the same SDE with a constant coefficient ``σ_t ≡ η``.
+* :func:`dance_sde_step` — DanceGRPO's step: the same SDE with a constant coefficient ``σ_t ≡ η``, on DanceGRPO's own
+  sigma grid :func:`dance_sigmas` (the SD3 shift of ``linspace(1, 0, S + 1)``).
 * :func:`cps_step` — Coefficients-Preserving Sampling (``sde_type='cps'``), with its unnormalised log-prob.
 
 DDPM-family (SD 1.x/2.x, SDXL; ε or v prediction): :func:`ddim_step` — DDPO's DDIM step with η.
@@ -31,6 +32,8 @@ from torch import Tensor
 FLOW_KINDS = ("sde", "dance", "cps", "ode")
 DDIM_KINDS = ("ddim",)
 SAMPLER_KINDS = FLOW_KINDS + DDIM_KINDS
+# flow sigma grids: the backbone pipeline's (FlowMatchingAdapter.sampling_schedule) or DanceGRPO's (dance_sigmas)
+SIGMA_SCHEDULES = ("pipeline", "dance")
 _LOG_SQRT_2PI = math.log(math.sqrt(2.0 * math.pi))
 
 
@@ -111,6 +114,25 @@ def flow_sde_step(
     return StepOutput(out, log_prob, mean, std_vec, *_vectors(std_dev_t, sqrt_dt, x.shape[0]))
 
 
+def dance_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000) -> tuple[Tensor, Tensor]:
+    """DanceGRPO's sigma grid: ``(timesteps (S,), sigmas (S + 1,))``, float32 on the CPU, with::
+
+        s_k = 1 − k/S  (torch.linspace(1, 0, S + 1)),   σ_k = shift·s_k / (1 + (shift − 1)·s_k),   t_k = σ_k·T
+
+    so ``σ_0 = 1`` and ``σ_S = 0``. Source: ``XueZeyue/DanceGRPO`` ``fastvideo/train_grpo_flux.py``
+    (``sd3_time_shift`` applied in ``sample_reference_model``; the Qwen-Image, Wan and HunyuanVideo scripts build the
+    same grid). The pipelines' ``set_timesteps`` grids differ: SD3's spans ``[1, σ_min]`` before its final 0, so at
+    ``S = 16``, shift 3 its second-to-last sigma is 0.0089 where this grid has 0.1667 (the largest gap, 0.158).
+    DanceGRPO feeds the transformer ``int(σ·1000)/1000``; ``t_k = σ_k·T`` here is not rounded, so the denoiser sees the
+    sigma the step uses (at most 1/1000 apart).
+    """
+    if steps < 1 or shift <= 0:
+        raise ValueError(f"dance_sigmas: steps={steps} >= 1 and shift={shift} > 0 required")
+    grid = torch.linspace(1.0, 0.0, steps + 1)
+    sigmas = shift * grid / (1.0 + (shift - 1.0) * grid)
+    return sigmas[:-1] * num_train_timesteps, sigmas
+
+
 def dance_sde_step(
     velocity: Tensor,
     sample: Tensor,
@@ -126,7 +148,8 @@ def dance_sde_step(
         x̂0 = x − σ·v,  score = −(x − (1 − σ)·x̂0)/σ²,  μ = x + Δ·v − ½η²·score·Δ,  std = η·sqrt(σ − σ')
 
     which is :func:`flow_sde_step`'s mean with the constant coefficient ``σ_t ≡ η`` (our algebra; a test checks it
-    numerically).
+    numerically). DanceGRPO takes its steps on :func:`dance_sigmas`, which ``online.sampler: dance`` rollouts use by
+    default (16 steps, shift 3: up to 0.158 above the SD3 pipeline's sigmas).
     """
     x, v = sample.float(), velocity.float()
     sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)

@@ -81,7 +81,7 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
             noise_level=oc.noise_level,
             resolution=dc.resolution,
         )
-        self.schedule = build_schedule(adapter, self.settings)
+        self.schedule = build_schedule(adapter, self.settings, self.config.online.sigma_schedule)
         self.reward = build_online_reward(oc, acc.device)
         self.prompts = load_prompts(dc.path, split=dc.split, max_samples=dc.max_samples)
         self.dataset, self.collate = self.prompts, None
