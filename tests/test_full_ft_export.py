@@ -14,9 +14,12 @@ import pytest
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FluxPipeline,
+    QwenImagePipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    ZImagePipeline,
 )
 from helpers_config import tiny_lora_config
 from safetensors.torch import load_file
@@ -26,8 +29,11 @@ from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
 from diffalign.models.components import ModelNotFoundError
 from diffalign.models.export import PipelineBase, pipeline_base, write_pipeline_folder
 from diffalign.models.tiny import save_tiny_sd_pipeline
+from diffalign.models.tiny_flux import save_tiny_flux_pipeline
+from diffalign.models.tiny_qwen_image import save_tiny_qwen_image_pipeline
 from diffalign.models.tiny_sd3 import save_tiny_sd3_pipeline
 from diffalign.models.tiny_sdxl import save_tiny_sdxl_pipeline
+from diffalign.models.tiny_z_image import save_tiny_z_image_pipeline
 from diffalign.trainers.checkpointing import list_checkpoints
 from diffalign.trainers.sail import export_model
 from diffalign.trainers.sft import SFTTrainer
@@ -36,6 +42,9 @@ BACKBONES = {  # (write the tiny base, its pipeline class, the denoiser's subfol
     "sd": (save_tiny_sd_pipeline, StableDiffusionPipeline, "unet", {}),
     "sdxl": (save_tiny_sdxl_pipeline, StableDiffusionXLPipeline, "unet", {}),
     "sd3": (save_tiny_sd3_pipeline, StableDiffusion3Pipeline, "transformer", {"with_t5": True}),  # as SD3 ships
+    "flux": (save_tiny_flux_pipeline, FluxPipeline, "transformer", {}),
+    "qwen_image": (save_tiny_qwen_image_pipeline, QwenImagePipeline, "transformer", {}),
+    "z_image": (save_tiny_z_image_pipeline, ZImagePipeline, "transformer", {}),
 }
 
 
