@@ -17,7 +17,8 @@ pair index has its own generator, so a pair shares its timestep.
 
 Sampling (:meth:`FlowMatchingAdapter.sampling_schedule`) follows each pipeline: ``StableDiffusion3Pipeline`` lets
 ``set_timesteps(steps)`` space the sigmas, ``FluxPipeline`` passes ``linspace(1, 1/steps, steps)``
-(:attr:`~FlowMatchingAdapter.pipeline_sigmas`); the scheduler then applies its static shift, or with
+(:meth:`~FlowMatchingAdapter.pipeline_sigmas`; ``ZImagePipeline`` its float32 ``torch.linspace``); the scheduler
+then applies its static shift, or with
 ``use_dynamic_shifting`` the shift ``mu = calculate_shift(image_seq_len, base_image_seq_len, max_image_seq_len,
 base_shift, max_shift)`` from the image token count, as both pipelines compute it.
 """
@@ -184,6 +185,12 @@ class FlowMatchingAdapter(DiffusionAdapter):
 
     # ----- sampling -----
 
+    @staticmethod
+    def linspace_sigmas(steps: int) -> Sequence[float]:
+        """``linspace(1, 1/S, S)`` in float64, as ``FluxPipeline.__call__`` and ``QwenImagePipeline.__call__`` build
+        their sigmas."""
+        return np.linspace(1.0, 1 / steps, steps)
+
     #: Latent 2×2 patches per image token when the backbone packs them itself (FLUX, Qwen-Image, Z-Image): the image
     #: sides must then be multiples of 2 × the VAE factor; ``packed_channels`` says whether the transformer's
     #: ``in_channels`` counts a packed token's 4·C values (FLUX, Qwen-Image) or the latent's C (Z-Image).
@@ -209,9 +216,11 @@ class FlowMatchingAdapter(DiffusionAdapter):
         patch = self.token_patch or int(getattr(unwrap(self.denoiser).config, "patch_size", 1) or 1)
         return (h // patch) * (w // patch)
 
-    #: Whether the pipeline passes its own sigmas ``linspace(1, 1/S, S)`` to the scheduler (``FluxPipeline``) or lets
-    #: ``set_timesteps(S)`` space them (``StableDiffusion3Pipeline``).
-    pipeline_sigmas = False
+    def pipeline_sigmas(self, steps: int) -> Sequence[float] | None:
+        """The unshifted sigmas the backbone's pipeline hands its scheduler for ``steps`` steps, or None when it lets
+        ``set_timesteps(steps)`` space them (``StableDiffusion3Pipeline``). ``FluxPipeline`` and ``QwenImagePipeline``
+        pass ``linspace(1, 1/S, S)``; a pipeline that builds them otherwise overrides this."""
+        return None
 
     def sampling_schedule(self, steps: int, height: int, width: int | None = None) -> tuple[Tensor, Tensor]:
         """``(timesteps (S,), sigmas (S + 1,))`` of an S-step sampler at this image size, as the backbone's pipeline
@@ -226,8 +235,9 @@ class FlowMatchingAdapter(DiffusionAdapter):
                 scheduler.config.get("base_shift", 0.5),
                 scheduler.config.get("max_shift", 1.15),
             )
-        if self.pipeline_sigmas:
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), **kwargs)
+        sigmas = self.pipeline_sigmas(steps)
+        if sigmas is not None:
+            scheduler.set_timesteps(sigmas=sigmas, **kwargs)
         else:
             scheduler.set_timesteps(steps, **kwargs)
         return scheduler.timesteps.float().cpu(), scheduler.sigmas.float().cpu()

@@ -29,6 +29,7 @@ names the transformer's final projection, which is therefore adapted too).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -69,13 +70,15 @@ class FluxAdapter(FlowMatchingAdapter):
     used only when the transformer has one (``guidance_embeds``)."""
 
     uses_cfg = False
-    pipeline_sigmas = True
     text_pipeline_class = FluxPipeline
     max_text_tokens = 512  # FLUX's T5 (FluxPipeline._get_t5_prompt_embeds)
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     token_patch = 2
     packed_channels = True
     pipeline_class_name = "FluxPipeline"
+
+    def pipeline_sigmas(self, steps: int) -> Sequence[float]:
+        return self.linspace_sigmas(steps)
 
     def __init__(
         self,

@@ -49,6 +49,7 @@ feed-forwards ``img_mlp.net.0.proj``, ``img_mlp.net.2``, ``txt_mlp.net.0.proj``,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -91,12 +92,14 @@ class QwenImageAdapter(FlowMatchingAdapter):
     """Qwen-Image (see the module docstring): ``max_sequence_length`` is the fixed text length every conditioning
     is padded to (1..1024; ``QwenImagePipeline.__call__`` cuts at 512)."""
 
-    pipeline_sigmas = True
     text_pipeline_class = QwenImagePipeline
     max_text_tokens = MAX_TEXT_TOKENS
     token_patch = 2
     packed_channels = True
     pipeline_class_name = "QwenImagePipeline"
+
+    def pipeline_sigmas(self, steps: int) -> Sequence[float]:
+        return self.linspace_sigmas(steps)
 
     def __init__(
         self,

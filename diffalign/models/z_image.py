@@ -40,11 +40,11 @@ context refiner and main layers).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 from torch import Tensor
 from transformers import AutoModel, AutoTokenizer
@@ -66,7 +66,6 @@ class ZImageAdapter(FlowMatchingAdapter):
     """Z-Image (see the module docstring): ``max_sequence_length`` is the tokenizer's ``max_length`` and the fixed
     length of the stored caption features."""
 
-    pipeline_sigmas = True
     text_pipeline_class = ZImagePipeline
     token_patch = 2
     pipeline_class_name = "ZImagePipeline"
@@ -87,21 +86,10 @@ class ZImageAdapter(FlowMatchingAdapter):
 
     # ----- latents and schedule -----
 
-    def sampling_schedule(self, steps: int, height: int, width: int | None = None) -> tuple[Tensor, Tensor]:
-        """``(timesteps (S,), sigmas (S + 1,))`` as ``ZImagePipeline.__call__`` sets them: the sigmas of
-        ``get_default_z_image_sigmas(S)`` and ``mu`` from the image token count (used only by a dynamically
-        shifted scheduler); float32 on the CPU."""
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        config = scheduler.config
-        mu = calculate_shift(
-            self.image_seq_len(height, width or height),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(steps), mu=mu)
-        return scheduler.timesteps.float().cpu(), scheduler.sigmas.float().cpu()
+    def pipeline_sigmas(self, steps: int) -> Sequence[float]:
+        """``get_default_z_image_sigmas(S)``: ``ZImagePipeline.__call__``'s float32 ``torch.linspace(1, 1/S, S)``,
+        which differs from float64 ``np.linspace`` in the last bit for most S."""
+        return get_default_z_image_sigmas(steps)
 
     # ----- text -----
 
