@@ -103,11 +103,18 @@ def _batch(adapter: Any, args: argparse.Namespace) -> tuple[list[str], list[int]
 
 
 def _pipeline_side(
-    pipe: Any, prompts: list[str], latents: torch.Tensor, args: argparse.Namespace, *, seeded: bool, **extra: Any
+    pipe: Any,
+    prompts: list[str],
+    latents: torch.Tensor,
+    args: argparse.Namespace,
+    *,
+    seeded: bool,
+    guidance: float | None = None,
+    **extra: Any,
 ) -> Callable[[], Any]:
-    """The diffusers side: ``pipe`` on ``prompts`` from ``latents`` with the benchmark's steps, guidance and
-    resolution, images as tensors; ``seeded`` hands each call a fresh generator seeded ``args.seed``; ``extra`` are
-    the pipeline's own keywords."""
+    """The diffusers side: ``pipe`` on ``prompts`` from ``latents`` with the benchmark's steps, guidance (``guidance``
+    when given: FLUX's embedding) and resolution, images as tensors; ``seeded`` hands each call a fresh generator
+    seeded ``args.seed``; ``extra`` are the pipeline's own keywords."""
 
     def run() -> Any:
         generator = {"generator": torch.Generator().manual_seed(args.seed)} if seeded else {}
@@ -115,7 +122,7 @@ def _pipeline_side(
             prompts,
             latents=latents.clone(),
             num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
+            guidance_scale=args.guidance if guidance is None else guidance,
             height=args.resolution,
             width=args.resolution,
             output_type="pt",
@@ -249,18 +256,9 @@ def flux_sides(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any]], 
     prompts, indices, shape, latents = _batch(adapter, args)
     packed = FluxPipeline._pack_latents(latents, len(prompts), *shape)
     settings = SamplerSettings("sde", args.steps, 1.0, 0.7, args.resolution)  # guidance is the embedding, not CFG
-
-    def diffusers_side() -> Any:
-        return pipe(
-            prompts,
-            latents=packed.clone(),
-            num_inference_steps=args.steps,
-            guidance_scale=args.flux_guidance,
-            height=args.resolution,
-            width=args.resolution,
-            output_type="pt",
-            max_sequence_length=args.flux_tokens,
-        ).images
+    diffusers_side = _pipeline_side(
+        pipe, prompts, packed, args, seeded=False, guidance=args.flux_guidance, max_sequence_length=args.flux_tokens
+    )
 
     def ours() -> Any:
         return rollout(adapter, prompts, settings, seed=args.seed, indices=indices)
