@@ -1,4 +1,4 @@
-"""The ``diffalign`` command: ``demo``, ``evidence offline|flow|llm|online|soar|sail|flux``, ``toy pretrain``,
+"""The ``diffalign`` command: ``demo``, ``evidence offline|flow|llm|online|soar|sail|flux|nft``, ``toy pretrain``,
 ``toy pairs``, ``train``. ``--debug`` (anywhere) shows the traceback of an error; without it an error is one
 ``error:`` line."""
 
@@ -31,7 +31,7 @@ def _run(argv: list[str]) -> int:
     demo.add_argument("overrides", nargs="*", help="config overrides for configs/toy/dpo.yaml (key=value)")
 
     evidence = sub.add_parser("evidence", help="train every method of a family on the toy world and report")
-    evidence.add_argument("family", choices=["offline", "flow", "llm", "online", "soar", "sail", "flux"])
+    evidence.add_argument("family", choices=["offline", "flow", "llm", "online", "soar", "sail", "flux", "nft"])
     evidence.add_argument("--output-dir", default=None)
     evidence.add_argument("--methods", default=None, help="comma-separated subset")
     evidence.add_argument("--n-per-prompt", type=int, default=16)
@@ -114,6 +114,7 @@ def _evidence(args: argparse.Namespace) -> None:
         "soar": ("diffalign.toy.soar_evidence", "run_soar_evidence", "format_soar_report"),
         "sail": ("diffalign.toy.sail_evidence", "run_sail_evidence", "format_sail_report"),
         "flux": ("diffalign.toy.flux_evidence", "run_flux_evidence", "format_flux_report"),
+        "nft": ("diffalign.toy.nft_evidence", "run_nft_evidence", "format_nft_report"),
     }
     kwargs = {
         "methods": args.methods.split(",") if args.methods else None,
@@ -123,7 +124,7 @@ def _evidence(args: argparse.Namespace) -> None:
     if args.family in families:
         module, run, fmt = families[args.family]
         mod = importlib.import_module(module)
-        if args.family in ("online", "soar") and args.segments is not None:
+        if args.family in ("online", "soar", "nft") and args.segments is not None:
             kwargs["segments"] = args.segments
         output_dir = args.output_dir or f"outputs/evidence/{args.family}"
         print(getattr(mod, fmt)(getattr(mod, run)(output_dir, **kwargs)))

@@ -615,6 +615,10 @@ def _finish(raw: dict, origins: Mapping[str, str], source: str) -> Config:
     method = method_of(config)
     if "loss.name" not in origins and method is not None and method.default_loss is not None:
         config.loss.name = method.default_loss
+    for key, value in (method.defaults if method is not None else {}).items():
+        if key not in origins:
+            section, name = key.split(".")
+            setattr(getattr(config, section), name, value)
     _validate(config, origins, source)
     return config
 

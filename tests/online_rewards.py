@@ -35,3 +35,33 @@ class MeanColourReward:
 
 def mean_colour() -> MeanColourReward:
     return MeanColourReward()
+
+
+class DarknessReward:
+    """``1 − mean brightness``: darker is better, against :class:`MeanColourReward`'s brightness bias."""
+
+    name = "darkness"
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        check_images(self.name, images, prompts)
+        return 1.0 - images.mean(dim=(1, 2, 3))
+
+
+class RedOnlyReward:
+    """The red channel's mean on prompts that name red, NaN elsewhere (a specialist reward: no signal there)."""
+
+    name = "red_only"
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        check_images(self.name, images, prompts)
+        red = images[:, 0].mean(dim=(1, 2))
+        applies = torch.tensor(["red" in p for p in prompts], device=images.device)
+        return torch.where(applies, red, torch.full_like(red, float("nan")))
+
+
+def darkness() -> DarknessReward:
+    return DarknessReward()
+
+
+def red_only() -> RedOnlyReward:
+    return RedOnlyReward()

@@ -221,8 +221,8 @@ def test_wrong_type_in_file_names_file(tmp_path: Path) -> None:
     [
         (
             "train.method=dp0",
-            "'train.method' must be one of 'dpo', 'dcpo', 'mapo', 'sft', 'grpo', 'direct_reward', 'sail', 'soar', "
-            "'preference'; "
+            "'train.method' must be one of 'dpo', 'dcpo', 'mapo', 'sft', 'grpo', 'direct_reward', 'nft', 'sail', "
+            "'soar', 'preference'; "
             "got 'dp0'; "
             "did you mean 'dpo'?",
         ),
@@ -541,7 +541,7 @@ def test_train_script_reports_config_errors(minimal: Path) -> None:
         ("lr_scheduler=cosine", "unknown key 'lr_scheduler'; did you mean 'optim.lr_scheduler'?"),
         ("checkpointing_steps=10", "unknown key 'checkpointing_steps'; did you mean 'train.checkpointing_steps'?"),
         ("optim.max_steps=10", "unknown key 'optim.max_steps'; did you mean 'train.max_steps'?"),  # not warmup_steps
-        ("train.beta=0.1", "unknown key 'train.beta'; did you mean 'loss.beta' or 'online.beta'?"),
+        ("train.beta=0.1", "unknown key 'train.beta'; did you mean 'loss.beta' or 'online.beta' or 'nft.beta'?"),
     ],
 )
 def test_trl_and_diffusers_spellings_name_the_key(minimal: Path, override: str, expected: str) -> None:

@@ -17,7 +17,7 @@ from diffalign.config import Config, ConfigError, config_from_dict, load_config,
 from diffalign.config_fields import Limit
 from diffalign.methods import Method, get_method, method_names, register_method, section_fields
 from diffalign.methods.llm import LLMGRPOSettings
-from diffalign.methods.online import DiffusionRolloutSettings, DirectRewardSettings
+from diffalign.methods.online import DiffusionRolloutSettings, DirectRewardSettings, RewardBalanceSettings
 
 BASE = {"model": {"pretrained": "m"}, "data": {"path": "d"}}
 
@@ -32,7 +32,7 @@ def printed(capsys: pytest.CaptureFixture[str], tmp_path: Path, *overrides: str)
 
 
 def test_every_method_has_one_trainer_and_its_sections_are_config_sections() -> None:
-    assert method_names("diffusion") == ("dpo", "dcpo", "mapo", "sft", "grpo", "direct_reward", "sail", "soar")
+    assert method_names("diffusion") == ("dpo", "dcpo", "mapo", "sft", "grpo", "direct_reward", "nft", "sail", "soar")
     assert method_names("llm") == ("preference", "grpo")
     hints = typing.get_type_hints(Config)
     for family in ("diffusion", "llm"):
@@ -54,7 +54,10 @@ def test_print_config_shows_only_what_the_method_reads(capsys, tmp_path: Path) -
     assert list(dpo) == ["model", "data", "loss", "lora", "optim", "train"]
     grpo = printed(capsys, tmp_path, "train.method=grpo", "online.reward_functions=[r]")
     assert "loss" not in grpo and "soar" not in grpo and "sail" not in grpo
-    assert list(grpo["online"]) == [f.name for f in dataclasses.fields(DiffusionRolloutSettings)]
+    read = [f.name for cls in (DiffusionRolloutSettings, RewardBalanceSettings) for f in dataclasses.fields(cls)]
+    assert list(grpo["online"]) == read
+    nft = printed(capsys, tmp_path, "train.method=nft", "online.reward_functions=[r]")
+    assert "nft" in nft and "clip_range" not in nft["online"] and "reward_balance" in nft["online"]
     direct = printed(capsys, tmp_path, "train.method=direct_reward", "online.reward_functions=[r]")
     assert set(direct["online"]) == {f.name for f in dataclasses.fields(DirectRewardSettings)}
     llm = printed(capsys, tmp_path, "model.backbone=causal_lm", "train.method=grpo", "online.reward_functions=[m:f]")

@@ -105,12 +105,21 @@ def optimality_probability(
     (``train.adv_clip_max``). Source: ``scripts/train_nft_sd3.py`` ``main`` (training loop: ``advantages_clip``,
     ``normalized_advantages_clip``); the paper's ``r`` is the optimality probability ``p(o = 1 | x0, c)``.
     """
-    fn = "optimality_probability"
+    adv = nft_advantages(rewards, group_ids, global_std=global_std, eps=eps)
+    return probability_from_advantage(adv, adv_clip_max=adv_clip_max, adv_mode=adv_mode)
+
+
+def probability_from_advantage(
+    advantages: Tensor, *, adv_clip_max: float = 5.0, adv_mode: AdvantageMode = "all"
+) -> Tensor:
+    """The second half of :func:`optimality_probability`, for advantages computed elsewhere (MARBLE's blended
+    advantage ``Σ_k α_k A_k``): clip to ``[−c, c]``, reshape by ``adv_mode``, ``r = clip(A / c / 2 + 1/2, 0, 1)``."""
+    fn = "probability_from_advantage"
     check_positive(fn, adv_clip_max=adv_clip_max)
     if adv_mode not in _ADV_MODES:
         raise ValueError(f"losses.{fn}: adv_mode must be one of {_ADV_MODES}, got {adv_mode!r}.")
     c = float(adv_clip_max)
-    adv = nft_advantages(rewards, group_ids, global_std=global_std, eps=eps).clamp(-c, c)
+    adv = advantages.clamp(-c, c)
     if adv_mode == "positive_only":
         adv = adv.clamp(0.0, c)
     elif adv_mode == "negative_only":

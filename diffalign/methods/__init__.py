@@ -38,7 +38,9 @@ class Method:
     ``loss.name`` when left out (None: the method takes its objective from its own section and takes no ``loss``
     keys); ``losses(registry)`` the loss names it can train (None: only ``default_loss``). ``uses_reference``: whether
     ``train.reference`` means anything to it. ``validate(checker)`` checks what the field limits cannot express
-    (relations between keys)."""
+    (relations between keys). ``defaults`` maps dotted keys of a shared section to this method's own default, used
+    when the config leaves the key out (DiffusionNFT samples with the ODE sampler and no CFG, Flow-GRPO with the
+    SDE sampler and CFG 4.5: one key, one meaning, a default per method)."""
 
     name: str
     family: Family
@@ -48,6 +50,7 @@ class Method:
     losses: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
     uses_reference: bool = True
     validate: Callable[[Checker], None] | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def reads(self, section: str) -> bool:
         """Whether a run of this method reads config section ``section``."""
@@ -114,6 +117,8 @@ def section_classes() -> dict[str, type]:
             readers.setdefault(section, []).append(f"{method.name} ({method.family})")
     out: dict[str, type] = {}
     for section, classes in parts.items():
+        # a class another one extends brings no field of its own (and would break the method resolution order)
+        classes = [cls for cls in classes if not any(o is not cls and issubclass(o, cls) for o in classes)]
         if len(classes) == 1:
             out[section] = classes[0]
             continue

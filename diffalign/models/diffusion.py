@@ -107,6 +107,15 @@ class DiffusionAdapter(ABC):
         """``(x̂0, ε̂)`` in float32 implied by the denoiser's ``prediction`` at ``x_t`` (so that
         ``add_noise(x̂0, ε̂, t) == x_t``)."""
 
+    def x0_error_scale(self, timesteps: Tensor) -> Tensor:
+        """``c_t``, float32 ``(N,)``, with ``x̂0(prediction) − x0 = c_t·(target − prediction)`` at ``x_t``: the clean
+        estimate is affine in the prediction, so ``c_t = −∂x̂0/∂prediction``, read off :meth:`clean_and_noise`
+        (flow: ``σ``; ε-prediction: ``sqrt(1 − ᾱ)/sqrt(ᾱ)``; v-prediction: ``sqrt(1 − ᾱ)``). DiffusionNFT's
+        x0-space weighting takes it as its ``σ``."""
+        n = timesteps.shape[0]
+        zeros = torch.zeros(n, 1, device=timesteps.device)
+        return -self.clean_and_noise(zeros, torch.ones_like(zeros), timesteps)[0][:, 0]
+
     def batch_conditioning(self, batch: Mapping[str, Any], resolution: int) -> dict[str, Tensor]:
         """Per-sample conditioning that comes from the data rather than the prompt (SDXL's ``time_ids``), each
         tensor (B, ...), shared by both images of a pair; empty for backbones without any."""

@@ -57,8 +57,13 @@ class WeightedSum:
         }
 
     def combine(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The weighted sum of a :meth:`per_reward` result (avoids scoring twice when also logging)."""
-        return sum(w * scores[name] for name, w in zip(self.names, self.weights, strict=True))
+        """The weighted sum of a :meth:`per_reward` result (avoids scoring twice when also logging). A NaN score marks
+        a reward that does not apply to the sample (a specialist reward on another kind of prompt) and adds nothing;
+        a sample that no reward applies to sums to NaN."""
+        stacked = torch.stack([scores[name].float() for name in self.names])
+        weights = torch.tensor(self.weights, dtype=stacked.dtype, device=stacked.device)[:, None]
+        total = torch.nan_to_num(stacked * weights, nan=0.0).sum(dim=0)
+        return torch.where(torch.isnan(stacked).all(dim=0), torch.full_like(total, float("nan")), total)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self.combine(self.per_reward(images, prompts))

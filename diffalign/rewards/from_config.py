@@ -8,16 +8,22 @@ from diffalign.rewards.base import RewardModel
 from diffalign.rewards.combine import WeightedSum
 from diffalign.rewards.correction import CorrectedReward, load_correction
 from diffalign.rewards.registry import REWARDS, build_reward
+from diffalign.rewards.specialist import PromptSubsetReward
 from diffalign.utils.imports import load_callable
 
 
 def reward_from_name(name: str, options: dict[str, Any] | None = None) -> RewardModel:
     """A registry name (``pickscore``, ``toy_reward_model``, ...) or ``module:callable`` / ``file.py:callable`` that
-    returns a reward model when called with the options as keyword arguments."""
+    returns a reward model when called with the options as keyword arguments. The option ``prompts_containing``
+    (a word or a list) limits the reward to the prompts that contain one (NaN elsewhere:
+    :class:`~diffalign.rewards.specialist.PromptSubsetReward`)."""
     options = dict(options or {})
+    keywords = options.pop("prompts_containing", None)
     if name in REWARDS or ":" not in name:
-        return build_reward({"name": name, **options})
-    return load_callable(name)(**options)
+        reward = build_reward({"name": name, **options})
+    else:
+        reward = load_callable(name)(**options)
+    return PromptSubsetReward(reward, keywords) if keywords is not None else reward
 
 
 def build_online_reward(online: Any, device: Any = None) -> RewardModel:

@@ -77,6 +77,9 @@ def register() -> None:
 
     register_reward("toy_gold", "diffalign.toy.rewards:ToyGoldReward")
     register_reward("toy_reward_model", "diffalign.toy.rewards:load_toy_reward_model")
+    register_reward("toy_gold_colour", "diffalign.toy.rewards:gold_colour")
+    register_reward("toy_gold_shape", "diffalign.toy.rewards:gold_shape")
+    register_reward("toy_darkness", "diffalign.toy.rewards:ToyDarkness")
     register_captioner(NAME, ToyCaptioner)
     register_prompt_scorer(
         PromptScorer(

@@ -20,7 +20,16 @@ from diffalign.toy.metrics import ImageBatch, _colour_indices, _coverage, as_hwc
 from diffalign.toy.reward_model import ToyRewardModel, load_toy_reward_model
 from diffalign.toy.world import parse_caption
 
-__all__ = ["BOX_COVERAGE_MIN", "ToyGoldReward", "ToyRewardModel", "load_toy_reward_model", "shape_boxes"]
+__all__ = [
+    "BOX_COVERAGE_MIN",
+    "ToyDarkness",
+    "ToyGoldReward",
+    "ToyRewardModel",
+    "gold_colour",
+    "gold_shape",
+    "load_toy_reward_model",
+    "shape_boxes",
+]
 
 #: A pixel belongs to the detected shape when its estimated coverage (chroma / palette chroma) reaches this.
 BOX_COVERAGE_MIN = 0.5
@@ -47,6 +56,28 @@ class ToyGoldReward:
         score = self.colour_weight * np.asarray(colour_ok, dtype=np.float64)
         score = score + self.shape_weight * np.asarray(shape_ok, dtype=np.float64)
         return torch.as_tensor(score, dtype=torch.float32, device=images.device)
+
+
+def gold_colour() -> ToyGoldReward:
+    """The gold reward's colour half alone (1 when the detected colour is the prompt's): ``toy_gold_colour``."""
+    return ToyGoldReward(colour_weight=1.0, shape_weight=0.0, name="toy_gold_colour")
+
+
+def gold_shape() -> ToyGoldReward:
+    """The gold reward's shape half alone: ``toy_gold_shape``."""
+    return ToyGoldReward(colour_weight=0.0, shape_weight=1.0, name="toy_gold_shape")
+
+
+class ToyDarkness:
+    """``1 − mean pixel value``: darker images score higher, against the toy reward model's brightness bias
+    (``toy_darkness``; with ``prompts_containing`` a specialist that speaks about some prompts only)."""
+
+    name = "toy_darkness"
+    differentiable = True
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        check_images(self.name, images, prompts)
+        return 1.0 - images.float().mean(dim=(1, 2, 3))
 
 
 def shape_boxes(images: ImageBatch) -> list[np.ndarray]:

@@ -238,7 +238,17 @@ class Trainer(ABC):
             self.ema.load_state_dict(extra["ema"])
 
     def _trainer_state(self, global_step: int, nonfinite: int) -> dict[str, Any]:
-        return {"global_step": global_step, "nonfinite_steps": nonfinite, "config": config_to_dict(self.config)}
+        state = {"global_step": global_step, "nonfinite_steps": nonfinite, "config": config_to_dict(self.config)}
+        extra = self.extra_state()
+        return {**state, "extra": extra} if extra else state
+
+    def extra_state(self) -> dict[str, Any]:
+        """A method's own small state for the checkpoint's JSON (MARBLE's coefficients); tensors go through
+        :meth:`_save_trainable_only` as safetensors instead."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore what :meth:`extra_state` returned, when resuming."""
 
     # -- guards (collectives: every process calls them and gets the same answer) -------------------------------
     def _all_finite(self, value: torch.Tensor) -> bool:
@@ -542,6 +552,7 @@ class Trainer(ABC):
             if self.fsdp2 is not None:
                 self._load_shards(checkpoint, optimizer)
             global_step, nonfinite_total = state["global_step"], state["nonfinite_steps"]
+            self.load_extra_state(state.get("extra", {}))
             self._step, self._last_checkpoint = global_step, checkpoint
             logger.info("resumed from %s at step %d", checkpoint, global_step)
         resumed_from = global_step if checkpoint is not None else None

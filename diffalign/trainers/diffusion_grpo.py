@@ -17,33 +17,30 @@ at sampling time, gradient reweighted by 1/|Δσ|), plus ``β ·`` the code-form
 or a frozen or offloaded copy; ``train.reference=precomputed`` is refused, no pass can store values of fresh rollouts).
 Rollouts are addressed by (seed, rollout epoch, sample), so a run resumed from a checkpoint at a rollout boundary
 continues exactly (checkpoints must fall on one).
+
+Several rewards: ``online.reward_balance: marble`` gives each reward its own advantage (a NaN reward counts as its
+group's mean: advantage 0) and balances the per-reward policy gradients with MARBLE's min-norm program at every
+micro-batch (:mod:`diffalign.trainers.reward_balance`; the clipped loss is not affine in the advantage, so there is
+no amortised form here: ``K + 1`` backward passes per unit).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from diffalign.config import Config
-from diffalign.data.prompts import load_prompts
-from diffalign.eval.diversity import embedding_spread, pvs_per_prompt
 from diffalign.losses.advantages import compute_advantages, samples_per_prompt
 from diffalign.losses.policy import flow_grpo_kl
 from diffalign.losses.policy_registry import PolicyStep, get_policy_loss
-from diffalign.models.rollout import SamplerSettings, build_schedule, conditioning, rollout, step_log_prob
-from diffalign.rewards.base import EmbeddingReward
-from diffalign.rewards.from_config import build_online_reward
-from diffalign.trainers.base import Trainer
-from diffalign.trainers.diffusion_policy import DiffusionPolicyMixin
+from diffalign.models.rollout import step_log_prob
+from diffalign.trainers.online_rollouts import ORDER_STREAM, WINDOW_STREAM, OnlineRolloutTrainer, Scores
 from diffalign.utils.randomness import sample_key
 
 logger = logging.getLogger(__name__)
-
-ROLLOUT_STREAM, PROMPT_STREAM, ORDER_STREAM, WINDOW_STREAM = 31, 32, 33, 34
 
 
 def trained_step_count(config: Config) -> int:
@@ -64,58 +61,30 @@ class RolloutBuffer:
     trained_steps: list[int]
     micro_batches: list[list[list[int]]]  # [inner epoch][micro-batch] -> rows
     metrics: dict[str, torch.Tensor]
+    reward_advantages: torch.Tensor | None = None  # (n, K): one advantage per reward (MARBLE, diagnostics)
 
 
-class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
-    def micro_batches_per_step(self) -> int:
-        return self.config.train.gradient_accumulation_steps * trained_step_count(self.config)
+def _fill_missing(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """NaN scores (a reward that does not apply to a sample) replaced by the mean of their group's finite ones (0
+    when none is)."""
+    groups = rewards.reshape(-1, group_size)
+    finite = torch.isfinite(groups)
+    counts = finite.sum(dim=1, keepdim=True)
+    means = torch.where(finite, groups, 0.0).sum(dim=1, keepdim=True) / counts.clamp_min(1)
+    return torch.where(finite, groups, means.expand_as(groups)).reshape(-1)
+
+
+class DiffusionGRPOTrainer(OnlineRolloutTrainer):
+    def units_per_micro_batch(self) -> int:
+        return trained_step_count(self.config)
+
+    def images_per_group(self) -> int:
+        oc = self.config.online
+        return samples_per_prompt(oc.advantage, oc.num_generations)
 
     def build(self) -> None:
-        oc, dc, tc = self.config.online, self.config.data, self.config.train
-        acc = self.accelerator
-        adapter = self.build_policy(needs_reference=oc.beta > 0, stored_reference=False)
-        self.settings = SamplerSettings(
-            kind=oc.sampler,
-            steps=oc.sample_steps,
-            guidance_scale=oc.guidance_scale,
-            noise_level=oc.noise_level,
-            resolution=dc.resolution,
-        )
-        self.schedule = build_schedule(adapter, self.settings, self.config.online.sigma_schedule)
-        self.reward = build_online_reward(oc, acc.device)
-        self.prompts = load_prompts(dc.path, split=dc.split, max_samples=dc.max_samples)
-        self.dataset, self.collate = self.prompts, None
-        self.group_size = samples_per_prompt(oc.advantage, oc.num_generations)
-        total = oc.prompts_per_rollout * self.group_size
-        if total % acc.num_processes:
-            raise ValueError(
-                f"online.prompts_per_rollout x group size = {total} images per rollout do not split over "
-                f"{acc.num_processes} processes; choose counts whose product is a multiple of the process count"
-            )
-        self.local_samples = total // acc.num_processes
-        sample_bs = oc.sample_batch_size or tc.train_batch_size
-        if self.local_samples % tc.train_batch_size or self.local_samples % sample_bs:
-            raise ValueError(
-                f"{self.local_samples} images per process per rollout must be a multiple of train.train_batch_size "
-                f"({tc.train_batch_size}) and of online.sample_batch_size ({sample_bs})"
-            )
-        self.sample_batch_size = sample_bs
-        self.micro_per_pass = self.local_samples // tc.train_batch_size
-        micro_total = self.micro_per_pass * oc.inner_epochs
-        if micro_total % tc.gradient_accumulation_steps:
-            raise ValueError(
-                f"{micro_total} micro-batches per rollout ({self.micro_per_pass} x online.inner_epochs) are not a "
-                f"multiple of train.gradient_accumulation_steps={tc.gradient_accumulation_steps}"
-            )
-        self.steps_per_rollout = micro_total // tc.gradient_accumulation_steps
-        for key in ("checkpointing_steps",):
-            if getattr(tc, key) % self.steps_per_rollout:
-                raise ValueError(
-                    f"train.{key}={getattr(tc, key)} must be a multiple of the {self.steps_per_rollout} optimizer "
-                    "steps of one rollout epoch (a checkpoint inside an epoch could not resume exactly)"
-                )
-        guided = self.settings.guidance_scale != 1.0
-        self.uncond = conditioning(adapter, [""], dc.resolution) if guided else None  # one row, broadcast per batch
+        self.build_policy(needs_reference=self.config.online.beta > 0, stored_reference=False)
+        self.build_rollouts()
 
     # -- rollouts ---------------------------------------------------------------------------------------------
     def _window(self, r: int) -> tuple[int, int] | None:
@@ -128,45 +97,31 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
         start = lo + int(torch.randint(span, (), generator=gen))
         return start, start + oc.sde_window_size
 
-    def _group_prompts(self, r: int) -> list[str]:
-        gen = torch.Generator().manual_seed(sample_key(self.config.train.seed, r, 0, PROMPT_STREAM))
-        order = torch.randperm(len(self.prompts), generator=gen).tolist()
-        groups = self.config.online.prompts_per_rollout
-        return [self.prompts[order[g % len(order)]] for g in range(groups)]
+    def _advantages(self, scores: Scores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(advantages (N,), keep (N,), per-reward advantages (N, K) or None) over the gathered epoch. Under MARBLE
+        ``advantages`` is each sample's largest ``|A_k|``: what decides whether it is dropped, and what is logged."""
+        oc, k = self.config.online, self.group_size
+        if scores.per_reward is None or oc.reward_balance != "marble":
+            advantages, keep = compute_advantages(scores.total, oc.advantage, k)
+        columns = None
+        if scores.per_reward is not None:
+            per = [compute_advantages(_fill_missing(c, k), oc.advantage, k) for c in scores.per_reward.T]
+            columns = torch.stack([a for a, _ in per], dim=1)
+            if oc.reward_balance == "marble":
+                keep = per[0][1]
+                advantages = columns.abs().amax(dim=1)
+        return advantages, keep, columns
 
     @torch.no_grad()
     def _rollout_epoch(self, r: int) -> RolloutBuffer:
-        oc, acc = self.config.online, self.accelerator
-        k = self.group_size
-        group_prompts = self._group_prompts(r)
-        first = acc.process_index * self.local_samples
-        ids = list(range(first, first + self.local_samples))
-        prompts = [group_prompts[i // k] for i in ids]
-        seed = sample_key(self.config.train.seed, r, 0, ROLLOUT_STREAM)
+        oc = self.config.online
         window = self._window(r)
         keep_means = get_policy_loss(oc.policy_loss).needs_means
-        parts, images = [], []
-        for s in range(0, len(ids), self.sample_batch_size):
-            batch_ids = ids[s : s + self.sample_batch_size]
-            noise_ids = [i // k for i in batch_ids] if oc.same_initial_noise else None
-            traj = rollout(
-                self.adapter,
-                prompts[s : s + self.sample_batch_size],
-                self.settings,
-                seed=seed,
-                indices=batch_ids,
-                noise_indices=noise_ids,
-                window=window,
-                keep_means=keep_means,
-                schedule=self.schedule,
-            )
-            parts.append(traj)
-            images.append(traj.images)
-        images = torch.cat(images)
-        rewards = self.reward(images, prompts).float().reshape(-1)
-        gathered = acc.gather(rewards.to(acc.device)).cpu()
-        advantages, keep = compute_advantages(gathered, oc.advantage, k)
-        advantages, keep = advantages[first : first + self.local_samples], keep[first : first + self.local_samples]
+        prompts, parts, images = self.sample(r, window=window, keep_means=keep_means)
+        scores = self.score(images, prompts)
+        advantages, keep, columns = self._advantages(scores)
+        local = slice(self.local_ids()[0], self.local_ids()[0] + self.local_samples)
+        advantages, keep = advantages[local], keep[local]
 
         stochastic = parts[0].stochastic
         steps = [j for j in range(self.settings.steps) if stochastic[j]]
@@ -178,17 +133,21 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
             shuffled = [rows[i] for i in torch.randperm(len(rows), generator=order_gen).tolist()]
             micro.append([shuffled[m :: self.micro_per_pass] for m in range(self.micro_per_pass)])
         cond = {key: torch.cat([t.cond[key] for t in parts]) for key in parts[0].cond}
-        metrics = self._rollout_metrics(images, prompts, gathered, advantages, keep, len(rows))
+        metrics = self.rollout_metrics(images, prompts, scores)
+        metrics["advantage/abs_mean"] = advantages[keep].abs().mean().reshape(1)
+        metrics["kept_fraction"] = torch.tensor([len(rows) / max(len(advantages), 1)])
+        device = self.accelerator.device
         return RolloutBuffer(
             prompts=prompts,
             latents=torch.cat([t.latents for t in parts]),
             log_probs=torch.cat([t.log_probs for t in parts]),
             means=torch.cat([t.means for t in parts]) if keep_means else None,
             cond=cond,
-            advantages=advantages.to(acc.device),
+            advantages=advantages.to(device),
             trained_steps=trained,
             micro_batches=micro,
             metrics=metrics,
+            reward_advantages=columns[local].to(device) if columns is not None else None,
         )
 
     def _kept_rows(self, advantages: torch.Tensor, keep: torch.Tensor, r: int) -> list[int]:
@@ -206,39 +165,12 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
             kept.append(dropped.pop())
         return sorted(kept)
 
-    def _rollout_metrics(self, images, prompts, gathered, advantages, keep, n_rows) -> dict[str, torch.Tensor]:
-        groups = gathered.view(-1, self.group_size)
-        m = {
-            "reward/mean": gathered.mean(),
-            "reward/std": gathered.std(unbiased=False),
-            "reward/group_std": groups.std(dim=1, unbiased=False).mean(),
-            "zero_std_ratio": (groups.std(dim=1, unbiased=False) < 1e-6).float().mean(),
-            "advantage/abs_mean": advantages[keep].abs().mean(),
-            "kept_fraction": torch.tensor(n_rows / max(len(advantages), 1)),
-            "diversity/pvs": torch.tensor(pvs_per_prompt(images, prompts)),
-        }
-        if isinstance(self.reward, EmbeddingReward):
-            m["diversity/embedding_spread"] = torch.tensor(
-                embedding_spread(self.reward.image_embeds(images.to(self.accelerator.device)).float().cpu(), prompts)
-            )
-        return {k: torch.as_tensor(v, dtype=torch.float32).reshape(1) for k, v in m.items()}
-
-    def micro_batch_stream(self, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        units_per_rollout = self.steps_per_rollout * self.micro_batches_per_step()
-        r, offset = divmod(start, units_per_rollout)
-        if offset:
-            raise ValueError(
-                f"resuming at micro-batch {start}, inside rollout epoch {r}: a checkpoint must fall on a rollout "
-                f"boundary (every {self.steps_per_rollout} optimizer steps)"
-            )
-        while True:
-            buffer = self._rollout_epoch(r)
-            units = [(rows, j) for epoch in buffer.micro_batches for rows in epoch for j in buffer.trained_steps]
-            if len(units) != units_per_rollout:
-                raise RuntimeError(f"rollout {r}: {len(units)} training units, expected {units_per_rollout}")
-            for n, (rows, j) in enumerate(units):
-                yield r, {"buffer": buffer, "rows": rows, "step": j, "first": n == 0}
-            r += 1
+    def make_buffer(self, r: int) -> tuple[RolloutBuffer, list[dict[str, Any]]]:
+        buffer = self._rollout_epoch(r)
+        units = [
+            {"rows": rows, "step": j} for epoch in buffer.micro_batches for rows in epoch for j in buffer.trained_steps
+        ]
+        return buffer, units
 
     # -- one (micro-batch, sampler step) ----------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -254,10 +186,25 @@ class DiffusionGRPOTrainer(DiffusionPolicyMixin, Trainer):
         advantages = buffer.advantages[rows.to(device)]
         policy_loss = get_policy_loss(oc.policy_loss)
         old_means = buffer.means[rows, j].to(device) if buffer.means is not None else None
-        inputs = PolicyStep(step.log_prob, old, advantages, step.mean, old_means, step.std_dev_t, step.sqrt_dt)
-        out = policy_loss(inputs, clip_range=oc.clip_range, adv_clip_max=oc.adv_clip_max)
-        loss = out.loss
+
+        def loss_with(adv: torch.Tensor):
+            inputs = PolicyStep(step.log_prob, old, adv, step.mean, old_means, step.std_dev_t, step.sqrt_dt)
+            return policy_loss(inputs, clip_range=oc.clip_range, adv_clip_max=oc.adv_clip_max)
+
+        per_reward = None
+        if buffer.reward_advantages is not None:
+            columns = buffer.reward_advantages[rows.to(device)]
+            per_reward = [loss_with(columns[:, k]) for k in range(columns.shape[1])]
+        if self.balance is not None and self.balance.marble:
+            out = per_reward[0]  # logged ratio statistics: the same ratio under every reward's advantages
+            loss, balance_metrics = self.balance.balanced_loss([o.loss for o in per_reward])
+        else:
+            out = loss_with(advantages)
+            loss, balance_metrics = out.loss, {}
+            if per_reward is not None and self.solves_balance(batch):
+                balance_metrics = self.balance.diagnose([o.loss for o in per_reward], out.loss)
         metrics = {name: value.detach().reshape(1) for name, value in out.metrics.items()}
+        metrics.update(balance_metrics)
         metrics[f"ratio_mean/step_{j}"] = out.metrics["ratio/mean"].detach().reshape(1)
         metrics[f"ratio_std/step_{j}"] = out.metrics["ratio/std"].detach().reshape(1)
         if oc.beta > 0:
