@@ -18,7 +18,7 @@ lint: $(VENV_STAMP)
 
 test: $(VENV_STAMP)
 	.venv/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 # DeepSpeed ZeRO-2 on 2 CPU processes (not in CI: the install compiles an op on first use, ~3 minutes in all)
 test-deepspeed: $(VENV_STAMP)

@@ -58,6 +58,8 @@ def _run(argv: list[str]) -> int:
         if args.command not in ("demo", "evidence") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    if args.command in ("demo", "evidence", "toy"):
+        _quiet_toy_loading()
     if args.command == "demo":
         _demo(args)
     elif args.command == "evidence":
@@ -65,6 +67,14 @@ def _run(argv: list[str]) -> int:
     elif args.command == "toy":
         return _toy(args)
     return 0
+
+
+def _quiet_toy_loading() -> None:
+    """The toy commands load tiny models dozens of times: transformers' per-load "Loading weights" bars would bury
+    the run's own progress bars and its summary."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 # The toy front-end commands (demo, evidence, toy) are the only product code that imports diffalign.toy, lazily

@@ -9,62 +9,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_online import REWARDS_FILE, online_config, run_metrics, save_online_models
 from safetensors.torch import load_file
 
-from diffalign.config import ConfigError, load_config
+from diffalign.config import ConfigError
 from diffalign.losses.nft import old_policy_decay
-from diffalign.models.tiny import save_tiny_sd_pipeline
-from diffalign.models.tiny_sd3 import save_tiny_sd3_pipeline
 from diffalign.trainers.diffusion_nft import OLD_POLICY_FILE, DiffusionNFTTrainer
 from diffalign.trainers.run import train
 
-HERE = Path(__file__).with_name("online_rewards.py")
-COLOUR, DARK, RED = f"{HERE}:mean_colour", f"{HERE}:darkness", f"{HERE}:red_only"
-PROMPTS = ["a red circle", "a green square", "a blue triangle", "a red square"]
+COLOUR, DARK, RED = (f"{REWARDS_FILE}:{name}" for name in ("mean_colour", "darkness", "red_only"))
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("nft")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return {
-        "sd3": save_tiny_sd3_pipeline(root / "sd3", sample_size=16, with_vae=False),
-        "sd": save_tiny_sd_pipeline(root / "sd", sample_size=16, with_vae=False),
-        "prompts": root / "prompts.txt",
-    }
+    return save_online_models(tmp_path_factory.mktemp("nft"))
 
 
 def _config(tiny_dirs, out: Path, *extra: str, backbone: str = "sd3"):
-    overrides = [
-        f"model.pretrained={tiny_dirs[backbone]}",
-        f"model.backbone={backbone}",
-        f"data.path={tiny_dirs['prompts']}",
-        "data.resolution=16",
-        "lora.enabled=false",
-        "optim.lr=1e-3",
-        "train.method=nft",
-        f"train.output_dir={out}",
-        "train.max_steps=2",
-        "train.train_batch_size=4",
-        "train.gradient_accumulation_steps=1",
-        "train.checkpointing_steps=2",
-        "train.progress_bar=false",
-        f"online.reward_functions=[{COLOUR}]",
-        "online.sample_steps=3",
-        "online.num_generations=4",
-        "online.prompts_per_rollout=2",
-        "online.timestep_fraction=0.67",
-    ]
-    if backbone == "sd":
-        overrides += ["online.sampler=ddim", "online.noise_level=0.0"]
-    path = out.parent / f"{out.name}_config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("{}\n")
-    return load_config(path, overrides + list(extra))
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return online_config(tiny_dirs, out, "nft", [COLOUR], *extra, backbone=backbone, sd_noise_level=0.0)
 
 
 def test_nft_defaults_are_the_authors_and_marble_needs_several_unweighted_rewards(tiny_dirs, tmp_path):
@@ -204,7 +166,7 @@ def test_marble_logs_coefficients_and_positive_cosines_and_nft_learns_the_reward
             "train.checkpointing_steps=4",
         )
     )
-    logged = _metrics(out)
+    logged = run_metrics(out)
     solved = [m for m in logged if "balance/alpha_darkness" in m]
     assert [m["step"] for m in solved] == [1, 3]  # optimizer steps 0 and 2 (logged as 1 and 3) solve the program
     for m in solved:
@@ -224,7 +186,7 @@ def test_weighted_sum_logs_the_per_reward_cosines_and_grpo_takes_marble(tiny_dir
             "online.reward_gradient_log_every=1",
         )
     )
-    logged = _metrics(tmp_path / "ws")
+    logged = run_metrics(tmp_path / "ws")
     assert all("balance/cos_darkness" in m and "balance/alpha_darkness" not in m for m in logged)
     grpo = tmp_path / "grpo"
     train(
@@ -238,5 +200,5 @@ def test_weighted_sum_logs_the_per_reward_cosines_and_grpo_takes_marble(tiny_dir
             "online.reward_balance=marble",
         )
     )
-    logged = _metrics(grpo)
+    logged = run_metrics(grpo)
     assert all(m["balance/cos_min"] > 0 and "balance/alpha_mean_colour" in m for m in logged)

@@ -2,78 +2,43 @@
 
 from __future__ import annotations
 
-import json
 import typing
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_online import PROMPTS, REWARDS_FILE, online_config, run_metrics, save_online_models
 from safetensors.torch import load_file
 
-from diffalign.config import ConfigError, load_config
+from diffalign.config import ConfigError
 from diffalign.losses import policy_registry
 from diffalign.losses.policy import PolicyLossOutput
 from diffalign.losses.policy_registry import PolicyStep, register_policy_loss
 from diffalign.models.rollout import conditioning
-from diffalign.models.tiny import save_tiny_sd_pipeline
-from diffalign.models.tiny_sd3 import save_tiny_sd3_pipeline
 from diffalign.rewards.correction import load_correction
 from diffalign.trainers.diffusion_grpo import DiffusionGRPOTrainer
+from diffalign.trainers.diffusion_nft import DiffusionNFTTrainer
 from diffalign.trainers.direct_reward import (
     STAGE_TRAINERS,
     CorrectionStageTrainer,
     GeneratorStageTrainer,
     direct_reward_trainer,
 )
+from diffalign.trainers.online_rollouts import RolloutLayout
 from diffalign.trainers.run import train
 
-REWARD = str(Path(__file__).with_name("online_rewards.py")) + ":mean_colour"
-PROMPTS = ["a red circle", "a green square", "a blue triangle", "a red square"]
+REWARD = f"{REWARDS_FILE}:mean_colour"
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("online")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return {
-        "sd3": save_tiny_sd3_pipeline(root / "sd3", sample_size=16, with_vae=False),
-        "sd": save_tiny_sd_pipeline(root / "sd", sample_size=16, with_vae=False),
-        "prompts": root / "prompts.txt",
-    }
+    return save_online_models(tmp_path_factory.mktemp("online"))
 
 
 def _config(tiny_dirs, out: Path, *extra: str, backbone: str = "sd3"):
-    overrides = [
-        f"model.pretrained={tiny_dirs[backbone]}",
-        f"model.backbone={backbone}",
-        f"data.path={tiny_dirs['prompts']}",
-        "data.resolution=16",
-        "lora.enabled=false",
-        "optim.lr=1e-3",
-        "train.method=grpo",
-        f"train.output_dir={out}",
-        "train.max_steps=2",
-        "train.train_batch_size=4",
-        "train.gradient_accumulation_steps=1",
-        "train.checkpointing_steps=2",
-        "train.progress_bar=false",
-        f"online.reward_functions=[{REWARD}]",
-        "online.sample_steps=3",
-        "online.guidance_scale=2.0",
-        "online.num_generations=4",
-        "online.prompts_per_rollout=2",
-        "online.timestep_fraction=0.67",
-    ]
-    if backbone == "sd":
-        overrides += ["online.sampler=ddim", "online.noise_level=1.0"]
-    path = out.parent / f"{out.name}_config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("{}\n")
-    return load_config(path, overrides + list(extra))
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return online_config(
+        tiny_dirs, out, "grpo", [REWARD], "online.guidance_scale=2.0", *extra, backbone=backbone, sd_noise_level=1.0
+    )
 
 
 @pytest.mark.parametrize("backbone", ["sd3", "sd"])
@@ -158,7 +123,7 @@ def test_resumed_run_continues_exactly(tiny_dirs, tmp_path):
     a = load_file(str(tmp_path / "full" / "transformer" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "half" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    logged = _metrics(tmp_path / "full")
+    logged = run_metrics(tmp_path / "full")
     assert {
         "reward/mean",
         "clipfrac_gt_one",
@@ -209,6 +174,21 @@ def _direct(tiny_dirs, out: Path, *extra: str, backbone: str = "sd3"):
     )
 
 
+def test_rollout_layout_splits_an_epoch_and_names_the_key_that_does_not_divide(tiny_dirs, tmp_path):
+    # 2 prompts x 4 images = 8 per epoch, micro-batches of 4; MC-GRPO samples one more per prompt (its pivot)
+    layout = DiffusionGRPOTrainer.rollout_layout
+    assert layout(_config(tiny_dirs, tmp_path)) == RolloutLayout(4, 8, 4, 2, 2)
+    assert layout(_config(tiny_dirs, tmp_path, "online.inner_epochs=2"), 2) == RolloutLayout(4, 4, 4, 1, 2)
+    assert layout(_config(tiny_dirs, tmp_path, "online.sample_batch_size=2"), 2).sample_batch_size == 2
+    assert DiffusionNFTTrainer.rollout_layout(_config(tiny_dirs, tmp_path, "online.advantage=mc_grpo")).group_size == 4
+    with pytest.raises(ValueError, match="10 images per process .* train.train_batch_size"):
+        layout(_config(tiny_dirs, tmp_path, "online.advantage=mc_grpo"))
+    with pytest.raises(ValueError, match="8 images per rollout do not split over 3 processes"):
+        layout(_config(tiny_dirs, tmp_path), 3)
+    with pytest.raises(ValueError, match="train.gradient_accumulation_steps=2"):
+        layout(_config(tiny_dirs, tmp_path, "train.gradient_accumulation_steps=2"), 2)
+
+
 def test_each_direct_stage_has_its_trainer(tiny_dirs, tmp_path):
     from diffalign.methods.online import DirectRewardSettings
 
@@ -242,7 +222,7 @@ def test_d2_align_stage_one_learns_b_v_and_stage_two_uses_it(tiny_dirs, tmp_path
     stage1 = train(_direct(tiny_dirs, tmp_path / "s1", "online.direct_stage=correction"))
     b_v = load_correction(tmp_path / "s1")
     assert b_v.shape == (4,) and b_v.norm() > 0
-    logged = _metrics(tmp_path / "s1")
+    logged = run_metrics(tmp_path / "s1")
     assert logged[-1]["reward"] > logged[0]["reward"]  # the guided reward of the frozen generator's samples rises
     assert "diversity/pvs" in logged[0]
     assert stage1.global_step == 6
@@ -261,7 +241,7 @@ def test_direct_reward_raises_the_reward_on_sd(tiny_dirs, tmp_path):
     train(
         _direct(tiny_dirs, tmp_path, "optim.lr=1e-3", "train.max_steps=8", "train.checkpointing_steps=8", backbone="sd")
     )
-    logged = _metrics(tmp_path)
+    logged = run_metrics(tmp_path)
     first, last = sum(m["reward"] for m in logged[:2]) / 2, sum(m["reward"] for m in logged[-2:]) / 2
     assert last > first
 

@@ -14,8 +14,11 @@ from diffalign.toy.evidence import format_report, run_offline_evidence
 SMOKE_OVERRIDES = ["train.max_steps=150", "optim.lr=4e-5", "train.checkpointing_steps=1000", "train.progress_bar=false"]
 
 
-def test_demo_smoke_raises_colour_adherence(tmp_path) -> None:
+def test_demo_smoke_raises_colour_adherence(tmp_path, capfd) -> None:
     report = run_demo(tmp_path, n_per_prompt=8, overrides=SMOKE_OVERRIDES)
+    out, err = capfd.readouterr()
+    assert "kept in float32" not in out + err  # diffusers warns on every dtype .to(), even a no-op one
+    assert out.rstrip().endswith(f"grid: {report['grid']}")  # the summary table and the grid path come last
     assert report["samples_per_evaluation"] == 96
     assert report["adherence_after"] >= report["adherence_before"] + 0.05, report
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -45,7 +48,13 @@ def test_evidence_report_format(tmp_path) -> None:
 def test_cli_takes_overrides_before_or_after_options(monkeypatch, argv) -> None:
     seen = {}
     monkeypatch.setattr("diffalign.toy.demo.run_demo", lambda out, **kw: seen.update(out=out, **kw))
-    assert cli.main(argv) == 0
+    from transformers.utils import logging as transformers_logging
+
+    try:
+        assert cli.main(argv) == 0
+        assert not transformers_logging.is_progress_bar_enabled()  # no "Loading weights" bar per tiny model load
+    finally:
+        transformers_logging.enable_progress_bar()
     assert seen == {"out": "OUT", "n_per_prompt": 16, "overrides": ["train.max_steps=3"]}
 
 

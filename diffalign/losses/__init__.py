@@ -25,12 +25,24 @@ LLM adapters pass summed completion-token log-probs (TRL's convention). LLM-side
   MC-GRPO, BNPO) and reward shaping (ensembles, LSC, PAR, CHES). Not in ``LOSSES``: they are not preference losses;
   the diffusion per-step policy losses have their own registry, ``POLICY_LOSSES`` (:func:`get_policy_loss`,
   :func:`register_policy_loss`; config key ``online.policy_loss``).
+* :mod:`~diffalign.losses.nft` and :mod:`~diffalign.losses.marble`: DiffusionNFT's negative-aware loss, advantages,
+  optimality probabilities and old-policy decay; MARBLE's per-reward advantages, min-norm balancing coefficients,
+  their smoothing, the amortised blended advantage and the gradient-cosine diagnostic (online, not in ``LOSSES``).
 """
 
 from diffalign.losses import dpo_family, listwise, llm_pairwise, policy  # noqa: F401  (registers their losses)
 from diffalign.losses.dpo_family import dpo_mixture, trl_reward_metrics
 from diffalign.losses.listwise import dynamicpo, pro
 from diffalign.losses.llm_pairwise import alphapo, cpo, orpo, simpo
+from diffalign.losses.marble import (
+    blend_advantages,
+    gradient_cosines,
+    marble_weights,
+    min_norm_coefficients,
+    per_reward_advantages,
+    smooth_coefficients,
+)
+from diffalign.losses.nft import nft_advantages, nft_loss, old_policy_decay, optimality_probability
 from diffalign.losses.pairwise import dpo, hinge, ipo, kto, poly_dpo, robust
 from diffalign.losses.policy_registry import POLICY_LOSSES, get_policy_loss, register_policy_loss
 from diffalign.losses.reference_free import mapo, mapo_score, sft
@@ -63,4 +75,14 @@ __all__ = [
     "register_policy_loss",
     "robust",
     "sft",
+    "blend_advantages",
+    "gradient_cosines",
+    "marble_weights",
+    "min_norm_coefficients",
+    "per_reward_advantages",
+    "smooth_coefficients",
+    "nft_advantages",
+    "nft_loss",
+    "old_policy_decay",
+    "optimality_probability",
 ]

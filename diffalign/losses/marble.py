@@ -57,11 +57,7 @@ def per_reward_advantages(
         check_shape(fn, ("N",), floating=False, group_ids=group_ids)
         if group_ids.is_floating_point() or group_ids.dtype == torch.bool:
             raise TypeError(f"losses.{fn}: `group_ids` has dtype {group_ids.dtype}; pass integer prompt ids.")
-        if group_ids.shape[0] != rewards.shape[0] or group_ids.device != rewards.device:
-            raise ValueError(
-                f"losses.{fn}: `group_ids` has shape {tuple(group_ids.shape)} on {group_ids.device}; pass one id per "
-                f"row of `rewards` ({rewards.shape[0]},) on {rewards.device}."
-            )
+        _check_one_per(fn, "group_ids", group_ids, "id", "rewards", rewards, dim=0)
     out = torch.zeros(rewards.shape, dtype=torch.promote_types(rewards.dtype, torch.float32), device=rewards.device)
     for k in range(rewards.shape[1]):
         present = ~torch.isnan(rewards[:, k])
@@ -69,6 +65,15 @@ def per_reward_advantages(
             ids = None if group_ids is None else group_ids[present]
             out[present, k] = nft_advantages(rewards[present, k], ids, global_std=global_std, eps=eps)
     return out
+
+
+def _check_one_per(fn: str, name: str, vector: Tensor, item: str, of: str, matrix: Tensor, *, dim: int) -> None:
+    """``vector`` must hold one ``item`` per row (``dim=0``) or column (``dim=1``) of ``matrix``, on its device."""
+    if vector.shape[0] != matrix.shape[dim] or vector.device != matrix.device:
+        raise ValueError(
+            f"losses.{fn}: `{name}` has shape {tuple(vector.shape)} on {vector.device}; pass one {item} per "
+            f"{('row', 'column')[dim]} of `{of}` ({matrix.shape[dim]},) on {matrix.device}."
+        )
 
 
 def _check_floor(fn: str, floor: float, k: int) -> None:
@@ -263,11 +268,7 @@ def gradient_cosines(grads: Tensor, update: Tensor) -> Tensor:
     fn = "gradient_cosines"
     check_shape(fn, ("K", "P"), grads=grads)
     check_shape(fn, ("P",), update=update)
-    if update.shape[0] != grads.shape[1] or update.device != grads.device:
-        raise ValueError(
-            f"losses.{fn}: `update` has shape {tuple(update.shape)} on {update.device}; pass one value per column of "
-            f"`grads` ({grads.shape[1]},) on {grads.device}."
-        )
+    _check_one_per(fn, "update", update, "value", "grads", grads, dim=1)
     dtype = torch.promote_types(torch.promote_types(grads.dtype, update.dtype), torch.float32)
     g, u = grads.to(dtype), update.to(dtype)
     denom = g.norm(dim=1) * u.norm()
@@ -312,10 +313,6 @@ def blend_advantages(advantages: Tensor, alpha: Tensor) -> Tensor:
     fn = "blend_advantages"
     check_shape(fn, ("N", "K"), advantages=advantages)
     check_shape(fn, ("K",), alpha=alpha)
-    if alpha.shape[0] != advantages.shape[1] or alpha.device != advantages.device:
-        raise ValueError(
-            f"losses.{fn}: `alpha` has shape {tuple(alpha.shape)} on {alpha.device}; pass one coefficient per column "
-            f"of `advantages` ({advantages.shape[1]},) on {advantages.device}."
-        )
+    _check_one_per(fn, "alpha", alpha, "coefficient", "advantages", advantages, dim=1)
     dtype = torch.promote_types(torch.promote_types(advantages.dtype, alpha.dtype), torch.float32)
     return advantages.to(dtype) @ alpha.to(dtype)

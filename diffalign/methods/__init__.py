@@ -57,10 +57,14 @@ class Method:
         common = ("model", "data", "lora", "optim", "train") + (("loss",) if self.default_loss else ())
         return section in common or section in self.sections
 
+    def trainer_object(self) -> Any:
+        """The imported trainer class, factory or run function that ``trainer`` names."""
+        module, _, attr = self.trainer.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
     def run(self, config: Any) -> Any:
         """Import the trainer and train with ``config``; returns its ``TrainResult``."""
-        module, _, attr = self.trainer.partition(":")
-        made = getattr(importlib.import_module(module), attr)(config)
+        made = self.trainer_object()(config)
         return made.train() if callable(getattr(made, "train", None)) else made
 
 

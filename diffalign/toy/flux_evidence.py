@@ -21,6 +21,7 @@ from typing import Any
 from diffalign.config import load_config
 from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
 from diffalign.models.tiny_flux import save_tiny_flux_pipeline
+from diffalign.toy.reports import chosen_methods
 from diffalign.trainers.metrics import read_metrics
 from diffalign.trainers.run import train
 
@@ -59,10 +60,7 @@ def run_flux_evidence(
 ) -> dict[str, Any]:
     """Train each of ``methods`` (``dpo``, ``flow_grpo``) two steps on a tiny FLUX.1-dev; ``n_per_prompt`` is
     unused (kept for the command's common arguments)."""
-    methods = tuple(methods or FLUX_METHODS)
-    unknown = set(methods) - set(FLUX_METHODS)
-    if unknown:
-        raise ValueError(f"unknown flux methods {sorted(unknown)}; choose from {FLUX_METHODS}")
+    methods = chosen_methods(methods, tuple(FLUX_METHODS), "flux")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = out / "tiny_flux"

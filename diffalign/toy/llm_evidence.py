@@ -20,7 +20,7 @@ from diffalign.toy.llm_data import write_preference_pairs, write_prompts, write_
 from diffalign.toy.llm_model import load_toy_lm, property_rate
 from diffalign.toy.llm_pretrain import ensure_llm_base
 from diffalign.toy.llm_world import gold_score
-from diffalign.toy.reports import write_report
+from diffalign.toy.reports import chosen_methods, write_report
 
 LLM_METHODS = ("llm_dpo", "llm_pro", "llm_grpo")
 DATA_VERSION = 1  # bump when the data writers change what they write
@@ -102,10 +102,7 @@ def run_llm_evidence(
     overrides: Sequence[str] = (),
 ) -> dict:
     """Train and judge ``methods`` (default: all); write ``report.json``, ``report.md`` and ``samples.md``."""
-    methods = tuple(methods or LLM_METHODS)
-    unknown = [m for m in methods if m not in LLM_METHODS]
-    if unknown:
-        raise ValueError(f"unknown llm evidence methods {unknown}; choose from {LLM_METHODS}")
+    methods = chosen_methods(methods, tuple(LLM_METHODS), "llm")
     output_dir = Path(output_dir or "outputs/evidence/llm")
     world = prepare_llm_world(output_dir)
     for method in methods:  # fail on a bad override before any training

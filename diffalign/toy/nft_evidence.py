@@ -28,25 +28,12 @@ import torch
 from diffalign.rewards.from_config import reward_from_name
 from diffalign.toy.experiment import Evaluation, first_per_prompt, segment_cuts, segment_overrides
 from diffalign.toy.flow_experiment import evaluate_flow
-from diffalign.toy.flow_pretrain import ensure_flow_base
-from diffalign.toy.online_evidence import _config, _train, online_metrics, steps_per_rollout
-from diffalign.toy.reports import finish_report, write_report
-from diffalign.toy.rewards import load_toy_reward_model
+from diffalign.toy.online_evidence import _config, _train, judged_flow_base, online_metrics, steps_per_rollout
+from diffalign.toy.reports import chosen_methods, finish_report, write_report
 
 NFT_METHODS = ("flow_grpo", "nft", "weighted_sum", "marble")
 CONFIGS = {"flow_grpo": "flow_grpo", "nft": "nft", "weighted_sum": "nft_weighted_sum", "marble": "nft_marble"}
 MULTI_REWARD = ("weighted_sum", "marble")
-
-
-def _nft_steps_per_rollout(config) -> int:
-    oc, tc = config.online, config.train
-    return (
-        oc.prompts_per_rollout
-        * oc.num_generations
-        // tc.train_batch_size
-        * oc.inner_epochs
-        // (tc.gradient_accumulation_steps)
-    )
 
 
 def reward_means(config, evaluation: Evaluation) -> dict[str, float]:
@@ -83,15 +70,9 @@ def run_nft_evidence(
     overrides: Sequence[str] = (),
 ) -> dict:
     """Train and judge ``methods``; write ``report.json`` / ``report.md`` / ``samples.png`` to ``output_dir``."""
-    methods = tuple(methods or NFT_METHODS)
-    unknown = set(methods) - set(NFT_METHODS)
-    if unknown:
-        raise ValueError(f"unknown nft-evidence methods {sorted(unknown)}; choose from {NFT_METHODS}")
+    methods = chosen_methods(methods, tuple(NFT_METHODS), "nft")
     output_dir = Path(output_dir)
-    base = ensure_flow_base()
-    reward_model = load_toy_reward_model()
-    before_eval = evaluate_flow(base, n_per_prompt=n_per_prompt)
-    before = online_metrics(before_eval, reward_model)
+    base, reward_model, before_eval, before = judged_flow_base(n_per_prompt)
     report: dict = {
         "world": {"family": "nft", "base": str(base), "samples_per_evaluation": len(before_eval.prompts)},
         "base": before,
@@ -103,7 +84,7 @@ def run_nft_evidence(
     for method in methods:
         run_dir = output_dir / "runs" / method
         config = _config(CONFIGS[method], run_dir, overrides)
-        unit = steps_per_rollout(config) if method == "flow_grpo" else _nft_steps_per_rollout(config)
+        unit = steps_per_rollout(config)
         cuts = segment_cuts(config.train.max_steps, segments, unit)
         trajectory, seconds = [], 0.0
         for cut in cuts:

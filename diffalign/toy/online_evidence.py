@@ -25,20 +25,20 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from diffalign.eval.diversity import embedding_spread, layout_dispersion, pvs_per_prompt
-from diffalign.losses.advantages import samples_per_prompt
+from diffalign.methods import get_method
 from diffalign.toy.configs import CONFIG_DIR, toy_run_config
 from diffalign.toy.experiment import Evaluation, first_per_prompt, segment_cuts, segment_overrides
 from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.flow_pretrain import ensure_flow_base
-from diffalign.toy.reports import finish_report, write_report
+from diffalign.toy.reports import chosen_methods, finish_report, write_report
 from diffalign.toy.rewards import load_toy_reward_model, shape_boxes
 
 ONLINE_METHODS = ("flow_grpo", "grpo_guard", "direct_reward", "d2_align")
-GROUP_RL = ("flow_grpo", "grpo_guard")
 
 
 def online_metrics(evaluation: Evaluation, reward_model) -> dict[str, float]:
@@ -58,11 +58,21 @@ def online_metrics(evaluation: Evaluation, reward_model) -> dict[str, float]:
     }
 
 
+def judged_flow_base(n_per_prompt: int) -> tuple[Path, Any, Evaluation, dict[str, float]]:
+    """Where every online evidence run starts: the flow base, the toy reward model, the base's evaluation
+    (``n_per_prompt`` samples of each prompt) and its :func:`online_metrics`."""
+    base = ensure_flow_base()
+    reward_model = load_toy_reward_model()
+    evaluation = evaluate_flow(base, n_per_prompt=n_per_prompt)
+    return base, reward_model, evaluation, online_metrics(evaluation, reward_model)
+
+
 def steps_per_rollout(config) -> int:
-    """Optimizer steps of one rollout epoch on one process (segments must end on a rollout boundary)."""
-    oc, tc = config.online, config.train
-    samples = oc.prompts_per_rollout * samples_per_prompt(oc.advantage, oc.num_generations)
-    return samples // tc.train_batch_size * oc.inner_epochs // tc.gradient_accumulation_steps
+    """Optimizer steps of one rollout epoch on one process, from the registered trainer's rollout layout (segments
+    of a group-RL run must end on a rollout boundary); 1 for a trainer without rollout epochs."""
+    trainer = get_method(config.train.method, "diffusion").trainer_object()
+    layout = getattr(trainer, "rollout_layout", None)
+    return layout(config).steps_per_rollout if layout is not None else 1
 
 
 def _config(name: str, output_dir: Path, overrides: Sequence[str]):
@@ -89,15 +99,9 @@ def run_online_evidence(
 
     ``overrides`` apply to every config (e.g. ``train.max_steps=20`` for a quick run); group-RL methods are evaluated
     after each of ``segments`` equal parts of ``train.max_steps``."""
-    methods = tuple(methods or ONLINE_METHODS)
-    unknown = set(methods) - set(ONLINE_METHODS)
-    if unknown:
-        raise ValueError(f"unknown online methods {sorted(unknown)}; choose from {ONLINE_METHODS}")
+    methods = chosen_methods(methods, tuple(ONLINE_METHODS), "online")
     output_dir = Path(output_dir)
-    base = ensure_flow_base()
-    reward_model = load_toy_reward_model()
-    before_eval = evaluate_flow(base, n_per_prompt=n_per_prompt)
-    before = online_metrics(before_eval, reward_model)
+    base, reward_model, before_eval, before = judged_flow_base(n_per_prompt)
     report: dict = {
         "world": {"family": "online", "base": str(base), "samples_per_evaluation": len(before_eval.prompts)},
         "base": before,
@@ -113,7 +117,7 @@ def run_online_evidence(
             extra = [f"online.reward_correction={stage1}"]
         config = _config(method, run_dir, [*overrides, *extra])
         total = config.train.max_steps
-        unit = steps_per_rollout(config) if method in GROUP_RL else 1
+        unit = steps_per_rollout(config)
         cuts = segment_cuts(total, segments, unit)
         for cut in cuts:
             config = _config(method, run_dir, [*overrides, *extra, *segment_overrides(cut, cuts)])

@@ -10,6 +10,15 @@ from pathlib import Path
 import torch
 
 
+def chosen_methods(methods: Sequence[str] | None, known: Sequence[str], family: str) -> tuple[str, ...]:
+    """``methods`` (all of ``known`` when None or empty); an unknown name is a one-line error naming the choices."""
+    chosen = tuple(methods or known)
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {family} methods {unknown}; choose from {', '.join(known)}")
+    return chosen
+
+
 def write_report(output_dir: str | os.PathLike, report: dict, format_report: Callable[[dict], str]) -> None:
     """``report.json`` and ``report.md`` (``format_report(report)``) of an evidence run, in ``output_dir``."""
     output_dir = Path(output_dir)

@@ -24,7 +24,7 @@ from diffalign.toy.experiment import (
     prepare_world,
     train_method,
 )
-from diffalign.toy.reports import finish_report, write_report
+from diffalign.toy.reports import chosen_methods, finish_report, write_report
 from diffalign.trainers.sail import sail_rounds
 
 SAIL_METHODS = ("dpo_seed", "dpo_full", "sail")
@@ -56,17 +56,19 @@ def run_sail_evidence(
     overrides: Sequence[str] = (),
 ) -> dict:
     """Train and judge ``methods``; write ``report.json`` / ``report.md`` / ``samples.png`` to ``output_dir``."""
-    methods = tuple(methods or SAIL_METHODS)
-    unknown = set(methods) - set(SAIL_METHODS)
-    if unknown:
-        raise ValueError(f"unknown sail methods {sorted(unknown)}; choose from {SAIL_METHODS}")
+    methods = chosen_methods(methods, tuple(SAIL_METHODS), "sail")
     check_overrides(["dpo", "sail"], overrides)
     output_dir = Path(output_dir)
     world = prepare_world(output_dir, label_noise=LABEL_NOISE)
     before = evaluate(world.base, n_per_prompt=n_per_prompt)
     report: dict = {
-        "world": {"family": "sail", "base": str(world.base), "pairs": str(world.pairs), "seed_pairs": SEED_PAIRS,
-                  "label_noise": LABEL_NOISE},
+        "world": {
+            "family": "sail",
+            "base": str(world.base),
+            "pairs": str(world.pairs),
+            "seed_pairs": SEED_PAIRS,
+            "label_noise": LABEL_NOISE,
+        },
         "base": {"gold": before.metrics["adherence"]},
         "methods": {},
     }

@@ -29,7 +29,7 @@ from diffalign.toy.experiment import (
     train_method,
 )
 from diffalign.toy.flow_experiment import evaluate_flow, prepare_flow_world
-from diffalign.toy.reports import finish_report, write_report
+from diffalign.toy.reports import chosen_methods, finish_report, write_report
 from diffalign.toy.world import RESOLUTION, all_prompts, parse_caption, render_batch, sample_specs
 from diffalign.utils.randomness import per_sample_normal
 
@@ -72,10 +72,7 @@ def run_soar_evidence(
 ) -> dict:
     """Train ``methods`` (``sft``, ``soar``) from the flow base, judging each after every one of ``segments`` equal
     parts of its steps (resumed from its checkpoint); write ``report.json`` / ``report.md`` / ``samples.png``."""
-    methods = tuple(methods or SOAR_METHODS)
-    unknown = set(methods) - set(SOAR_METHODS)
-    if unknown:
-        raise ValueError(f"unknown soar methods {sorted(unknown)}; choose from {tuple(SOAR_METHODS)}")
+    methods = chosen_methods(methods, tuple(SOAR_METHODS), "soar")
     overrides = [*EVIDENCE_OVERRIDES, *overrides]
     check_overrides([SOAR_METHODS[m] for m in methods], overrides)
     output_dir = Path(output_dir)
@@ -83,8 +80,11 @@ def run_soar_evidence(
     before = evaluate_flow(world.base, n_per_prompt=n_per_prompt)
     report: dict = {
         "world": {"family": "soar", "base": str(world.base), "pairs": str(world.pairs)},
-        "base": {"gold": before.metrics["adherence"], "shape": before.metrics["shape_adherence"],
-                 **trajectory_metrics(world.base)},  # fmt: skip
+        "base": {
+            "gold": before.metrics["adherence"],
+            "shape": before.metrics["shape_adherence"],
+            **trajectory_metrics(world.base),
+        },  # fmt: skip
         "methods": {},
     }
     rows, labels = [first_per_prompt(before, 1)], ["base"]

@@ -78,9 +78,9 @@ class DiffusionGRPOTrainer(OnlineRolloutTrainer):
     def units_per_micro_batch(self) -> int:
         return trained_step_count(self.config)
 
-    def images_per_group(self) -> int:
-        oc = self.config.online
-        return samples_per_prompt(oc.advantage, oc.num_generations)
+    @classmethod
+    def images_per_group(cls, config: Config) -> int:
+        return samples_per_prompt(config.online.advantage, config.online.num_generations)
 
     def build(self) -> None:
         self.build_policy(needs_reference=self.config.online.beta > 0, stored_reference=False)

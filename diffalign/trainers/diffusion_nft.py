@@ -178,7 +178,8 @@ class DiffusionNFTTrainer(OnlineRolloutTrainer):
         balance_metrics: dict[str, torch.Tensor] = {}
         if balance is not None and balance.marble and solving:  # the full step: K + 1 backward passes
             per_reward = [loss_with(columns[:, k], 0.0).loss for k in range(columns.shape[1])]
-            out = loss_with(balance.blend(columns), nc.kl_beta)  # its metrics; the KL term is added to the update
+            with torch.no_grad():  # only its metrics: no graph; the KL term is added to the update below
+                out = loss_with(balance.blend(columns), nc.kl_beta)
             loss, balance_metrics = balance.balanced_loss(per_reward)
             if ref is not None:
                 loss = loss + nc.kl_beta * ((velocity.float() - ref.float()) ** 2).mean(dim=(1, 2, 3)).mean()

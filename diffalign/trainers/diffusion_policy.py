@@ -17,6 +17,7 @@ from diffalign.models.loading import adapter_from_config
 from diffalign.models.lora import add_lora, save_lora
 from diffalign.trainers.reference import ReferenceModel, build_reference
 from diffalign.trainers.sharding import export_denoiser, export_lora
+from diffalign.utils.modules import move_module
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +41,15 @@ class DiffusionPolicyMixin:
         mc, tc = self.config.model, self.config.train
         device = self.accelerator.device
         adapter = adapter_from_config(mc)
+        cast = None if self.weight_dtype == torch.float32 else self.weight_dtype  # float32 keeps the loaded dtypes
         for frozen in adapter.frozen_modules():
-            frozen.requires_grad_(False).to(device)
-            if self.weight_dtype != torch.float32:
-                frozen.to(dtype=self.weight_dtype)
+            move_module(frozen.requires_grad_(False), device, cast)
         if mc.vae_channels_last and _is_2d(adapter.vae):
             adapter.vae.to(memory_format=torch.channels_last)  # its convolutions run ~20 % faster in NHWC
         denoiser = adapter.denoiser
         if self.config.lora.enabled:
             denoiser.requires_grad_(False)
-            denoiser.to(device)
-            if self.weight_dtype != torch.float32:
-                denoiser.to(dtype=self.weight_dtype)
+            move_module(denoiser, device, cast)
             add_lora(
                 denoiser,
                 rank=self.config.lora.rank,

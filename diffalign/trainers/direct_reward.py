@@ -45,6 +45,7 @@ from diffalign.rewards.from_config import build_online_reward, reward_from_name
 from diffalign.trainers.base import Trainer
 from diffalign.trainers.diffusion_policy import DiffusionPolicyMixin
 from diffalign.trainers.sharding import full_tensor
+from diffalign.utils.modules import move_module
 from diffalign.utils.randomness import per_sample_normal, per_sample_uniform, sample_key
 
 GENERATION_STREAM, SIGMA_STREAM, RECON_NOISE_STREAM = 41, 42, 43
@@ -156,7 +157,7 @@ class CorrectionStageTrainer(DirectRewardTrainer):
         oc, device = self.config.online, self.accelerator.device
         adapter = adapter_from_config(self.config.model)
         for module in (adapter.denoiser, *adapter.frozen_modules()):
-            module.requires_grad_(False).to(device, self.weight_dtype).eval()
+            move_module(module.requires_grad_(False), device, self.weight_dtype).eval()
         self.adapter = adapter
         if len(oc.reward_functions) != 1:
             raise ValueError("online.direct_stage=correction learns b_v for one embedding reward; list exactly one")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from diffalign.config import Config
 from diffalign.data.prompts import load_prompts
 from diffalign.eval.diversity import embedding_spread, pvs_per_prompt
 from diffalign.models.rollout import SamplerSettings, Trajectory, build_schedule, conditioning, rollout
@@ -27,6 +28,20 @@ from diffalign.trainers.reward_balance import RewardBalance
 from diffalign.utils.randomness import sample_key
 
 ROLLOUT_STREAM, PROMPT_STREAM, ORDER_STREAM, WINDOW_STREAM = 31, 32, 33, 34
+
+
+@dataclass(frozen=True)
+class RolloutLayout:
+    """How one rollout epoch splits over the processes: ``group_size`` images per prompt, ``local_samples`` images
+    per process, sampled ``sample_batch_size`` at a time and trained in ``micro_per_pass`` micro-batches per inner
+    epoch; ``steps_per_rollout`` optimizer steps per epoch (checkpoints and toy-evidence segments end on a multiple).
+    """
+
+    group_size: int
+    local_samples: int
+    sample_batch_size: int
+    micro_per_pass: int
+    steps_per_rollout: int
 
 
 @dataclass
@@ -51,7 +66,7 @@ class OnlineRolloutTrainer(DiffusionPolicyMixin, Trainer):
 
     def build_rollouts(self) -> None:
         """Sampler, schedule, reward, prompts and the per-process counts (after :meth:`build_policy`)."""
-        oc, dc, tc = self.config.online, self.config.data, self.config.train
+        oc, dc = self.config.online, self.config.data
         acc = self.accelerator
         self.settings = SamplerSettings(
             kind=oc.sampler,
@@ -64,41 +79,51 @@ class OnlineRolloutTrainer(DiffusionPolicyMixin, Trainer):
         self.reward = build_online_reward(oc, acc.device)
         self.prompts = load_prompts(dc.path, split=dc.split, max_samples=dc.max_samples)
         self.dataset, self.collate = self.prompts, None
-        self.group_size = self.images_per_group()
-        total = oc.prompts_per_rollout * self.group_size
-        if total % acc.num_processes:
-            raise ValueError(
-                f"online.prompts_per_rollout x group size = {total} images per rollout do not split over "
-                f"{acc.num_processes} processes; choose counts whose product is a multiple of the process count"
-            )
-        self.local_samples = total // acc.num_processes
-        sample_bs = oc.sample_batch_size or tc.train_batch_size
-        if self.local_samples % tc.train_batch_size or self.local_samples % sample_bs:
-            raise ValueError(
-                f"{self.local_samples} images per process per rollout must be a multiple of train.train_batch_size "
-                f"({tc.train_batch_size}) and of online.sample_batch_size ({sample_bs})"
-            )
-        self.sample_batch_size = sample_bs
-        self.micro_per_pass = self.local_samples // tc.train_batch_size
-        micro_total = self.micro_per_pass * oc.inner_epochs
-        if micro_total % tc.gradient_accumulation_steps:
-            raise ValueError(
-                f"{micro_total} micro-batches per rollout ({self.micro_per_pass} x online.inner_epochs) are not a "
-                f"multiple of train.gradient_accumulation_steps={tc.gradient_accumulation_steps}"
-            )
-        self.steps_per_rollout = micro_total // tc.gradient_accumulation_steps
-        if tc.checkpointing_steps % self.steps_per_rollout:
-            raise ValueError(
-                f"train.checkpointing_steps={tc.checkpointing_steps} must be a multiple of the "
-                f"{self.steps_per_rollout} optimizer steps of one rollout epoch (a checkpoint inside an epoch could "
-                "not resume exactly)"
-            )
+        layout = self.rollout_layout(self.config, acc.num_processes)
+        self.group_size, self.local_samples = layout.group_size, layout.local_samples
+        self.sample_batch_size, self.micro_per_pass = layout.sample_batch_size, layout.micro_per_pass
+        self.steps_per_rollout = layout.steps_per_rollout
         guided = self.settings.guidance_scale != 1.0
         self.uncond = conditioning(self.adapter, [""], dc.resolution) if guided else None  # one row, broadcast
         self.balance = self._reward_balance()
 
-    def images_per_group(self) -> int:
-        return self.config.online.num_generations
+    @classmethod
+    def images_per_group(cls, config: Config) -> int:
+        """Images sampled per prompt of a rollout epoch."""
+        return config.online.num_generations
+
+    @classmethod
+    def rollout_layout(cls, config: Config, num_processes: int = 1) -> RolloutLayout:
+        """How one rollout epoch of ``config`` splits over ``num_processes``; a one-line error when it cannot."""
+        oc, tc = config.online, config.train
+        group_size = cls.images_per_group(config)
+        total = oc.prompts_per_rollout * group_size
+        if total % num_processes:
+            raise ValueError(
+                f"online.prompts_per_rollout x group size = {total} images per rollout do not split over "
+                f"{num_processes} processes; choose counts whose product is a multiple of the process count"
+            )
+        local = total // num_processes
+        sample_bs = oc.sample_batch_size or tc.train_batch_size
+        if local % tc.train_batch_size or local % sample_bs:
+            raise ValueError(
+                f"{local} images per process per rollout must be a multiple of train.train_batch_size "
+                f"({tc.train_batch_size}) and of online.sample_batch_size ({sample_bs})"
+            )
+        micro_per_pass = local // tc.train_batch_size
+        micro_total = micro_per_pass * oc.inner_epochs
+        if micro_total % tc.gradient_accumulation_steps:
+            raise ValueError(
+                f"{micro_total} micro-batches per rollout ({micro_per_pass} x online.inner_epochs) are not a "
+                f"multiple of train.gradient_accumulation_steps={tc.gradient_accumulation_steps}"
+            )
+        steps = micro_total // tc.gradient_accumulation_steps
+        if tc.checkpointing_steps % steps:
+            raise ValueError(
+                f"train.checkpointing_steps={tc.checkpointing_steps} must be a multiple of the {steps} optimizer "
+                "steps of one rollout epoch (a checkpoint inside an epoch could not resume exactly)"
+            )
+        return RolloutLayout(group_size, local, sample_bs, micro_per_pass, steps)
 
     def _reward_balance(self) -> RewardBalance | None:
         oc = self.config.online

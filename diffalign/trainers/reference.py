@@ -33,6 +33,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from diffalign.config import REFERENCE_MODES
 from diffalign.models.reference import adapters_disabled, lora_layers
 from diffalign.trainers.reference_store import MissingReferenceError, OffloadedReference, offloaded_frozen_copy
+from diffalign.utils.modules import move_module
 
 T = TypeVar("T")
 #: Evaluates a network on one batch; what it returns is what the objective consumes (and the store holds).
@@ -116,7 +117,7 @@ class FrozenCopy(LiveReference):
     def of(cls, policy: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> FrozenCopy:
         """A frozen, eval-mode deep copy of ``policy`` on ``device`` (in ``dtype``; ``None`` keeps the policy's)."""
         frozen = copy.deepcopy(policy).requires_grad_(False).eval()
-        return cls(frozen.to(device) if dtype is None else frozen.to(device, dtype))
+        return cls(move_module(frozen, device, dtype))
 
     @contextmanager
     def network(self) -> Iterator[torch.nn.Module]:

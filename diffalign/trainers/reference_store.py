@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from diffalign.errors import DiffalignError
 from diffalign.trainers.batching import EpochBatches
+from diffalign.utils.modules import move_module
 
 logger = logging.getLogger(__name__)
 
@@ -397,5 +398,5 @@ def offloaded_frozen_copy(
     execution device is the CPU and streaming is a no-op, but the forward is the same.
     """
     reference = copy.deepcopy(module).requires_grad_(False).eval()
-    reference.to(device="cpu", dtype=dtype)
+    move_module(reference, "cpu", dtype)
     return OffloadedReference(reference, execution_device, dtype)
