@@ -21,7 +21,11 @@ def test_segment_cuts_end_on_the_unit_and_the_total() -> None:
 
 def test_soar_evidence_runs_in_segments(tmp_path) -> None:
     report = run_soar_evidence(
-        tmp_path, n_per_prompt=2, segments=2, overrides=["train.max_steps=4", "train.progress_bar=false"]
+        tmp_path,
+        n_per_prompt=2,
+        segments=2,
+        overrides=["train.max_steps=4", "train.progress_bar=false"],
+        held_out_per_prompt=1,
     )  # the caller's max_steps wins over the evidence's 1600
     for name in ("sft", "soar"):
         m = report["methods"][name]

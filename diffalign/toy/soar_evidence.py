@@ -53,12 +53,15 @@ def held_out_data(n_per_prompt: int = 8) -> tuple[torch.Tensor, torch.Tensor, li
     return x0, noise, prompts
 
 
-def trajectory_metrics(base: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict[str, float]:
+def trajectory_metrics(
+    base: str | os.PathLike, run_dir: str | os.PathLike | None = None, *, n_per_prompt: int = 8
+) -> dict[str, float]:
+    """Trajectory error of the base (or of ``run_dir``'s weights) on ``n_per_prompt`` held-out renders per prompt."""
     adapter = load_adapter(base, backbone="sd3", max_sequence_length=8)
     if run_dir is not None:
         adapter.denoiser = load_trained_denoiser(base, run_dir, "transformer")
     adapter.denoiser.eval()
-    x0, noise, prompts = held_out_data()
+    x0, noise, prompts = held_out_data(n_per_prompt)
     return trajectory_error(adapter, x0, noise, prompts, TRAJECTORY_SETTINGS)
 
 
@@ -69,9 +72,11 @@ def run_soar_evidence(
     n_per_prompt: int = 16,
     segments: int = 8,
     overrides: Sequence[str] = (),
+    held_out_per_prompt: int = 8,
 ) -> dict:
     """Train ``methods`` (``sft``, ``soar``) from the flow base, judging each after every one of ``segments`` equal
-    parts of its steps (resumed from its checkpoint); write ``report.json`` / ``report.md`` / ``samples.png``."""
+    parts of its steps (resumed from its checkpoint; trajectory error on ``held_out_per_prompt`` renders per prompt);
+    write ``report.json`` / ``report.md`` / ``samples.png``."""
     methods = chosen_methods(methods, tuple(SOAR_METHODS), "soar")
     overrides = [*EVIDENCE_OVERRIDES, *overrides]
     check_overrides([SOAR_METHODS[m] for m in methods], overrides)
@@ -83,7 +88,7 @@ def run_soar_evidence(
         "base": {
             "gold": before.metrics["adherence"],
             "shape": before.metrics["shape_adherence"],
-            **trajectory_metrics(world.base),
+            **trajectory_metrics(world.base, n_per_prompt=held_out_per_prompt),
         },  # fmt: skip
         "methods": {},
     }
@@ -101,7 +106,7 @@ def run_soar_evidence(
                 "gold": after.metrics["adherence"],
                 "shape": after.metrics["shape_adherence"],
                 "diversity": after.metrics["diversity"],
-                **trajectory_metrics(world.base, run_dir),
+                **trajectory_metrics(world.base, run_dir, n_per_prompt=held_out_per_prompt),
             })  # fmt: skip
             report["methods"][method] = _method_entry(report["base"], trajectory, seconds)
             write_report(output_dir, report, format_soar_report)
