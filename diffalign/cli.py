@@ -37,6 +37,8 @@ def _run(argv: list[str]) -> int:
     evidence.add_argument("--n-per-prompt", type=int, default=16)
     evidence.add_argument("--segments", type=int, default=None,
                           help="online, soar: evaluations along each run (default 5 online, 8 soar)")  # fmt: skip
+    evidence.add_argument("--seeds", type=int, default=1,
+                          help="training seeds 0..N-1, a run each; the report is their mean, min, max")  # fmt: skip
     evidence.add_argument("overrides", nargs="*", help="config overrides applied to every method (key=value)")
 
     toy = sub.add_parser("toy", help="toy-world tools")
@@ -58,6 +60,8 @@ def _run(argv: list[str]) -> int:
         if args.command not in ("demo", "evidence") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    if args.command == "evidence" and args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: give at least 1 training seed")
     if args.command in ("demo", "evidence", "toy"):
         _quiet_toy_loading()
     if args.command == "demo":
@@ -115,33 +119,40 @@ def _train(argv: list[str]) -> int:
 
 
 def _evidence(args: argparse.Namespace) -> None:
+    import functools
     import importlib
 
-    # family -> (module, run function, report formatter); ``offline`` and ``flow`` share diffalign.toy.evidence
+    # family -> (module, run function, report formatter, acceptance checks or None)
     families = {
-        "llm": ("diffalign.toy.llm_evidence", "run_llm_evidence", "format_llm_report"),
-        "online": ("diffalign.toy.online_evidence", "run_online_evidence", "format_online_report"),
-        "soar": ("diffalign.toy.soar_evidence", "run_soar_evidence", "format_soar_report"),
-        "sail": ("diffalign.toy.sail_evidence", "run_sail_evidence", "format_sail_report"),
-        "flux": ("diffalign.toy.flux_evidence", "run_flux_evidence", "format_flux_report"),
-        "nft": ("diffalign.toy.nft_evidence", "run_nft_evidence", "format_nft_report"),
+        "llm": ("diffalign.toy.llm_evidence", "run_llm_evidence", "format_llm_report", None),
+        "online": ("diffalign.toy.online_evidence", "run_online_evidence", "format_online_report", "issue_checks"),
+        "soar": ("diffalign.toy.soar_evidence", "run_soar_evidence", "format_soar_report", "soar_checks"),
+        "sail": ("diffalign.toy.sail_evidence", "run_sail_evidence", "format_sail_report", "sail_checks"),
+        "flux": ("diffalign.toy.flux_evidence", "run_flux_evidence", "format_flux_report", None),
+        "nft": ("diffalign.toy.nft_evidence", "run_nft_evidence", "format_nft_report", "issue_checks"),
+        "offline": ("diffalign.toy.evidence", "run_offline_evidence", "format_report", None),
+        "flow": ("diffalign.toy.evidence", "run_flow_evidence", "format_report", None),
     }
-    kwargs = {
-        "methods": args.methods.split(",") if args.methods else None,
-        "n_per_prompt": args.n_per_prompt,
-        "overrides": args.overrides,
-    }
-    if args.family in families:
-        module, run, fmt = families[args.family]
-        mod = importlib.import_module(module)
-        if args.family in ("online", "soar", "nft") and args.segments is not None:
-            kwargs["segments"] = args.segments
-        output_dir = args.output_dir or f"outputs/evidence/{args.family}"
-        print(getattr(mod, fmt)(getattr(mod, run)(output_dir, **kwargs)))
+    kwargs = {"methods": args.methods.split(",") if args.methods else None, "n_per_prompt": args.n_per_prompt}
+    if args.family in ("online", "soar", "nft") and args.segments is not None:
+        kwargs["segments"] = args.segments
+    module, run, fmt, checks = families[args.family]
+    mod = importlib.import_module(module)
+    output_dir = args.output_dir or f"outputs/evidence/{args.family}"
+    if args.seeds == 1:
+        print(getattr(mod, fmt)(getattr(mod, run)(output_dir, overrides=args.overrides, **kwargs)))
         return
-    from diffalign.toy.evidence import format_report, run_evidence
+    from diffalign.toy.seeds import format_seed_ranges, run_over_seeds
 
-    print(format_report(run_evidence(args.family, args.output_dir, **kwargs)))
+    report = run_over_seeds(
+        functools.partial(getattr(mod, run), **kwargs),
+        output_dir,
+        range(args.seeds),
+        format_report=getattr(mod, fmt),
+        checks=getattr(mod, checks) if checks else None,
+        overrides=args.overrides,
+    )
+    print(getattr(mod, fmt)(report) + format_seed_ranges(report))
 
 
 if __name__ == "__main__":

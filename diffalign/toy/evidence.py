@@ -118,6 +118,11 @@ def run_offline_evidence(output_dir: str | os.PathLike = "outputs/evidence/offli
     return run_evidence("offline", output_dir, **kwargs)
 
 
+def run_flow_evidence(output_dir: str | os.PathLike = "outputs/evidence/flow", **kwargs) -> dict:
+    """:func:`run_evidence` for the ``flow`` family."""
+    return run_evidence("flow", output_dir, **kwargs)
+
+
 def format_report(report: dict) -> str:
     world = report["world"]
     alt, label = world.get("alternative_key", "eta0"), world.get("alternative_sampler", "DDIM η=0")

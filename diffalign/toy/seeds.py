@@ -1,0 +1,108 @@
+"""``diffalign evidence NAME --seeds N``: one evidence run per training seed, and the report of their mean.
+
+Each seed ``s`` runs the family with ``train.seed=s`` into ``OUTPUT/seed{s}/`` (the sampling seeds of the
+evaluations stay fixed, so every run is judged on the same noise). The combined ``OUTPUT/report.json`` holds the
+per-seed mean of every number (lists element by element, so trajectories average budget by budget), with
+``"seeds": {"seeds": [...], "min": ..., "max": ..., "checks": [...]}`` beside it: the same tree of numbers at its
+minimum and maximum over seeds, and each seed's own acceptance checks. The family's checks are computed again on the
+means (``report["checks"]``), which is what the tables report.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from diffalign.errors import DiffalignError
+from diffalign.toy.reports import write_report
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def combine(values: Sequence[Any], reduce: Callable[[list[float]], float], path: str = "report") -> Any:
+    """``values`` (one report tree per seed, the same shape) with every number replaced by ``reduce`` of its values
+    over seeds; a non-number leaf keeps the first seed's value, and ``None`` where a number is missing in a seed.
+
+    Raises ``ValueError`` naming ``path`` when the trees differ in keys or list lengths."""
+    first = values[0]
+    if all(_is_number(v) for v in values):  # equal in every seed (a step, a sample count): kept as it is
+        return first if all(v == first for v in values) else reduce([float(v) for v in values])
+    if isinstance(first, dict):
+        if any(not isinstance(v, dict) or v.keys() != first.keys() for v in values):
+            raise ValueError(f"{path}: the seeds' reports have different keys; rerun them with the same arguments")
+        return {k: combine([v[k] for v in values], reduce, f"{path}.{k}") for k in first}
+    if isinstance(first, list):
+        if any(not isinstance(v, list) or len(v) != len(first) for v in values):
+            raise ValueError(f"{path}: the seeds' reports have lists of different lengths")
+        return [combine([v[i] for v in values], reduce, f"{path}[{i}]") for i in range(len(first))]
+    return None if any(_is_number(v) for v in values) else first
+
+
+def numbers_only(tree: Any) -> Any:
+    """``tree`` without its non-number leaves (the shape of the ``min`` / ``max`` trees)."""
+    if isinstance(tree, dict):
+        kept = {k: numbers_only(v) for k, v in tree.items()}
+        return {k: v for k, v in kept.items() if v not in (None, {}, [])}
+    if isinstance(tree, list):
+        return [numbers_only(v) for v in tree]
+    return tree if _is_number(tree) else None
+
+
+def mean_report(reports: Sequence[dict], seeds: Sequence[int], checks: Callable[[dict], dict] | None = None) -> dict:
+    """The report of the per-seed mean of ``reports`` (see the module docstring); ``checks`` recomputes the family's
+    acceptance checks on the means."""
+    per_seed_checks = [r.get("checks") for r in reports]
+    stripped = [{k: v for k, v in r.items() if k != "checks"} for r in reports]
+    report = combine(stripped, fmean)
+    if checks is not None:
+        report["checks"] = checks(report)
+    report["seeds"] = {
+        "seeds": list(seeds),
+        "min": numbers_only(combine(stripped, min)),
+        "max": numbers_only(combine(stripped, max)),
+        "checks": per_seed_checks,
+    }
+    return report
+
+
+def format_seed_ranges(report: dict) -> str:
+    """A table of each method's scalar numbers: mean over seeds, then min and max."""
+    spread = report["seeds"]
+    lines = [
+        f"\nMean of {len(spread['seeds'])} training seeds ({', '.join(map(str, spread['seeds']))}); per-method range:",
+        "",
+        "| method | number | mean | min | max |",
+        "|---|---|---|---|---|",
+    ]
+    for method, entry in report.get("methods", {}).items():
+        for key, value in entry.items():
+            if _is_number(value):
+                low, high = spread["min"]["methods"][method][key], spread["max"]["methods"][method][key]
+                lines.append(f"| {method} | {key} | {value:.3f} | {low:.3f} | {high:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_over_seeds(
+    run: Callable[..., dict],
+    output_dir: str | os.PathLike,
+    seeds: Sequence[int],
+    *,
+    format_report: Callable[[dict], str],
+    checks: Callable[[dict], dict] | None = None,
+    overrides: Sequence[str] = (),
+    **kwargs: Any,
+) -> dict:
+    """``run(OUTPUT/seed{s}, overrides=[*overrides, "train.seed=s"], **kwargs)`` for every seed, then the mean report
+    (:func:`mean_report`) written to ``output_dir`` as ``report.json`` / ``report.md``; returns it."""
+    if any(o.split("=", 1)[0] == "train.seed" for o in overrides):
+        raise DiffalignError("--seeds sets train.seed for each run; drop the train.seed override")
+    output_dir = Path(output_dir)
+    reports = [run(output_dir / f"seed{s}", overrides=[*overrides, f"train.seed={s}"], **kwargs) for s in seeds]
+    report = mean_report(reports, seeds, checks)
+    write_report(output_dir, report, lambda r: format_report(r) + format_seed_ranges(r))
+    return report
