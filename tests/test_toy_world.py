@@ -15,6 +15,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from diffalign.toy.metrics import (
+    checkerboard,
     colour_adherence,
     colour_of,
     colours_of,
@@ -112,6 +113,19 @@ def test_diversity_ground_truth_vs_copies() -> None:
     collapsed = diversity_report(same_tone, prompts)
     assert collapsed["tone"] == pytest.approx(0.0, abs=1e-9)
     assert collapsed["x"] == pytest.approx(report["x"], rel=1e-6)
+
+
+def test_checkerboard_closed_form_and_ground_truth() -> None:
+    flat = torch.full((2, 3, 16, 16), 0.4)
+    assert checkerboard(flat) == pytest.approx(0.0, abs=1e-12)
+    i, j = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    board = 0.5 + 0.1 * (-1.0) ** (i + j)  # ±0.1 around grey, in every channel
+    assert checkerboard(board.expand(2, 3, 16, 16)) == pytest.approx(0.1, abs=1e-7)  # float32 input: 0.6 is 0.6+9e-9
+    stripes = 0.5 + 0.1 * (-1.0) ** i  # one axis only: not the checkerboard frequency
+    assert checkerboard(stripes.expand(1, 3, 16, 16)) == pytest.approx(0.0, abs=1e-7)
+    specs = [s for p in all_prompts() for s in sample_specs(8, 5, *parse_caption(p))]
+    truth = checkerboard(render_batch(specs))
+    assert truth < 0.001, truth  # measured 0.00017: only shape edges contribute
 
 
 def test_noisy_captions_rate() -> None:

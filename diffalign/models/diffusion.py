@@ -46,6 +46,9 @@ class DiffusionAdapter(ABC):
         vae: the ``AutoencoderKL`` between pixels and the denoiser's space, or ``None`` in pixel space.
     """
 
+    # training timesteps are drawn with t / T in [lo, hi] (model.min/max_timestep_fraction; the density truncated)
+    timestep_range: tuple[float, float] = (0.0, 1.0)
+
     def __init__(self, denoiser: torch.nn.Module, *, vae: AutoencoderKL | None = None) -> None:
         self.denoiser = denoiser
         self.vae = vae
@@ -195,12 +198,16 @@ class DiffusionAdapter(ABC):
     def sample_timesteps(
         self, seed: int, epoch: int, indices: Sequence[int], *, device: torch.device | str | None = None
     ) -> Tensor:
-        """Uniform integer timesteps t ~ U{0, ..., T-1}, one per sample index, from its own TIMESTEP-stream generator.
+        """Uniform integer timesteps t ~ U{lo, ..., hi-1}, one per sample index, from its own TIMESTEP-stream
+        generator, with ``lo = round(timestep_range[0]·T)``, ``hi = round(timestep_range[1]·T)`` (default {0..T-1}).
 
         The draw for an index depends only on (seed, epoch, index), so it does not change with batching, the number
         of processes or resumption. Returns int64 of shape (len(indices),) on ``device`` (default: the denoiser's).
         """
-        timesteps = per_sample_randint(self.num_train_timesteps, seed, epoch, indices, TIMESTEP)
+        total = self.num_train_timesteps
+        lo, hi = (round(f * total) for f in self.timestep_range)
+        hi = max(hi, lo + 1)
+        timesteps = per_sample_randint(hi - lo, seed, epoch, indices, TIMESTEP) + lo
         return timesteps.to(self.device if device is None else device)
 
     def sample_noise(

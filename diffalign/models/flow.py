@@ -88,23 +88,32 @@ class FlowMatchingAdapter(DiffusionAdapter):
         self, seed: int, epoch: int, indices: Sequence[int], *, device: torch.device | str | None = None
     ) -> Tensor:
         """Training timesteps ``t = scheduler.timesteps[int(u·T)]`` (float32, (N,)), one per index, ``u`` from the
-        configured density drawn with the index's own TIMESTEP-stream generator."""
-        u = torch.cat(
-            [
-                compute_density_for_timestep_sampling(
-                    self.timestep_density,
-                    1,
-                    logit_mean=self.logit_mean,
-                    logit_std=self.logit_std,
-                    mode_scale=self.mode_scale,
-                    generator=sample_generator(seed, epoch, int(i), TIMESTEP),
-                )
-                for i in indices
-            ]
-        )
-        index = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+        configured density drawn with the index's own TIMESTEP-stream generator. With a ``timestep_range`` narrower
+        than (0, 1) the density is truncated: an index redraws from its generator until ``t / T`` falls in the
+        range (the full range accepts the first draw, so the default draws are unchanged)."""
+        index = torch.tensor([self._draw_index(sample_generator(seed, epoch, int(i), TIMESTEP)) for i in indices])
         timesteps = self.scheduler.timesteps[index].float()
         return timesteps.to(self.device if device is None else device)
+
+    def _draw_index(self, generator: torch.Generator, max_draws: int = 10_000) -> int:
+        lo, hi = self.timestep_range
+        total = self.num_train_timesteps
+        for _ in range(max_draws):
+            u = compute_density_for_timestep_sampling(
+                self.timestep_density,
+                1,
+                logit_mean=self.logit_mean,
+                logit_std=self.logit_std,
+                mode_scale=self.mode_scale,
+                generator=generator,
+            )
+            index = int((u * total).long().clamp(0, total - 1))
+            if lo <= float(self.scheduler.timesteps[index]) / total <= hi:
+                return index
+        raise ValueError(
+            f"model.min/max_timestep_fraction {lo}..{hi}: no training timestep drawn in range after {max_draws} "
+            f"draws of the {self.timestep_density} density; widen the range"
+        )
 
     def sigmas(self, timesteps: Tensor) -> Tensor:
         """σ = t / T (float32, (N,)): the scheduler's sigma at each of its own timesteps."""

@@ -115,4 +115,6 @@ def adapter_from_config(model: Any) -> DiffusionAdapter:
                 raise hub_failure(location, "the VAE (model.vae)", err) from err
             raise ModelNotFoundError(f"model.vae {location}: cannot load the AutoencoderKL: {first_line(err)}") from err
         adapter.vae = vae.eval().requires_grad_(False)
+    lo, hi = getattr(model, "min_timestep_fraction", 0.0), getattr(model, "max_timestep_fraction", 1.0)
+    adapter.timestep_range = (lo, hi)
     return adapter

@@ -102,6 +102,8 @@ def run_evidence(
             "diversity_before": before.metrics["diversity"],
             "diversity_after": after.metrics["diversity"],
             "shape_adherence_after": after.metrics["shape_adherence"],
+            "checkerboard_before": before.metrics["checkerboard"],
+            "checkerboard_after": after.metrics["checkerboard"],
             f"gold_before_{alt}": before_alt.metrics["adherence"],
             f"gold_after_{alt}": after_alt.metrics["adherence"],
             "seconds": seconds,
@@ -131,14 +133,15 @@ def format_report(report: dict) -> str:
         "evaluation (gold = colour adherence).",
         "",
         "| method | gold before | gold after | change | diversity before | diversity after | gold after, "
-        f"{label} (before) | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{label} (before) | checkerboard (before) | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["methods"].items():
         change = 100 * (m["gold_after"] - m["gold_before"])
         lines.append(
             f"| {name} | {m['gold_before']:.3f} | {m['gold_after']:.3f} | {change:+.1f} pts | "
             f"{m['diversity_before']:.3f} | {m['diversity_after']:.3f} | "
-            f"{m[f'gold_after_{alt}']:.3f} ({m[f'gold_before_{alt}']:.3f}) | {m['seconds']:.0f} |"
+            f"{m[f'gold_after_{alt}']:.3f} ({m[f'gold_before_{alt}']:.3f}) | "
+            f"{m['checkerboard_after']:.4f} ({m['checkerboard_before']:.4f}) | {m['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"

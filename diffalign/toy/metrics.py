@@ -204,9 +204,21 @@ def mean_brightness(images: ImageBatch) -> float:
     return float(as_hwc_batch(images).mean())
 
 
+def checkerboard(images: ImageBatch) -> float:
+    """Amplitude of the pixel checkerboard: ``|mean_ij x_ij · (−1)^(i+j)|`` per image and channel, averaged.
+
+    That is the highest spatial frequency of the image's 2-D Fourier transform, the pattern a patch-2 transformer
+    draws when its per-token output layer drifts (the flow toy's DPO artifact). A flat image scores 0, a full ±a
+    checkerboard ``a``; rendered ground truth stays near 0 (only shape edges contribute)."""
+    batch = as_hwc_batch(images)
+    h, w = batch.shape[1:3]
+    sign = (-1.0) ** (np.arange(h)[:, None] + np.arange(w)[None, :])
+    return float(np.abs((batch * sign[None, :, :, None]).mean(axis=(1, 2))).mean())
+
+
 def summarize(images: ImageBatch, prompts: Sequence[str]) -> dict[str, float]:
     """All gold metrics of one evaluation: ``adherence`` (colour), ``shape_adherence``, ``diversity`` and its
-    per-attribute parts, ``no_shape`` (fraction with no shape visible) and ``mean_brightness``."""
+    per-attribute parts, ``no_shape`` (fraction with no shape visible), ``mean_brightness`` and ``checkerboard``."""
     batch = as_hwc_batch(images)
     _check_lengths(batch, prompts)
     return {
@@ -215,5 +227,6 @@ def summarize(images: ImageBatch, prompts: Sequence[str]) -> dict[str, float]:
         **diversity_report(batch, prompts),
         "no_shape": float((_colour_indices(batch) < 0).mean()),
         "mean_brightness": mean_brightness(batch),
+        "checkerboard": checkerboard(batch),
         "n": float(len(prompts)),
     }

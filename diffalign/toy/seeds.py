@@ -71,18 +71,19 @@ def mean_report(reports: Sequence[dict], seeds: Sequence[int], checks: Callable[
 
 
 def format_seed_ranges(report: dict) -> str:
-    """A table of each method's scalar numbers: mean over seeds, then min and max."""
+    """A table of each method's scalar numbers that differ between seeds: mean over seeds, then min and max."""
     spread = report["seeds"]
+    seeds = ", ".join(map(str, spread["seeds"]))
     lines = [
-        f"\nMean of {len(spread['seeds'])} training seeds ({', '.join(map(str, spread['seeds']))}); per-method range:",
+        f"\nMean of {len(spread['seeds'])} training seeds ({seeds}); the numbers that differ between them:",
         "",
         "| method | number | mean | min | max |",
         "|---|---|---|---|---|",
     ]
     for method, entry in report.get("methods", {}).items():
         for key, value in entry.items():
-            if _is_number(value):
-                low, high = spread["min"]["methods"][method][key], spread["max"]["methods"][method][key]
+            low, high = spread["min"]["methods"][method].get(key), spread["max"]["methods"][method].get(key)
+            if _is_number(value) and low != high:
                 lines.append(f"| {method} | {key} | {value:.3f} | {low:.3f} | {high:.3f} |")
     return "\n".join(lines) + "\n"
 
