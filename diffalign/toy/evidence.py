@@ -58,7 +58,7 @@ def _flow_evaluate(base, run_dir=None, *, n_per_prompt: int, alternative: bool =
 
 FAMILIES = {
     "offline": EvidenceFamily(OFFLINE_METHODS, prepare_world, _offline_evaluate, "eta0", "DDIM η=0"),
-    "flow": EvidenceFamily(("flow_dpo", "flow_sft"), _flow_prepare, _flow_evaluate, "sde", "SDE a=0.7"),
+    "flow": EvidenceFamily(("flow_dpo", "flow_rpo", "flow_sft"), _flow_prepare, _flow_evaluate, "sde", "SDE a=0.7"),
 }
 
 
