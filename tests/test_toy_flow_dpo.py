@@ -11,7 +11,8 @@ from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.flow_pretrain import default_flow_base_path, ensure_flow_base
 
 # Short run; the measured gain on 96 samples with these settings is in docs/toy-world.md.
-SMOKE_OVERRIDES = ["train.max_steps=200", "optim.lr=8e-5", "train.checkpointing_steps=1000", "train.progress_bar=false"]
+SMOKE_OVERRIDES = ["train.max_steps=100", "optim.lr=1.6e-4", "train.checkpointing_steps=1000"]
+SMOKE_OVERRIDES += ["train.progress_bar=false"]
 
 
 def test_the_committed_flow_base_is_used_and_loads_as_sd3(tmp_path) -> None:
