@@ -122,8 +122,8 @@ class ModelConfig:
     load_t5: bool = True
     max_sequence_length: int = setting(77, ge=1)
     timestep_density: TimestepDensity = "logit_normal"  # "logit_normal" | "mode" | "uniform"
-    # training timesteps restricted to t/T in [min, max] (the density truncated there; 0 and 1: the whole schedule).
-    # Measured on the flow toy: DPO's checkerboard comes from the steps below t/T = 0.25 (docs/toy-world.md)
+    # training timesteps restricted to t/T in [min, max] (the density truncated there; 0 and 1: the whole schedule);
+    # offline trainers (preference, SFT, SOAR's SFT term). docs/toy-world.md measures it on the flow toy's DPO artifact
     min_timestep_fraction: float = setting(0.0, ge=0, lt=1)
     max_timestep_fraction: float = setting(1.0, gt=0, le=1)
     logit_mean: float = 0.0
