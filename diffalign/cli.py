@@ -130,8 +130,8 @@ def _evidence(args: argparse.Namespace) -> None:
         "sail": ("diffalign.toy.sail_evidence", "run_sail_evidence", "format_sail_report", "sail_checks"),
         "flux": ("diffalign.toy.flux_evidence", "run_flux_evidence", "format_flux_report", None),
         "nft": ("diffalign.toy.nft_evidence", "run_nft_evidence", "format_nft_report", "issue_checks"),
-        "offline": ("diffalign.toy.evidence", "run_offline_evidence", "format_report", None),
-        "flow": ("diffalign.toy.evidence", "run_flow_evidence", "format_report", None),
+        "offline": ("diffalign.toy.evidence", "run_offline_evidence", "format_report", "gain_checks"),
+        "flow": ("diffalign.toy.evidence", "run_flow_evidence", "format_report", "gain_checks"),
     }
     kwargs = {"methods": args.methods.split(",") if args.methods else None, "n_per_prompt": args.n_per_prompt}
     if args.family in ("online", "soar", "nft") and args.segments is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from diffalign.toy.evidence import format_report, run_evidence
 from diffalign.toy.experiment import method_config, prepare_world, train_method
 from diffalign.toy.flow_experiment import evaluate_flow
@@ -44,4 +46,8 @@ def test_flow_evidence_report_format(tmp_path) -> None:
     assert json.loads((tmp_path / "report.json").read_text()) == report
     table = (tmp_path / "report.md").read_text()
     assert table == format_report(report) and "SDE a=0.7" in table
-    assert table.splitlines()[-1].startswith(f"| flow_sft | {entry['gold_before']:.3f} | {entry['gold_after']:.3f} |")
+    row = next(line for line in table.splitlines() if line.startswith("| flow_sft |"))
+    assert row.startswith(f"| flow_sft | {entry['gold_before']:.3f} | {entry['gold_after']:.3f} |")
+    assert report["checks"]["flow_sft_gain_pts_sde"] == pytest.approx(
+        100 * (entry["gold_after_sde"] - entry["gold_before_sde"]), abs=1e-9
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from diffalign.toy.online_evidence import d2_align_budgets, run_online_evidence
+from diffalign.toy.online_evidence import d2_align_budgets, gold_drift_budgets, guard_budgets, run_online_evidence
 
 
 def test_online_methods_raise_the_proxy_reward(tmp_path) -> None:
@@ -43,3 +43,22 @@ def test_d2_align_criterion_is_judged_per_budget() -> None:
     d2[1]["gold"] = 0.34  # lower gold than the uncorrected run at 75
     assert d2_align_budgets(d2, uncorrected, base) == []
     assert d2_align_budgets(d2[:1], uncorrected[1:], base) == []  # no common budget
+
+
+def test_guard_criterion_is_judged_per_budget() -> None:
+    base = {"gold": 0.55, "proxy": 2.4}
+
+    def point(step: int, gold: float, proxy: float) -> dict:
+        return {"step": step, "gold": gold, "proxy": proxy}
+
+    plain = [point(30, 0.70, 3.0), point(60, 0.67, 3.4), point(90, 0.60, 3.6), point(120, 0.72, 3.8)]
+    # plain's gold below its best so far: 0, 3 (exactly: drifted), 10, 0 points
+    assert gold_drift_budgets(plain, base["gold"]) == [60, 90]
+    assert gold_drift_budgets(plain, 0.80) == [30, 60, 90, 120]  # the base's gold counts as a best
+    guard = [point(30, 0.60, 2.9), point(60, 0.80, 3.4), point(90, 0.78, 3.4), point(120, 0.90, 4.0)]
+    # 60: within 2 points of its best, proxy gain 1.0 >= 0.9 * 1.0; 90: 2 points below (holds), gain 1.0 >= 0.9 * 1.2
+    assert guard_budgets(guard, plain, base) == [60]
+    guard[2]["proxy"] = 3.5  # gain 1.1 >= 0.9 * 1.2 = 1.08
+    assert guard_budgets(guard, plain, base) == [60, 90]
+    guard[2]["gold"] = 0.77  # 3 points below its best: no longer holds
+    assert guard_budgets(guard, plain, base) == [60]

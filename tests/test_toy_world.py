@@ -14,6 +14,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
+import diffalign.toy.pretrain as toy_pretrain
 from diffalign.toy.metrics import (
     checkerboard,
     colour_adherence,
@@ -24,7 +25,7 @@ from diffalign.toy.metrics import (
     shape_adherence,
     summarize,
 )
-from diffalign.toy.model import build_toy_model, encode_prompts, load_toy_model, read_model_info
+from diffalign.toy.model import build_toy_model, encode_prompts, load_toy_model, read_model_info, scheduler_config
 from diffalign.toy.pairs import flipped_labels, make_preference_pairs
 from diffalign.toy.pretrain import BASE_CONFIG, default_base_path, noisy_captions, pretrain
 from diffalign.toy.sampling import generate
@@ -208,8 +209,6 @@ def test_short_pretrain_writes_loadable_deterministic_folder(tmp_path) -> None:
 
 
 def test_ensure_base_pretrains_into_cache_once(tmp_path, monkeypatch) -> None:
-    import diffalign.toy.pretrain as toy_pretrain
-
     small = toy_pretrain.PretrainConfig(steps=2, batch_size=8, n_images=16, warmup_steps=1)
     monkeypatch.setattr(toy_pretrain, "BASE_CONFIG", small)
     monkeypatch.setattr(toy_pretrain, "default_base_path", lambda: tmp_path / "no-committed-weights")
@@ -279,10 +278,16 @@ def test_committed_base_generates_deterministically(base_model) -> None:
     torch.testing.assert_close(stochastic, reference, atol=1e-4, rtol=0)
 
 
-def test_committed_base_metadata_and_quality(base_model) -> None:
+def test_committed_base_metadata_and_quality(base_model, monkeypatch) -> None:
     info = read_model_info(default_base_path())
     assert info["space"] == "pixel" and 0.3 < info["eval"]["adherence"] < 0.8
     assert info["pretrain"] == dataclasses.asdict(BASE_CONFIG)  # ensure_base's cache key describes these weights
+    schedule = scheduler_config()  # SD's scaled_linear 0.00085..0.012, also in the cache key
+    assert {k: base_model.scheduler.config[k] for k in schedule} == schedule
+    assert schedule["beta_schedule"] == "scaled_linear"
+    digest = BASE_CONFIG.hash()
+    monkeypatch.setattr(toy_pretrain, "scheduler_config", lambda: {**schedule, "beta_schedule": "linear"})
+    assert BASE_CONFIG.hash() != digest  # a cached base of another schedule is not taken for this one
     # The base trains the UNet only: its text encoder is the seeded init, bit for bit.
     fresh = build_toy_model(seed=BASE_CONFIG.seed).text_encoder.state_dict()
     for name, value in base_model.text_encoder.state_dict().items():

@@ -22,9 +22,10 @@ from diffalign.toy.experiment import (
     prepare_world,
     train_method,
 )
-from diffalign.toy.reports import write_report, write_samples_grid
+from diffalign.toy.reports import finish_report, format_checks, write_report
 
-OFFLINE_METHODS = ("dpo", "mapo", "dcpo", "sft")
+OFFLINE_METHODS = ("dpo", "mapo", "dcpo", "rpo", "sft")
+GOLD_GAIN = 0.20  # the acceptance criterion: each preference method raises gold by >= 20 points under both samplers
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,23 @@ def run_evidence(
         rows.append(first_per_prompt(after, 1))
         labels.append(method)
         write_report(output_dir, report, format_report)
-    write_samples_grid(output_dir, rows, labels)
-    return report
+    return finish_report(output_dir, report, format_report, gain_checks, rows, labels)
+
+
+def gain_checks(report: dict) -> dict:
+    """Per method, the gold gain in points under the evaluation sampler (``{m}_gain_pts``) and the alternative one
+    (``{m}_gain_pts_{alt}``); ``gain_20_pts_under_both``: the methods that gain >= 20 points under both."""
+    alt = report["world"].get("alternative_key", "eta0")
+    out: dict = {}
+    for name, m in report["methods"].items():
+        out[f"{name}_gain_pts"] = 100 * (m["gold_after"] - m["gold_before"])
+        out[f"{name}_gain_pts_{alt}"] = 100 * (m[f"gold_after_{alt}"] - m[f"gold_before_{alt}"])
+    out["gain_20_pts_under_both"] = [
+        name
+        for name in report["methods"]
+        if min(out[f"{name}_gain_pts"], out[f"{name}_gain_pts_{alt}"]) >= 100 * GOLD_GAIN - 1e-9
+    ]
+    return out
 
 
 def run_offline_evidence(output_dir: str | os.PathLike = "outputs/evidence/offline", **kwargs) -> dict:
@@ -144,4 +160,5 @@ def format_report(report: dict) -> str:
             f"{m[f'gold_after_{alt}']:.3f} ({m[f'gold_before_{alt}']:.3f}) | "
             f"{m['checkerboard_after']:.4f} ({m['checkerboard_before']:.4f}) | {m['seconds']:.0f} |"
         )
+    lines += format_checks(report.get("checks"))
     return "\n".join(lines) + "\n"

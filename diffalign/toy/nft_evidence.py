@@ -29,7 +29,7 @@ from diffalign.rewards.from_config import reward_from_name
 from diffalign.toy.experiment import Evaluation, first_per_prompt, segment_cuts, segment_overrides
 from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.online_evidence import _config, _train, judged_flow_base, online_metrics, steps_per_rollout
-from diffalign.toy.reports import chosen_methods, finish_report, write_report
+from diffalign.toy.reports import chosen_methods, finish_report, format_checks, write_report
 
 NFT_METHODS = ("flow_grpo", "nft", "weighted_sum", "marble")
 CONFIGS = {"flow_grpo": "flow_grpo", "nft": "nft", "weighted_sum": "nft_weighted_sum", "marble": "nft_marble"}
@@ -180,14 +180,5 @@ def format_nft_report(report: dict) -> str:
             final, cos = report["methods"][k]["final"]["rewards"], report["methods"][k]["cosines"]
             share = f"{cos['negative_share']:.2f} of {cos['logged']}" if cos else "-"
             lines.append(f"| {k} | " + " | ".join(f"{final[n]:.3f}" for n in names) + f" | {share} |")
-    if report.get("checks"):
-        lines += ["", "Checks: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in report["checks"].items())]
+    lines += format_checks(report.get("checks"))
     return "\n".join(lines) + "\n"
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
-    return str(value)

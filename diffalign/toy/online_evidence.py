@@ -35,7 +35,7 @@ from diffalign.toy.configs import CONFIG_DIR, toy_run_config
 from diffalign.toy.experiment import Evaluation, first_per_prompt, segment_cuts, segment_overrides
 from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.flow_pretrain import ensure_flow_base
-from diffalign.toy.reports import chosen_methods, finish_report, write_report
+from diffalign.toy.reports import chosen_methods, finish_report, format_checks, write_report
 from diffalign.toy.rewards import load_toy_reward_model, shape_boxes
 
 ONLINE_METHODS = ("flow_grpo", "grpo_guard", "direct_reward", "d2_align")
@@ -149,11 +149,13 @@ def issue_checks(report: dict) -> dict[str, float | bool]:
         out["flow_grpo_drifts"] = fg["proxy_gain"] > 0 and (
             fg["gold_after"] < fg["gold_best"] - 0.02 or fg["pvs_after"] < 0.8 * base["pvs"]
         )
+        out["flow_grpo_gold_drift_at_steps"] = gold_drift_budgets(fg["trajectory"], base["gold"], GOLD_DRIFT)
     if "flow_grpo" in m and "grpo_guard" in m:
         fg, gg = m["flow_grpo"], m["grpo_guard"]
         out["guard_gold_drop_from_best"] = gg["gold_best"] - gg["gold_after"]
         out["guard_proxy_gain_vs_flow_grpo"] = gg["proxy_gain"] / fg["proxy_gain"] if fg["proxy_gain"] else float("nan")
         out["guard_ok"] = out["guard_gold_drop_from_best"] <= 0.02 and out["guard_proxy_gain_vs_flow_grpo"] >= 0.9
+        out["guard_ok_at_steps"] = guard_budgets(gg["trajectory"], fg["trajectory"], base)
     if "d2_align" in m and "direct_reward" in m:
         d2, dr = m["d2_align"], m["direct_reward"]
         for key in ("pvs", "spread"):
@@ -162,6 +164,41 @@ def issue_checks(report: dict) -> dict[str, float | bool]:
         out["d2_align_ok_at_steps"] = d2_align_budgets(d2["trajectory"], dr["trajectory"], base)
         out["d2_align_ok"] = bool(out["d2_align_ok_at_steps"])
     return out
+
+
+GUARD_GOLD_TOLERANCE = 0.02  # GRPO-Guard's gold may sit at most 2 points below its best so far
+GOLD_DRIFT = 0.03  # "visibly drifts": gold at least 3 points below its best so far
+
+
+def gold_below_best(trajectory: list[dict], gold_before: float) -> dict[int, float]:
+    """Step -> how far the run's gold sits below the best gold seen up to that step (the base included)."""
+    best, below = gold_before, {}
+    for t in trajectory:
+        best = max(best, t["gold"])
+        below[t["step"]] = best - t["gold"]
+    return below
+
+
+def gold_drift_budgets(trajectory: list[dict], gold_before: float, drop: float = GOLD_DRIFT) -> list[int]:
+    """The steps at which the run's gold is at least ``drop`` below its best so far."""
+    return [step for step, below in gold_below_best(trajectory, gold_before).items() if below >= drop - 1e-12]
+
+
+def guard_budgets(guard: list[dict], plain: list[dict], base: dict) -> list[int]:
+    """The steps, judged in both runs, at which GRPO-Guard's gold is within 2 points of its best so far and its proxy
+    gain is >= 90 % of plain Flow-GRPO's (which must be > 0), while plain Flow-GRPO's gold has drifted >= 3 points
+    below its own best: the acceptance criterion, budget by budget."""
+    guard_below = gold_below_best(guard, base["gold"])
+    drifted = set(gold_drift_budgets(plain, base["gold"]))
+    plain_proxy = {t["step"]: t["proxy"] - base["proxy"] for t in plain}
+    return [
+        t["step"]
+        for t in guard
+        if t["step"] in drifted
+        and guard_below[t["step"]] <= GUARD_GOLD_TOLERANCE + 1e-12
+        and plain_proxy[t["step"]] > 0
+        and t["proxy"] - base["proxy"] >= 0.9 * plain_proxy[t["step"]]
+    ]
 
 
 def d2_align_budgets(d2: list[dict], uncorrected: list[dict], base: dict) -> list[int]:
@@ -201,12 +238,5 @@ def format_online_report(report: dict) -> str:
                 f"{t['step']}: gold {t['gold']:.3f} proxy {t['proxy']:.2f} pvs {t['pvs']:.3f}" for t in m["trajectory"]
             )
             lines += ["", f"{name} trajectory — {steps}"]
-    if report.get("checks"):
-        lines += [
-            "",
-            "Checks: "
-            + ", ".join(
-                f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}" for k, v in report["checks"].items()
-            ),
-        ]
+    lines += format_checks(report.get("checks"))
     return "\n".join(lines) + "\n"

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from diffalign.toy.model import build_toy_model, save_toy_model
+from diffalign.toy.model import build_toy_model, save_toy_model, scheduler_config
 from diffalign.toy.sampling import EVAL_ETA, EVAL_GUIDANCE_SCALE, EVAL_STEPS, evaluate_model
 from diffalign.toy.world import COLOURS, caption_for, render_batch, sample_specs
 from diffalign.utils.randomness import (
@@ -85,8 +85,9 @@ class PretrainConfig:
         check_image_settings(self)
 
     def hash(self) -> str:
-        """Short stable digest of the config (names the cache folder of :func:`ensure_base`)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Short stable digest of the config and the noise schedule (names the cache folder of :func:`ensure_base`)."""
+        settings = {**asdict(self), "scheduler": scheduler_config()}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def check_image_settings(config: Any) -> None:

@@ -27,6 +27,24 @@ def write_report(output_dir: str | os.PathLike, report: dict, format_report: Cal
     (output_dir / "report.md").write_text(format_report(report))
 
 
+def format_checks(checks: dict | None) -> list[str]:
+    """The report lines of a family's acceptance checks (none when there are none): ``Checks: k = v, ...`` with
+    floats at 3 decimals, lists and nested dicts written out."""
+    if not checks:
+        return []
+    return ["", "Checks: " + ", ".join(f"{k} = {_check_value(v)}" for k, v in checks.items())]
+
+
+def _check_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_check_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_check_value(v) for v in value) + "]"
+    return str(value)
+
+
 def write_samples_grid(output_dir: str | os.PathLike, rows: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
     """``samples.png``: one labelled row per model (its first sample of every toy prompt), a column per prompt."""
     from diffalign.eval.grid import labelled_grid

@@ -24,7 +24,7 @@ from diffalign.toy.experiment import (
     prepare_world,
     train_method,
 )
-from diffalign.toy.reports import chosen_methods, finish_report, write_report
+from diffalign.toy.reports import chosen_methods, finish_report, format_checks, write_report
 from diffalign.trainers.sail import sail_rounds
 
 SAIL_METHODS = ("dpo_seed", "dpo_full", "sail")
@@ -131,6 +131,5 @@ def format_sail_report(report: dict) -> str:
     for r in report["methods"].get("sail", {}).get("rounds", []):
         judge = f", judge margin {r['mean_margin']:.2f}, confident {r['confident_fraction']:.2f}" if r["round"] else ""
         lines.append(f"\nSAIL round {r['round']}: gold {r['gold']:.3f}{judge}")
-    if report.get("checks"):
-        lines += ["", "Checks: " + ", ".join(f"{k} = {v}" for k, v in report["checks"].items())]
+    lines += format_checks(report.get("checks"))
     return "\n".join(lines) + "\n"
