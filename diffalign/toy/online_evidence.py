@@ -140,6 +140,10 @@ def run_online_evidence(
     return finish_report(output_dir, report, format_online_report, issue_checks, rows, labels)
 
 
+GUARD_GOLD_TOLERANCE = 0.02  # GRPO-Guard's gold may sit at most 2 points below its best so far
+GOLD_DRIFT = 0.03  # "visibly drifts": gold at least 3 points below its best so far
+
+
 def issue_checks(report: dict) -> dict[str, float | bool]:
     """The acceptance numbers, computed from the report (absent methods are skipped)."""
     m, base, out = report["methods"], report["base"], {}
@@ -149,12 +153,14 @@ def issue_checks(report: dict) -> dict[str, float | bool]:
         out["flow_grpo_drifts"] = fg["proxy_gain"] > 0 and (
             fg["gold_after"] < fg["gold_best"] - 0.02 or fg["pvs_after"] < 0.8 * base["pvs"]
         )
-        out["flow_grpo_gold_drift_at_steps"] = gold_drift_budgets(fg["trajectory"], base["gold"], GOLD_DRIFT)
+        out["flow_grpo_gold_drift_at_steps"] = gold_drift_budgets(fg["trajectory"], base["gold"])
     if "flow_grpo" in m and "grpo_guard" in m:
         fg, gg = m["flow_grpo"], m["grpo_guard"]
         out["guard_gold_drop_from_best"] = gg["gold_best"] - gg["gold_after"]
         out["guard_proxy_gain_vs_flow_grpo"] = gg["proxy_gain"] / fg["proxy_gain"] if fg["proxy_gain"] else float("nan")
-        out["guard_ok"] = out["guard_gold_drop_from_best"] <= 0.02 and out["guard_proxy_gain_vs_flow_grpo"] >= 0.9
+        out["guard_ok"] = (
+            out["guard_gold_drop_from_best"] <= GUARD_GOLD_TOLERANCE and out["guard_proxy_gain_vs_flow_grpo"] >= 0.9
+        )
         out["guard_ok_at_steps"] = guard_budgets(gg["trajectory"], fg["trajectory"], base)
     if "d2_align" in m and "direct_reward" in m:
         d2, dr = m["d2_align"], m["direct_reward"]
@@ -164,10 +170,6 @@ def issue_checks(report: dict) -> dict[str, float | bool]:
         out["d2_align_ok_at_steps"] = d2_align_budgets(d2["trajectory"], dr["trajectory"], base)
         out["d2_align_ok"] = bool(out["d2_align_ok_at_steps"])
     return out
-
-
-GUARD_GOLD_TOLERANCE = 0.02  # GRPO-Guard's gold may sit at most 2 points below its best so far
-GOLD_DRIFT = 0.03  # "visibly drifts": gold at least 3 points below its best so far
 
 
 def gold_below_best(trajectory: list[dict], gold_before: float) -> dict[int, float]:
