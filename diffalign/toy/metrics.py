@@ -120,13 +120,17 @@ def _check_lengths(images: np.ndarray, prompts: Sequence[str]) -> None:
         raise ValueError("no images: pass at least one image and its prompt")
 
 
-def colour_adherence(images: ImageBatch, prompts: Sequence[str]) -> float:
-    """Fraction of images whose detected colour is the one their prompt names (in [0, 1])."""
+def colour_correct(images: ImageBatch, prompts: Sequence[str]) -> np.ndarray:
+    """Per image: whether its detected colour is the one its prompt names (bool ``[N]``)."""
     batch = as_hwc_batch(images)
     _check_lengths(batch, prompts)
-    detected = _colour_indices(batch)
     wanted = np.array([COLOURS.index(parse_caption(p)[0]) for p in prompts])
-    return float((detected == wanted).mean())
+    return _colour_indices(batch) == wanted
+
+
+def colour_adherence(images: ImageBatch, prompts: Sequence[str]) -> float:
+    """Fraction of images whose detected colour is the one their prompt names (in [0, 1])."""
+    return float(colour_correct(images, prompts).mean())
 
 
 def shape_adherence(images: ImageBatch, prompts: Sequence[str]) -> float:

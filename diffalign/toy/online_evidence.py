@@ -16,7 +16,9 @@ seen along the way).
 Evaluation: 16 samples of each of the 12 prompts with the ODE sampler (20 steps, CFG 3, fixed seeds), as the flow
 world's other evidence. ``proxy`` = mean toy-reward-model score of those samples; diversity = ``pvs`` (DivGenBench's
 photographic variance, per prompt), ``spread`` (1 − mean pairwise cosine of the reward model's image embeddings, an
-IDS analogue), ``layout`` (the SDI analogue on the detected shape boxes) and the toy attribute ``diversity``.
+IDS analogue), ``layout`` (the SDI analogue on the detected shape boxes) and the toy attribute ``diversity``;
+``proxy_gold_auc`` = how often the proxy scores a right-colour sample above a wrong-colour sample of the same prompt
+(:func:`~diffalign.eval.reward_agreement.within_prompt_auc`: the only ordering group-relative RL sees).
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from typing import Any
 import torch
 
 from diffalign.eval.diversity import embedding_spread, layout_dispersion, pvs_per_prompt
+from diffalign.eval.reward_agreement import within_prompt_auc
 from diffalign.methods import get_method
 from diffalign.toy.configs import CONFIG_DIR, toy_run_config
 from diffalign.toy.experiment import Evaluation, first_per_prompt, segment_cuts, segment_overrides
 from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.flow_pretrain import ensure_flow_base
+from diffalign.toy.metrics import colour_correct
 from diffalign.toy.reports import chosen_methods, finish_report, format_checks, write_report
 from diffalign.toy.rewards import load_toy_reward_model, shape_boxes
 
@@ -55,6 +59,7 @@ def online_metrics(evaluation: Evaluation, reward_model) -> dict[str, float]:
         "layout": layout_dispersion(shape_boxes(images), prompts),
         "diversity": evaluation.metrics["diversity"],
         "brightness": evaluation.metrics["mean_brightness"],
+        "proxy_gold_auc": within_prompt_auc(proxy, colour_correct(images, prompts), prompts),
     }
 
 
@@ -223,15 +228,15 @@ def format_online_report(report: dict) -> str:
         f"Toy world (online), {report['world']['samples_per_evaluation']} generated samples per evaluation (ODE, "
         "20 steps, CFG 3). gold = colour adherence; proxy = the biased toy reward model; pvs / spread = diversity.",
         "",
-        "| method | gold after (best) | proxy | pvs | spread | brightness | seconds |",
-        "|---|---|---|---|---|---|---|",
-        f"| base | {base['gold']:.3f} | {base['proxy']:.3f} | {base['pvs']:.3f} | {base['spread']:.3f} | "
-        f"{base['brightness']:.3f} | - |",
+        "| method | gold after (best) | proxy | proxy-gold AUC | pvs | spread | brightness | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| base | {base['gold']:.3f} | {base['proxy']:.3f} | {base['proxy_gold_auc']:.3f} | {base['pvs']:.3f} | "
+        f"{base['spread']:.3f} | {base['brightness']:.3f} | - |",
     ]
     for name, m in report["methods"].items():
         lines.append(
             f"| {name} | {m['gold_after']:.3f} ({m['gold_best']:.3f}) | {m['proxy_after']:.3f} | "
-            f"{m['pvs_after']:.3f} | "
+            f"{m['proxy_gold_auc_after']:.3f} | {m['pvs_after']:.3f} | "
             f"{m['spread_after']:.3f} | {m['brightness_after']:.3f} | {m['seconds']:.0f} |"
         )
     for name, m in report["methods"].items():
