@@ -76,14 +76,19 @@ def pvs(images: ImageBatch) -> float:
     return float(stats.std(0).sum())
 
 
+def rows_by_prompt(prompts: Sequence[str]) -> dict[str, list[int]]:
+    """Prompt -> the indices of its items, in first-seen order of the prompts."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        groups[p].append(i)
+    return dict(groups)
+
+
 def _groups(prompts: Sequence[str], n: int, what: str) -> list[list[int]]:
     if isinstance(prompts, str) or len(prompts) != n:
         got = "a single string" if isinstance(prompts, str) else len(prompts)
         raise ValueError(f"{what}: expected one prompt per item ({n}), got {got}")
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        groups[p].append(i)
-    kept = [rows for rows in groups.values() if len(rows) >= 2]
+    kept = [rows for rows in rows_by_prompt(prompts).values() if len(rows) >= 2]
     if not kept:
         raise ValueError(f"{what}: no prompt has two or more items, so no spread can be measured")
     return kept

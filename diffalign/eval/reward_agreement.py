@@ -10,11 +10,12 @@ one half) — the area under the ROC curve, pooled over the pairs of every promp
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from diffalign.eval.diversity import rows_by_prompt
 
 
 def within_prompt_auc(
@@ -29,11 +30,8 @@ def within_prompt_auc(
         raise ValueError(
             f"{len(scores)} scores, {len(labels)} labels and {len(prompts)} prompts: pass one of each per sample"
         )
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, prompt in enumerate(prompts):
-        groups[prompt].append(i)
     wins, pairs = 0.0, 0
-    for index in groups.values():
+    for index in rows_by_prompt(prompts).values():
         s, y = scores[index], labels[index]
         right, wrong = s[y][:, None], s[~y][None, :]
         wins += float((right > wrong).sum() + 0.5 * (right == wrong).sum())

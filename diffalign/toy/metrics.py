@@ -23,14 +23,13 @@ any attribute pulls it down.
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from diffalign.eval.diversity import as_nhwc
+from diffalign.eval.diversity import as_nhwc, rows_by_prompt
 from diffalign.toy.world import COLOURS, PALETTE, SHAPES, parse_caption, render_array, sample_specs
 
 CHROMA_MIN = 0.2
@@ -183,9 +182,7 @@ def diversity_report(images: ImageBatch, prompts: Sequence[str]) -> dict[str, fl
     batch = as_hwc_batch(images)
     _check_lengths(batch, prompts)
     attrs = attributes(batch)
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        groups[p].append(i)
+    groups = rows_by_prompt(prompts)
     ref = reference_spread()
     ratios = np.array(
         [
