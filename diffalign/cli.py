@@ -12,6 +12,8 @@ from diffalign.utils.cli_errors import print_error, run_cli
 
 # = diffalign.toy.pairs.PAIR_KINDS (tests/test_cli_errors.py checks): importing it would import torch for --help
 PAIR_KINDS: tuple[str, ...] = ("colour", "independent")
+# = the keys of diffalign.toy.evidence_families.FAMILIES (same check, same reason)
+EVIDENCE_FAMILIES: tuple[str, ...] = ("offline", "flow", "llm", "online", "soar", "sail", "flux", "nft")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +33,7 @@ def _run(argv: list[str]) -> int:
     demo.add_argument("overrides", nargs="*", help="config overrides for configs/toy/dpo.yaml (key=value)")
 
     evidence = sub.add_parser("evidence", help="train every method of a family on the toy world and report")
-    evidence.add_argument("family", choices=["offline", "flow", "llm", "online", "soar", "sail", "flux", "nft"])
+    evidence.add_argument("family", choices=EVIDENCE_FAMILIES)
     evidence.add_argument("--output-dir", default=None)
     evidence.add_argument("--methods", default=None, help="comma-separated subset")
     evidence.add_argument("--n-per-prompt", type=int, default=16)
@@ -39,7 +41,8 @@ def _run(argv: list[str]) -> int:
                           help="online, soar: evaluations along each run (default 5 online, 8 soar)")  # fmt: skip
     evidence.add_argument("--seeds", type=int, default=1,
                           help="training seeds 0..N-1, a run each; the report is their mean, min, max")  # fmt: skip
-    evidence.add_argument("overrides", nargs="*", help="config overrides applied to every method (key=value)")
+    evidence.add_argument("overrides", nargs="*",
+                          help="config overrides: key=value for every method, METHOD:key=value for one")  # fmt: skip
 
     toy = sub.add_parser("toy", help="toy-world tools")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
@@ -120,39 +123,31 @@ def _train(argv: list[str]) -> int:
 
 def _evidence(args: argparse.Namespace) -> None:
     import functools
-    import importlib
 
-    # family -> (module, run function, report formatter, acceptance checks or None)
-    families = {
-        "llm": ("diffalign.toy.llm_evidence", "run_llm_evidence", "format_llm_report", None),
-        "online": ("diffalign.toy.online_evidence", "run_online_evidence", "format_online_report", "issue_checks"),
-        "soar": ("diffalign.toy.soar_evidence", "run_soar_evidence", "format_soar_report", "soar_checks"),
-        "sail": ("diffalign.toy.sail_evidence", "run_sail_evidence", "format_sail_report", "sail_checks"),
-        "flux": ("diffalign.toy.flux_evidence", "run_flux_evidence", "format_flux_report", None),
-        "nft": ("diffalign.toy.nft_evidence", "run_nft_evidence", "format_nft_report", "issue_checks"),
-        "offline": ("diffalign.toy.evidence", "run_offline_evidence", "format_report", "gain_checks"),
-        "flow": ("diffalign.toy.evidence", "run_flow_evidence", "format_report", "gain_checks"),
-    }
+    from diffalign.toy.configs import check_override_scopes
+    from diffalign.toy.evidence_families import FAMILIES
+
+    family = FAMILIES[args.family]
     kwargs = {"methods": args.methods.split(",") if args.methods else None, "n_per_prompt": args.n_per_prompt}
-    if args.family in ("online", "soar", "nft") and args.segments is not None:
+    if family.segmented and args.segments is not None:
         kwargs["segments"] = args.segments
-    module, run, fmt, checks = families[args.family]
-    mod = importlib.import_module(module)
+    check_override_scopes(args.overrides)  # before the base is judged: a typo fails in a second, not minutes
+    run, format_report = family.load(family.run), family.load(family.format_report)
     output_dir = args.output_dir or f"outputs/evidence/{args.family}"
     if args.seeds == 1:
-        print(getattr(mod, fmt)(getattr(mod, run)(output_dir, overrides=args.overrides, **kwargs)))
+        print(format_report(run(output_dir, overrides=args.overrides, **kwargs)))
         return
     from diffalign.toy.seeds import format_seed_ranges, run_over_seeds
 
     report = run_over_seeds(
-        functools.partial(getattr(mod, run), **kwargs),
+        functools.partial(run, **kwargs),
         output_dir,
         range(args.seeds),
-        format_report=getattr(mod, fmt),
-        checks=getattr(mod, checks) if checks else None,
+        format_report=format_report,
+        checks=family.load(family.checks),
         overrides=args.overrides,
     )
-    print(getattr(mod, fmt)(report) + format_seed_ranges(report))
+    print(format_report(report) + format_seed_ranges(report))
 
 
 if __name__ == "__main__":
