@@ -12,7 +12,7 @@ from diffalign.utils.cli_errors import print_error, run_cli
 
 # = diffalign.toy.pairs.PAIR_KINDS (tests/test_cli_errors.py checks): importing it would import torch for --help
 PAIR_KINDS: tuple[str, ...] = ("colour", "independent")
-# = the keys of diffalign.toy.evidence_families.FAMILIES (same check, same reason)
+# = the keys of diffalign.toy.evidence_commands.COMMANDS (same check, same reason)
 EVIDENCE_FAMILIES: tuple[str, ...] = ("offline", "flow", "llm", "online", "soar", "sail", "flux", "nft")
 
 
@@ -125,9 +125,9 @@ def _evidence(args: argparse.Namespace) -> None:
     import functools
 
     from diffalign.toy.configs import check_override_scopes
-    from diffalign.toy.evidence_families import FAMILIES
+    from diffalign.toy.evidence_commands import COMMANDS
 
-    family = FAMILIES[args.family]
+    family = COMMANDS[args.family]
     kwargs = {"methods": args.methods.split(",") if args.methods else None, "n_per_prompt": args.n_per_prompt}
     if family.segmented and args.segments is not None:
         kwargs["segments"] = args.segments

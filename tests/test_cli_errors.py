@@ -199,13 +199,13 @@ def test_constants_copied_to_keep_help_light_match_their_sources() -> None:
     from diffalign.cli import EVIDENCE_FAMILIES, PAIR_KINDS
     from diffalign.eval.cli import SAMPLER_KINDS
     from diffalign.models.sampling import SAMPLER_KINDS as REAL_SAMPLERS
-    from diffalign.toy.evidence_families import FAMILIES
+    from diffalign.toy.evidence_commands import COMMANDS
     from diffalign.toy.pairs import PAIR_KINDS as REAL_PAIR_KINDS
 
     assert PAIR_KINDS == REAL_PAIR_KINDS
     assert sorted(SAMPLER_KINDS) == sorted(REAL_SAMPLERS)
-    assert EVIDENCE_FAMILIES == tuple(FAMILIES)
-    for name, family in FAMILIES.items():  # every row names functions that exist
+    assert EVIDENCE_FAMILIES == tuple(COMMANDS)
+    for name, family in COMMANDS.items():  # every row names functions that exist
         assert callable(family.load(family.run)) and callable(family.load(family.format_report)), name
         assert family.checks is None or callable(family.load(family.checks)), name
 

@@ -118,7 +118,7 @@ def run_evidence(
 def gain_checks(report: dict) -> dict:
     """Per method, the gold gain in points under the evaluation sampler (``{m}_gain_pts``) and the alternative one
     (``{m}_gain_pts_{alt}``); ``gain_20_pts_under_both``: the methods that gain >= 20 points under both."""
-    alt = report["world"].get("alternative_key", "eta0")
+    alt = report["world"]["alternative_key"]
     out: dict = {}
     for name, m in report["methods"].items():
         out[f"{name}_gain_pts"] = 100 * (m["gold_after"] - m["gold_before"])
@@ -143,7 +143,7 @@ def run_flow_evidence(output_dir: str | os.PathLike = "outputs/evidence/flow", *
 
 def format_report(report: dict) -> str:
     world = report["world"]
-    alt, label = world.get("alternative_key", "eta0"), world.get("alternative_sampler", "DDIM η=0")
+    alt, label = world["alternative_key"], world["alternative_sampler"]
     lines = [
         f"Toy world ({world.get('family', 'offline')}), {world['samples_per_evaluation']} generated samples per "
         "evaluation (gold = colour adherence).",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class EvidenceFamily:
+class EvidenceCommand:
     """One family: ``module``'s ``run(output_dir, *, methods, n_per_prompt, overrides, ...) -> report``, its
     ``format_report(report) -> str`` and, where it has acceptance criteria, ``checks(report) -> dict``."""
 
@@ -25,17 +25,17 @@ class EvidenceFamily:
         return getattr(importlib.import_module(self.module), attr) if attr else None
 
 
-FAMILIES: dict[str, EvidenceFamily] = {
-    "offline": EvidenceFamily("diffalign.toy.evidence", "run_offline_evidence", "format_report", "gain_checks"),
-    "flow": EvidenceFamily("diffalign.toy.evidence", "run_flow_evidence", "format_report", "gain_checks"),
-    "llm": EvidenceFamily("diffalign.toy.llm_evidence", "run_llm_evidence", "format_llm_report"),
-    "online": EvidenceFamily(
+COMMANDS: dict[str, EvidenceCommand] = {
+    "offline": EvidenceCommand("diffalign.toy.evidence", "run_offline_evidence", "format_report", "gain_checks"),
+    "flow": EvidenceCommand("diffalign.toy.evidence", "run_flow_evidence", "format_report", "gain_checks"),
+    "llm": EvidenceCommand("diffalign.toy.llm_evidence", "run_llm_evidence", "format_llm_report"),
+    "online": EvidenceCommand(
         "diffalign.toy.online_evidence", "run_online_evidence", "format_online_report", "issue_checks", True
     ),
-    "soar": EvidenceFamily(
+    "soar": EvidenceCommand(
         "diffalign.toy.soar_evidence", "run_soar_evidence", "format_soar_report", "soar_checks", True
     ),
-    "sail": EvidenceFamily("diffalign.toy.sail_evidence", "run_sail_evidence", "format_sail_report", "sail_checks"),
-    "flux": EvidenceFamily("diffalign.toy.flux_evidence", "run_flux_evidence", "format_flux_report"),
-    "nft": EvidenceFamily("diffalign.toy.nft_evidence", "run_nft_evidence", "format_nft_report", "issue_checks", True),
+    "sail": EvidenceCommand("diffalign.toy.sail_evidence", "run_sail_evidence", "format_sail_report", "sail_checks"),
+    "flux": EvidenceCommand("diffalign.toy.flux_evidence", "run_flux_evidence", "format_flux_report"),
+    "nft": EvidenceCommand("diffalign.toy.nft_evidence", "run_nft_evidence", "format_nft_report", "issue_checks", True),
 }
