@@ -36,3 +36,14 @@ def test_the_cli_refuses_a_bad_scope_in_one_line_before_training(capsys) -> None
     assert main(["evidence", "online", "--output-dir", "/nonexistent/x", "grpo_gaurd:optim.lr=1e-3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "configs/toy/grpo_gaurd.yaml" in err[0]
+
+
+def test_offline_method_configs_take_scoped_overrides_too(tmp_path) -> None:
+    from diffalign.toy.experiment import ToyWorld, check_overrides, method_config
+
+    world = ToyWorld(base=tmp_path / "base", pairs=tmp_path / "pairs.parquet", workdir=tmp_path)
+    scoped = ["dpo:optim.lr=1e-3", "train.max_steps=7"]
+    check_overrides(["dpo", "mapo"], scoped)
+    dpo, mapo = method_config("dpo", world, scoped), method_config("mapo", world, scoped)
+    assert dpo.optim.lr == 1e-3 and mapo.optim.lr == method_config("mapo", world).optim.lr != 1e-3
+    assert dpo.train.max_steps == mapo.train.max_steps == 7

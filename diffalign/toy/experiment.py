@@ -14,7 +14,7 @@ import torch
 from diffalign.config import Config, load_config
 from diffalign.eval.weights import load_trained_unet
 from diffalign.toy import RETRAIN
-from diffalign.toy.configs import CONFIG_DIR
+from diffalign.toy.configs import CONFIG_DIR, overrides_for
 from diffalign.toy.metrics import summarize
 from diffalign.toy.model import load_toy_model
 from diffalign.toy.pairs import make_preference_pairs
@@ -71,7 +71,7 @@ def method_config(method: str, world: ToyWorld, overrides: Sequence[str] = ()) -
             f"train.output_dir={world.workdir / 'runs' / method}",
             "train.progress_bar=true",
             RETRAIN,
-            *overrides,
+            *overrides_for(method, overrides),
         ],
     )
 
@@ -79,7 +79,7 @@ def method_config(method: str, world: ToyWorld, overrides: Sequence[str] = ()) -
 def check_overrides(methods: Sequence[str], overrides: Sequence[str]) -> None:
     """Raise ``ConfigError`` now, before any data is built, if ``overrides`` do not apply to every method's config."""
     for method in methods:
-        load_config(CONFIG_DIR / f"{method}.yaml", list(overrides))
+        load_config(CONFIG_DIR / f"{method}.yaml", overrides_for(method, overrides))
 
 
 def train_method(method: str, world: ToyWorld, overrides: Sequence[str] = ()) -> tuple[Path, float]:

@@ -21,6 +21,7 @@ from typing import Any
 from diffalign.config import load_config
 from diffalign.data.synthetic import make_random_pairs, write_pickapic_parquet
 from diffalign.models.tiny_flux import save_tiny_flux_pipeline
+from diffalign.toy.configs import overrides_for
 from diffalign.toy.reports import chosen_methods
 from diffalign.trainers.metrics import read_metrics
 from diffalign.trainers.run import train
@@ -84,7 +85,7 @@ def run_flux_evidence(
                 "train.overwrite_output_dir=true",
                 *_COMMON,
                 *_METHOD_OVERRIDES[method],
-                *overrides,
+                *overrides_for(method, overrides),
             ],
         )
         result = train(config)
