@@ -8,10 +8,11 @@ import argparse
 import json
 import sys
 
+from diffalign.errors import DiffalignError
 from diffalign.utils.cli_errors import print_error, run_cli
 
 # = diffalign.toy.pairs.PAIR_KINDS (tests/test_cli_errors.py checks): importing it would import torch for --help
-PAIR_KINDS: tuple[str, ...] = ("colour", "independent")
+PAIR_KINDS: tuple[str, ...] = ("colour", "independent", "on_policy")
 # = the keys of diffalign.toy.evidence_commands.COMMANDS (same check, same reason)
 EVIDENCE_FAMILIES: tuple[str, ...] = ("offline", "flow", "llm", "online", "soar", "sail", "flux", "nft")
 
@@ -39,6 +40,8 @@ def _run(argv: list[str]) -> int:
     evidence.add_argument("--n-per-prompt", type=int, default=16)
     evidence.add_argument("--segments", type=int, default=None,
                           help="online, soar: evaluations along each run (default 5 online, 8 soar)")  # fmt: skip
+    evidence.add_argument("--pairs", choices=PAIR_KINDS, default=None,
+                          help="offline, flow: toy pair kind (on_policy: judged base samples)")  # fmt: skip
     evidence.add_argument("--seeds", type=int, default=1,
                           help="training seeds 0..N-1, a run each; the report is their mean, min, max")  # fmt: skip
     evidence.add_argument("overrides", nargs="*",
@@ -52,7 +55,12 @@ def _run(argv: list[str]) -> int:
     pairs.add_argument("path")
     pairs.add_argument("--n-pairs", type=int, default=2000)
     pairs.add_argument("--seed", type=int, default=0)
-    pairs.add_argument("--kind", choices=PAIR_KINDS, default="colour", help="loser: recoloured copy or independent")
+    pairs.add_argument(
+        "--kind",
+        choices=PAIR_KINDS,
+        default="colour",
+        help="loser: recoloured copy, independent, or a base sample of the wrong colour (on_policy)",
+    )
     pairs.add_argument("--label-noise", type=float, default=0.0, help="fraction of labels flipped (human-like)")
 
     sub.add_parser("train", help="same as scripts/train.py: --config FILE [key=value ...] (see train --help)")
@@ -131,6 +139,10 @@ def _evidence(args: argparse.Namespace) -> None:
     kwargs = {"methods": args.methods.split(",") if args.methods else None, "n_per_prompt": args.n_per_prompt}
     if family.segmented and args.segments is not None:
         kwargs["segments"] = args.segments
+    if args.pairs is not None:
+        if not family.paired:
+            raise DiffalignError(f"--pairs: `evidence {args.family}` trains on no toy preference pairs; drop it")
+        kwargs["pairs"] = args.pairs
     check_override_scopes(args.overrides)  # before the base is judged: a typo fails in a second, not minutes
     run, format_report = family.load(family.run), family.load(family.format_report)
     output_dir = args.output_dir or f"outputs/evidence/{args.family}"

@@ -33,7 +33,7 @@ class EvidenceFamily:
     """What differs between families: the methods, the world, and the main and alternative evaluation samplers."""
 
     methods: tuple[str, ...]
-    prepare: Callable[[Path], ToyWorld]
+    prepare: Callable[..., ToyWorld]  # (workdir, *, kind: the pair kind)
     evaluate: Callable[..., Evaluation]  # (base, run_dir=None, *, n_per_prompt, alternative: bool)
     alternative_key: str  # suffix of the gold keys measured with the alternative sampler
     alternative_label: str
@@ -43,10 +43,10 @@ def _offline_evaluate(base, run_dir=None, *, n_per_prompt: int, alternative: boo
     return evaluate(base, run_dir, n_per_prompt=n_per_prompt, **({"eta": 0.0} if alternative else {}))
 
 
-def _flow_prepare(workdir: Path) -> ToyWorld:
+def _flow_prepare(workdir: Path, *, kind: str) -> ToyWorld:
     from diffalign.toy.flow_experiment import prepare_flow_world
 
-    return prepare_flow_world(workdir)
+    return prepare_flow_world(workdir, kind=kind)
 
 
 def _flow_evaluate(base, run_dir=None, *, n_per_prompt: int, alternative: bool = False) -> Evaluation:
@@ -70,14 +70,16 @@ def run_evidence(
     methods: Sequence[str] | None = None,
     n_per_prompt: int = 16,
     overrides: Sequence[str] = (),
+    pairs: str = "colour",
 ) -> dict:
-    """Train and judge ``methods`` (default: all of ``family``); write ``report.json``, ``report.md`` and a grid of
-    samples (one per prompt and method) to ``output_dir`` and return the report."""
+    """Train and judge ``methods`` (default: all of ``family``) on the toy pairs of kind ``pairs``
+    (:data:`~diffalign.toy.pairs.PAIR_KINDS`); write ``report.json``, ``report.md`` and a grid of samples (one per
+    prompt and method) to ``output_dir`` and return the report."""
     spec = FAMILIES[family]
     methods = tuple(methods or spec.methods)
     check_overrides(methods, overrides)
     output_dir = Path(output_dir or f"outputs/evidence/{family}")
-    world = spec.prepare(output_dir)
+    world = spec.prepare(output_dir, kind=pairs)
     before = spec.evaluate(world.base, n_per_prompt=n_per_prompt)
     before_alt = spec.evaluate(world.base, n_per_prompt=n_per_prompt, alternative=True)
     alt = spec.alternative_key
@@ -86,6 +88,7 @@ def run_evidence(
             "family": family,
             "base": str(world.base),
             "pairs": str(world.pairs),
+            "pair_kind": pairs,
             "samples_per_evaluation": len(before.prompts),
             "alternative_sampler": spec.alternative_label,
             "alternative_key": alt,
@@ -145,8 +148,8 @@ def format_report(report: dict) -> str:
     world = report["world"]
     alt, label = world["alternative_key"], world["alternative_sampler"]
     lines = [
-        f"Toy world ({world.get('family', 'offline')}), {world['samples_per_evaluation']} generated samples per "
-        "evaluation (gold = colour adherence).",
+        f"Toy world ({world['family']}), {world['pair_kind']} pairs, {world['samples_per_evaluation']} generated "
+        "samples per evaluation (gold = colour adherence).",
         "",
         "| method | gold before | gold after | change | diversity before | diversity after | gold after, "
         f"{label} (before) | checkerboard (before) | seconds |",

@@ -20,14 +20,17 @@ class EvidenceCommand:
     format_report: str
     checks: str | None = None
     segmented: bool = False  # trains in segments, judged after each (takes --segments)
+    paired: bool = False  # trains on toy preference pairs (takes --pairs KIND)
 
     def load(self, attr: str | None) -> Callable | None:
         return getattr(importlib.import_module(self.module), attr) if attr else None
 
 
 COMMANDS: dict[str, EvidenceCommand] = {
-    "offline": EvidenceCommand("diffalign.toy.evidence", "run_offline_evidence", "format_report", "gain_checks"),
-    "flow": EvidenceCommand("diffalign.toy.evidence", "run_flow_evidence", "format_report", "gain_checks"),
+    "offline": EvidenceCommand(
+        "diffalign.toy.evidence", "run_offline_evidence", "format_report", "gain_checks", paired=True
+    ),
+    "flow": EvidenceCommand("diffalign.toy.evidence", "run_flow_evidence", "format_report", "gain_checks", paired=True),
     "llm": EvidenceCommand("diffalign.toy.llm_evidence", "run_llm_evidence", "format_llm_report"),
     "online": EvidenceCommand(
         "diffalign.toy.online_evidence", "run_online_evidence", "format_online_report", "issue_checks", True

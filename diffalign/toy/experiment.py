@@ -3,6 +3,7 @@ method from its ``configs/toy`` file, evaluate a run with the pixel-level gold m
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -52,10 +53,15 @@ def prepare_world(
     workdir = Path(workdir)
     base = Path(base) if base is not None else ensure_base()
     noise = f"-noise{label_noise:g}" if label_noise else ""
-    pairs = workdir / "data" / f"pairs-{kind}-v{PAIRS_VERSION}-{n_pairs}-seed{seed}{noise}.parquet"
+    sampled = f"-{_short_hash(base)}" if kind == "on_policy" else ""  # sampled from this base: its pairs alone
+    pairs = workdir / "data" / f"pairs-{kind}{sampled}-v{PAIRS_VERSION}-{n_pairs}-seed{seed}{noise}.parquet"
     if not pairs.is_file():
-        make_preference_pairs(pairs, n_pairs, seed, kind=kind, label_noise=label_noise)
+        make_preference_pairs(pairs, n_pairs, seed, kind=kind, label_noise=label_noise, base=base)
     return ToyWorld(base=base, pairs=pairs, workdir=workdir)
+
+
+def _short_hash(path: Path) -> str:
+    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
 
 
 def method_config(method: str, world: ToyWorld, overrides: Sequence[str] = ()) -> Config:

@@ -22,9 +22,14 @@ FLOW_METHODS = ("flow_dpo", "flow_sft")
 ALTERNATIVE_NOISE_LEVEL = SDE_NOISE_LEVEL
 
 
-def prepare_flow_world(workdir: str | os.PathLike, *, n_pairs: int = 2000, seed: int = 0) -> ToyWorld:
-    """The flow base (committed, cached or pretrained now) and the toy preference pairs."""
-    return prepare_world(workdir, n_pairs=n_pairs, seed=seed, base=ensure_flow_base())
+def prepare_flow_world(
+    workdir: str | os.PathLike, *, n_pairs: int = 2000, seed: int = 0, kind: str = "colour"
+) -> ToyWorld:
+    """The flow base (committed, cached or pretrained now) and the toy preference pairs (rendered ``kind`` only:
+    on-policy pairs are sampled from the UNet base)."""
+    if kind == "on_policy":
+        raise ValueError("--pairs on_policy samples the UNet base: use it with `evidence offline`, not `flow`")
+    return prepare_world(workdir, n_pairs=n_pairs, seed=seed, kind=kind, base=ensure_flow_base())
 
 
 def evaluate_flow(

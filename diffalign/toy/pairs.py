@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from diffalign.toy.world import COLOURS, ShapeSpec, render, sample_spec
 from diffalign.utils.randomness import FLIP, per_sample_randint, per_sample_uniform
 
-PAIR_KINDS: tuple[str, ...] = ("colour", "independent")
+PAIR_KINDS: tuple[str, ...] = ("colour", "independent", "on_policy")
 LOSER_SPEC_SEED_OFFSET = 1_000_003
 LOSER_COLOUR_STREAM = 20
 LOSER_CAPTION_STREAM = 21
@@ -80,31 +80,62 @@ def flipped_labels(n_pairs: int, seed: int, label_noise: float) -> list[bool]:
 
 
 def make_preference_pairs(
-    path: str | os.PathLike, n_pairs: int, seed: int, kind: str = "colour", label_noise: float = 0.0
+    path: str | os.PathLike,
+    n_pairs: int,
+    seed: int,
+    kind: str = "colour",
+    label_noise: float = 0.0,
+    base: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``n_pairs`` pairs of ``kind`` to the parquet file ``path`` (a fraction ``label_noise`` of them with the
-    label flipped, in expectation) and return the path."""
+    label flipped, in expectation) and return the path. ``kind="on_policy"`` samples ``base`` (default: the UNet
+    base), see :mod:`diffalign.toy.on_policy_pairs`."""
     if kind not in PAIR_KINDS:
         raise ValueError(f"make_preference_pairs: kind={kind!r} is not one of {PAIR_KINDS}")
     if n_pairs < 1:
         raise ValueError(f"make_preference_pairs: n_pairs={n_pairs} must be >= 1")
     if not 0.0 <= label_noise < 0.5:
         raise ValueError(f"make_preference_pairs: label_noise={label_noise} must be in [0, 0.5)")
+    if kind == "on_policy":
+        from diffalign.toy.on_policy_pairs import on_policy_pairs
+        from diffalign.toy.pretrain import ensure_base
+
+        rows = on_policy_pairs(base if base is not None else ensure_base(), n_pairs, seed)
+    else:
+        rows = []
+        for i in range(n_pairs):
+            winner, loser = PAIR_BUILDERS[kind](seed, i)
+            rows.append(PairRow(png_bytes(winner), png_bytes(loser), winner.caption, perturbed_caption(loser, seed, i)))
+    return write_pairs(path, rows, seed, label_noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRow:
+    """One pair before sides are drawn: encoded images, the prompt (the winner's caption) and the loser's caption."""
+
+    winner: bytes
+    loser: bytes
+    caption: str
+    loser_caption: str
+
+
+def write_pairs(path: str | os.PathLike, rows: list[PairRow], seed: int, label_noise: float = 0.0) -> Path:
+    """Write ``rows`` to the parquet ``path`` in the Pick-a-Pic layout: the winner's side a fair coin per pair, and
+    a fraction ``label_noise`` of labels flipped (both keyed by ``(seed, i)``)."""
+    n_pairs = len(rows)
     winner_on_1 = (per_sample_uniform(seed, 0, range(n_pairs), FLIP) < 0.5).tolist()
     flipped = flipped_labels(n_pairs, seed, label_noise)
     names = ("jpg_0", "jpg_1", "label_0", "label_1", "caption", "caption_0", "caption_1")
     columns: dict[str, list] = {name: [] for name in names}
-    for i in range(n_pairs):
-        winner, loser = PAIR_BUILDERS[kind](seed, i)
-        loser_caption = perturbed_caption(loser, seed, i)
-        sides = (loser, winner) if winner_on_1[i] else (winner, loser)
-        columns["jpg_0"].append(png_bytes(sides[0]))
-        columns["jpg_1"].append(png_bytes(sides[1]))
+    for i, row in enumerate(rows):
+        sides = (row.loser, row.winner) if winner_on_1[i] else (row.winner, row.loser)
+        columns["jpg_0"].append(sides[0])
+        columns["jpg_1"].append(sides[1])
         preferred_on_1 = winner_on_1[i] != flipped[i]
         columns["label_0"].append(0.0 if preferred_on_1 else 1.0)
         columns["label_1"].append(1.0 if preferred_on_1 else 0.0)
-        columns["caption"].append(winner.caption)
-        captions = (loser_caption, winner.caption) if winner_on_1[i] else (winner.caption, loser_caption)
+        columns["caption"].append(row.caption)
+        captions = (row.loser_caption, row.caption) if winner_on_1[i] else (row.caption, row.loser_caption)
         columns["caption_0"].append(captions[0])
         columns["caption_1"].append(captions[1])
     table = pa.table(
