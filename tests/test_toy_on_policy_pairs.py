@@ -58,3 +58,9 @@ def test_evidence_pairs_is_refused_where_no_pairs_are_trained(capsys) -> None:
     assert capsys.readouterr().err.strip() == (
         "error: --pairs: `evidence online` trains on no toy preference pairs; drop it"
     )
+
+
+def test_flow_evidence_refuses_on_policy_pairs_in_one_line(tmp_path, capsys) -> None:
+    assert main(["evidence", "flow", "--pairs", "on_policy", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --pairs on_policy samples the UNet base: use it with `evidence offline`, not `flow`"]

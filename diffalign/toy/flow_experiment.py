@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from diffalign.errors import DiffalignError
 from diffalign.eval.weights import load_trained_denoiser
 from diffalign.toy.experiment import Evaluation, ToyWorld, prepare_world
 from diffalign.toy.flow_model import load_toy_flow_model
@@ -28,7 +29,7 @@ def prepare_flow_world(
     """The flow base (committed, cached or pretrained now) and the toy preference pairs (rendered ``kind`` only:
     on-policy pairs are sampled from the UNet base)."""
     if kind == "on_policy":
-        raise ValueError("--pairs on_policy samples the UNet base: use it with `evidence offline`, not `flow`")
+        raise DiffalignError("--pairs on_policy samples the UNet base: use it with `evidence offline`, not `flow`")
     return prepare_world(workdir, n_pairs=n_pairs, seed=seed, kind=kind, base=ensure_flow_base())
 
 

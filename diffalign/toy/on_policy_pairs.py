@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffalign.eval.diversity import rows_by_prompt
 from diffalign.toy.metrics import colour_correct, colours_of, shapes_of
 from diffalign.toy.model import load_toy_model
-from diffalign.toy.pairs import LOSER_CAPTION_STREAM, PairRow
+from diffalign.toy.pairs import LOSER_CAPTION_STREAM, PairRow, other_colour
 from diffalign.toy.sampling import generate
-from diffalign.toy.world import COLOURS, all_prompts, caption_for, parse_caption
-from diffalign.utils.randomness import per_sample_randint
+from diffalign.toy.world import all_prompts, caption_for, parse_caption
 
 SAMPLES_PER_PROMPT = 300
 PAIR_SAMPLING_SEED = 777
@@ -44,8 +44,7 @@ def on_policy_pairs(
     )  # fmt: skip
     right = colour_correct(images, prompts)
     by_prompt: dict[str, tuple[list[int], list[int]]] = {}
-    for prompt in all_prompts():
-        rows = [i for i, p in enumerate(prompts) if p == prompt]
+    for prompt, rows in rows_by_prompt(prompts).items():
         winners, losers = [i for i in rows if right[i]], [i for i in rows if not right[i]]
         if not winners or not losers:
             which = "right" if not losers else "wrong"
@@ -54,10 +53,9 @@ def on_policy_pairs(
             )
         by_prompt[prompt] = (winners, losers)
     seen_colours, seen_shapes = colours_of(images), shapes_of(images)
-    out = []
+    order, out = all_prompts(), []
     for k in range(n_pairs):
-        prompt = all_prompts()[k % len(all_prompts())]
-        j = k // len(all_prompts())
+        prompt, j = order[k % len(order)], k // len(order)
         winners, losers = by_prompt[prompt]
         w, loser = winners[j % len(winners)], losers[j % len(losers)]
         out.append(PairRow(_png(images[w]), _png(images[loser]), prompt, _loser_caption(
@@ -68,9 +66,8 @@ def on_policy_pairs(
 def _loser_caption(prompt: str, colour: str | None, shape: str | None, seed: int, index: int) -> str:
     """The loser as the detector sees it (the prompt's words where it sees no shape), its colour swapped."""
     asked_colour, asked_shape = parse_caption(prompt)
-    colour = colour or asked_colour
-    offset = int(per_sample_randint(len(COLOURS) - 1, seed, 0, [index], LOSER_CAPTION_STREAM)[0]) + 1
-    return caption_for(COLOURS[(COLOURS.index(colour) + offset) % len(COLOURS)], shape or asked_shape)
+    swapped = other_colour(colour or asked_colour, seed, index, LOSER_CAPTION_STREAM)
+    return caption_for(swapped, shape or asked_shape)
 
 
 def _png(image: torch.Tensor) -> bytes:

@@ -46,10 +46,15 @@ def png_bytes(spec: ShapeSpec) -> bytes:
     return buffer.getvalue()
 
 
+def other_colour(colour: str, seed: int, index: int, stream: int) -> str:
+    """A colour drawn uniformly from those other than ``colour``, addressed by ``(seed, index, stream)``."""
+    offset = int(per_sample_randint(len(COLOURS) - 1, seed, 0, [index], stream)[0]) + 1
+    return COLOURS[(COLOURS.index(colour) + offset) % len(COLOURS)]
+
+
 def recoloured(spec: ShapeSpec, seed: int, index: int, stream: int) -> ShapeSpec:
     """``spec`` in a colour drawn uniformly from the other colours, addressed by ``(seed, index, stream)``."""
-    offset = int(per_sample_randint(len(COLOURS) - 1, seed, 0, [index], stream)[0]) + 1
-    return dataclasses.replace(spec, colour=COLOURS[(COLOURS.index(spec.colour) + offset) % len(COLOURS)])
+    return dataclasses.replace(spec, colour=other_colour(spec.colour, seed, index, stream))
 
 
 def colour_pair(seed: int, index: int) -> tuple[ShapeSpec, ShapeSpec]:
