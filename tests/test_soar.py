@@ -182,6 +182,8 @@ def test_the_evidence_command_dispatches_and_checks_methods(family):
 
     from diffalign.cli import _evidence
 
-    args = Namespace(family=family, methods="bogus", n_per_prompt=2, overrides=[], output_dir=None, segments=1, seeds=1)
+    args = Namespace(
+        family=family, methods="bogus", n_per_prompt=2, overrides=[], output_dir=None, segments=1, seeds=1, pairs=None
+    )
     with pytest.raises(ValueError, match=f"unknown {family} methods"):
         _evidence(args)
