@@ -7,7 +7,18 @@ from __future__ import annotations
 
 import json
 
-from diffalign.toy.online_evidence import d2_align_budgets, gold_drift_budgets, guard_budgets, run_online_evidence
+import numpy as np
+import pytest
+import torch
+
+from diffalign.eval.diversity import embedding_spread, pvs_per_prompt
+from diffalign.toy.online_evidence import (
+    d2_align_budgets,
+    gold_drift_budgets,
+    guard_budgets,
+    right_colour_diversity,
+    run_online_evidence,
+)
 
 
 def test_online_methods_raise_the_proxy_reward(tmp_path) -> None:
@@ -40,9 +51,45 @@ def test_d2_align_criterion_is_judged_per_budget() -> None:
     # 50: the uncorrected spread is 102 % (not below 50 %); 75: every number holds (80 % exactly is enough);
     # 100: D²-Align's spread is 76 %
     assert d2_align_budgets(d2, uncorrected, base) == [75]
+    # on PVS alone 100 holds too; 50 still fails (the uncorrected PVS is 55 %)
+    assert d2_align_budgets(d2, uncorrected, base, keys=("pvs",)) == [75, 100]
     d2[1]["gold"] = 0.34  # lower gold than the uncorrected run at 75
     assert d2_align_budgets(d2, uncorrected, base) == []
     assert d2_align_budgets(d2[:1], uncorrected[1:], base) == []  # no common budget
+
+
+def test_d2_align_criterion_on_other_diversity_keys() -> None:
+    base = {"pvs_right_colour": 0.2, "spread_right_colour": 0.1, "pvs": 1.0, "spread": 1.0}
+    keys = ("pvs_right_colour", "spread_right_colour")
+
+    def point(step: int, pvs: float, spread: float) -> dict:
+        # the all-sample numbers would fail every step: the keys decide
+        return {"step": step, "gold": 0.6, "pvs": 0.0, "spread": 0.0} | {keys[0]: pvs, keys[1]: spread}
+
+    uncorrected = [point(75, 0.05, 0.04), point(100, 0.05, float("nan"))]
+    d2 = [point(75, 0.2, 0.09), point(100, 0.2, 0.09)]
+    assert d2_align_budgets(d2, uncorrected, base, keys=keys) == [75]  # NaN (nothing to measure) fails 100
+    assert d2_align_budgets(d2, uncorrected, base) == []
+    d2[0]["spread_right_colour"] = 0.079  # 79 % of the base
+    assert d2_align_budgets(d2, uncorrected, base, keys=keys) == []
+
+
+def test_right_colour_diversity_keeps_prompts_with_two_right_colour_samples() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(7, 3, 8, 8, generator=g)
+    embeds = torch.randn(7, 5, generator=g)
+    prompts = ["a"] * 4 + ["b"] * 3
+    correct = np.array([True, False, True, True, True, False, False])  # "b" has one right sample: left out
+    got = right_colour_diversity(images, prompts, embeds, correct)
+    rows = [0, 2, 3]
+    assert got["spread_right_colour"] == pytest.approx(embedding_spread(embeds[rows], ["a"] * 3), abs=1e-12)
+    assert got["pvs_right_colour"] == pytest.approx(pvs_per_prompt(images[rows], ["a"] * 3), abs=1e-6)
+    assert got["spread_right_colour"] != pytest.approx(embedding_spread(embeds, prompts))
+    unit = torch.nn.functional.normalize(embeds[rows].double(), dim=1)
+    sim = unit @ unit.T
+    assert got["spread_right_colour"] == pytest.approx(1 - float(sim[[0, 0, 1], [1, 2, 2]].mean()), abs=1e-12)
+    nothing = right_colour_diversity(images, prompts, embeds, np.zeros(7, bool))
+    assert all(np.isnan(v) for v in nothing.values())
 
 
 def test_guard_criterion_is_judged_per_budget() -> None:

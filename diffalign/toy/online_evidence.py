@@ -16,7 +16,8 @@ seen along the way).
 Evaluation: 16 samples of each of the 12 prompts with the ODE sampler (20 steps, CFG 3, fixed seeds), as the flow
 world's other evidence. ``proxy`` = mean toy-reward-model score of those samples; diversity = ``pvs`` (DivGenBench's
 photographic variance, per prompt), ``spread`` (1 − mean pairwise cosine of the reward model's image embeddings, an
-IDS analogue), ``layout`` (the SDI analogue on the detected shape boxes) and the toy attribute ``diversity``;
+IDS analogue), ``layout`` (the SDI analogue on the detected shape boxes), the toy attribute ``diversity``, and
+``pvs_right_colour`` / ``spread_right_colour`` (the same two among the right-colour samples only);
 ``proxy_gold_auc`` = how often the proxy scores a right-colour sample above a wrong-colour sample of the same prompt
 (:func:`~diffalign.eval.reward_agreement.within_prompt_auc`: the only ordering group-relative RL sees).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,25 @@ from diffalign.toy.rewards import load_toy_reward_model, shape_boxes
 ONLINE_METHODS = ("flow_grpo", "grpo_guard", "direct_reward", "d2_align")
 
 
+def right_colour_diversity(images, prompts: Sequence[str], embeds: torch.Tensor, correct) -> dict[str, float]:
+    """``pvs`` and ``spread`` among the right-colour samples only (prompts with >= 2 of them; NaN when none has):
+    the diversity within the mode the gold metric asks for. On this world the reward model's image embedding is
+    mostly colour, so the all-sample ``spread`` falls whenever gold rises; this one does not have to."""
+    keep = [i for i in range(len(prompts)) if correct[i]]
+    counts = Counter(prompts[i] for i in keep)
+    keep = [i for i in keep if counts[prompts[i]] >= 2]
+    if not keep:
+        return {"pvs_right_colour": float("nan"), "spread_right_colour": float("nan")}
+    kept = [prompts[i] for i in keep]
+    return {
+        "pvs_right_colour": pvs_per_prompt(images[keep], kept),
+        "spread_right_colour": embedding_spread(embeds[keep], kept),
+    }
+
+
 def online_metrics(evaluation: Evaluation, reward_model) -> dict[str, float]:
     images, prompts = evaluation.images, evaluation.prompts
+    correct = colour_correct(images, prompts)
     with torch.no_grad():
         proxy = reward_model(images, prompts).float()
         embeds = reward_model.image_embeds(images).float()
@@ -59,7 +78,8 @@ def online_metrics(evaluation: Evaluation, reward_model) -> dict[str, float]:
         "layout": layout_dispersion(shape_boxes(images), prompts),
         "diversity": evaluation.metrics["diversity"],
         "brightness": evaluation.metrics["mean_brightness"],
-        "proxy_gold_auc": within_prompt_auc(proxy, colour_correct(images, prompts), prompts),
+        "proxy_gold_auc": within_prompt_auc(proxy, correct, prompts),
+        **right_colour_diversity(images, prompts, embeds, correct),
     }
 
 
@@ -174,6 +194,10 @@ def issue_checks(report: dict) -> dict[str, float | bool]:
             out[f"direct_reward_{key}_vs_base"] = dr[f"{key}_after"] / base[key]
         out["d2_align_ok_at_steps"] = d2_align_budgets(d2["trajectory"], dr["trajectory"], base)
         out["d2_align_ok"] = bool(out["d2_align_ok_at_steps"])
+        out["d2_align_pvs_ok_at_steps"] = d2_align_budgets(d2["trajectory"], dr["trajectory"], base, keys=("pvs",))
+        out["d2_align_ok_right_colour_at_steps"] = d2_align_budgets(
+            d2["trajectory"], dr["trajectory"], base, keys=("pvs_right_colour", "spread_right_colour")
+        )
     return out
 
 
@@ -208,16 +232,23 @@ def guard_budgets(guard: list[dict], plain: list[dict], base: dict) -> list[int]
     ]
 
 
-def d2_align_budgets(d2: list[dict], uncorrected: list[dict], base: dict) -> list[int]:
-    """The steps, judged in both runs, at which D²-Align keeps PVS and embedding spread >= 80 % of the base while the
-    uncorrected trainer is below 50 % on both, with D²-Align's gold not lower (the acceptance criterion)."""
+def d2_align_budgets(
+    d2: list[dict], uncorrected: list[dict], base: dict, keys: tuple[str, ...] = ("pvs", "spread")
+) -> list[int]:
+    """The steps, judged in both runs, at which D²-Align keeps every diversity ``keys`` (by default PVS and embedding
+    spread) >= 80 % of the base while the uncorrected trainer is below 50 % on each, with D²-Align's gold not lower
+    (the acceptance criterion). A NaN (no right-colour pair to measure) fails the step."""
     at = {t["step"]: t for t in uncorrected}
+
+    def ratios(point: dict) -> list[float]:
+        return [point[k] / base[k] for k in keys]
+
     return [
         t["step"]
         for t in d2
         if t["step"] in at
-        and min(t["pvs"] / base["pvs"], t["spread"] / base["spread"]) >= 0.8
-        and max(at[t["step"]]["pvs"] / base["pvs"], at[t["step"]]["spread"] / base["spread"]) < 0.5
+        and all(r >= 0.8 for r in ratios(t))  # False on NaN
+        and all(r < 0.5 for r in ratios(at[t["step"]]))
         and t["gold"] >= at[t["step"]]["gold"]
     ]
 
@@ -228,21 +259,26 @@ def format_online_report(report: dict) -> str:
         f"Toy world (online), {report['world']['samples_per_evaluation']} generated samples per evaluation (ODE, "
         "20 steps, CFG 3). gold = colour adherence; proxy = the biased toy reward model; pvs / spread = diversity.",
         "",
-        "| method | gold after (best) | proxy | proxy-gold AUC | pvs | spread | brightness | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | gold after (best) | proxy | proxy-gold AUC | pvs | spread | right colour: pvs / spread | "
+        "brightness | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| base | {base['gold']:.3f} | {base['proxy']:.3f} | {base['proxy_gold_auc']:.3f} | {base['pvs']:.3f} | "
-        f"{base['spread']:.3f} | {base['brightness']:.3f} | - |",
+        f"{base['spread']:.3f} | {base['pvs_right_colour']:.3f} / {base['spread_right_colour']:.3f} | "
+        f"{base['brightness']:.3f} | - |",
     ]
     for name, m in report["methods"].items():
         lines.append(
             f"| {name} | {m['gold_after']:.3f} ({m['gold_best']:.3f}) | {m['proxy_after']:.3f} | "
-            f"{m['proxy_gold_auc_after']:.3f} | {m['pvs_after']:.3f} | "
-            f"{m['spread_after']:.3f} | {m['brightness_after']:.3f} | {m['seconds']:.0f} |"
+            f"{m['proxy_gold_auc_after']:.3f} | {m['pvs_after']:.3f} | {m['spread_after']:.3f} | "
+            f"{m['pvs_right_colour_after']:.3f} / {m['spread_right_colour_after']:.3f} | "
+            f"{m['brightness_after']:.3f} | {m['seconds']:.0f} |"
         )
     for name, m in report["methods"].items():
         if len(m["trajectory"]) > 1:
             steps = ", ".join(
-                f"{t['step']}: gold {t['gold']:.3f} proxy {t['proxy']:.2f} pvs {t['pvs']:.3f}" for t in m["trajectory"]
+                f"{t['step']}: gold {t['gold']:.3f} proxy {t['proxy']:.2f} pvs {t['pvs']:.3f} spread {t['spread']:.3f}"
+                f" (right colour: pvs {t['pvs_right_colour']:.3f} spread {t['spread_right_colour']:.3f})"
+                for t in m["trajectory"]
             )
             lines += ["", f"{name} trajectory — {steps}"]
     lines += format_checks(report.get("checks"))
