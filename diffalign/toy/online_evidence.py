@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffalign.eval.diversity import embedding_spread, layout_dispersion, pvs_per_prompt
+from diffalign.eval.diversity import embedding_spread, layout_dispersion, pvs_per_prompt, rows_by_prompt
 from diffalign.eval.reward_agreement import within_prompt_auc
 from diffalign.methods import get_method
 from diffalign.toy.configs import CONFIG_DIR, toy_run_config
@@ -52,11 +51,9 @@ def right_colour_diversity(images, prompts: Sequence[str], embeds: torch.Tensor,
     the diversity within the mode the gold metric asks for. On this world the reward model's image embedding is
     mostly colour, so the all-sample ``spread`` falls whenever gold rises; this one does not have to."""
     keep = [i for i in range(len(prompts)) if correct[i]]
-    counts = Counter(prompts[i] for i in keep)
-    keep = [i for i in keep if counts[prompts[i]] >= 2]
-    if not keep:
-        return {"pvs_right_colour": float("nan"), "spread_right_colour": float("nan")}
     kept = [prompts[i] for i in keep]
+    if all(len(rows) < 2 for rows in rows_by_prompt(kept).values()):  # the metrics skip single-sample prompts
+        return {"pvs_right_colour": float("nan"), "spread_right_colour": float("nan")}
     return {
         "pvs_right_colour": pvs_per_prompt(images[keep], kept),
         "spread_right_colour": embedding_spread(embeds[keep], kept),
