@@ -36,6 +36,8 @@ def test_online_methods_raise_the_proxy_reward(tmp_path) -> None:
         assert m["gold_best"] >= max(m["gold_before"], m["gold_after"])
     assert (tmp_path / "runs" / "d2_align_correction" / "correction.safetensors").is_file()
     assert "flow_grpo_raises_proxy" in report["checks"]
+    assert isinstance(report["checks"]["d2_align_ok_silhouette_at_steps"], list)
+    assert 0.0 < report["base"]["spread_silhouette"] <= 1.0
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert "| flow_grpo |" in (tmp_path / "report.md").read_text() and (tmp_path / "samples.png").is_file()
 

@@ -15,6 +15,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 import diffalign.toy.pretrain as toy_pretrain
+from diffalign.eval.diversity import embedding_spread
 from diffalign.toy.metrics import (
     checkerboard,
     colour_adherence,
@@ -23,6 +24,7 @@ from diffalign.toy.metrics import (
     diversity,
     diversity_report,
     shape_adherence,
+    silhouette_embeds,
     summarize,
 )
 from diffalign.toy.model import build_toy_model, encode_prompts, load_toy_model, read_model_info, scheduler_config
@@ -36,6 +38,7 @@ from diffalign.toy.world import (
     ShapeSpec,
     all_prompts,
     caption_for,
+    coverage,
     parse_caption,
     render,
     render_array,
@@ -114,6 +117,22 @@ def test_diversity_ground_truth_vs_copies() -> None:
     collapsed = diversity_report(same_tone, prompts)
     assert collapsed["tone"] == pytest.approx(0.0, abs=1e-9)
     assert collapsed["x"] == pytest.approx(report["x"], rel=1e-6)
+
+
+def test_silhouette_is_the_coverage_map_whatever_the_colour() -> None:
+    specs = sample_specs(6, 3)
+    expected = np.stack([coverage(s).ravel() for s in specs])
+    for colour in COLOURS:
+        got = silhouette_embeds(render_batch([dataclasses.replace(s, colour=colour) for s in specs]))
+        # float32 pixels divided by a chroma >= 0.6: error <= 2 * 6e-8 / 0.6
+        assert np.abs(got - expected).max() < 1e-6, colour
+    # Disjoint shapes share no pixel (cosine 0, spread 1); copies in other colours are one silhouette (spread 0).
+    left = ShapeSpec("red", "square", 4.0, 8.0, 3.0, 0.1)
+    right = dataclasses.replace(left, colour="blue", cx=12.0)
+    apart = silhouette_embeds(render_batch([left, right]))
+    assert embedding_spread(apart, ["p", "p"]) == pytest.approx(1.0, abs=1e-12)
+    recoloured = silhouette_embeds(render_batch([left, dataclasses.replace(left, colour="green", background=0.3)]))
+    assert embedding_spread(recoloured, ["p", "p"]) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_checkerboard_closed_form_and_ground_truth() -> None:

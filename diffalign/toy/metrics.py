@@ -18,6 +18,11 @@ sample standard deviation of each attribute over that prompt's images is divided
 over the world's own distribution for that shape (4096 rendered ground-truth specs); diversity is the mean of these
 ratios over attributes and prompts. Ground-truth samples score ≈ 1, identical copies 0, and mode collapse in
 any attribute pulls it down.
+
+Silhouette (:func:`silhouette_embeds`). The coverage map ``c`` flattened to ``H·W`` numbers: where the shape is, how
+large and which outline, with its colour divided out. It is the toy's counterpart of the identity embedding
+DivGenBench's IDS uses for faces (ArcFace: who the person is, not the attributes the prompt asks for), and the
+embedding behind the online evidence's ``spread_silhouette``.
 """
 
 from __future__ import annotations
@@ -86,6 +91,13 @@ def _coverage(batch: np.ndarray, colour_idx: np.ndarray) -> np.ndarray:
     chroma = batch.max(-1) - batch.min(-1)
     ref = np.where(colour_idx >= 0, _PALETTE_CHROMA[np.maximum(colour_idx, 0)], 1.0)
     return np.clip(chroma / ref[:, None, None], 0.0, 1.0)
+
+
+def silhouette_embeds(images: ImageBatch) -> np.ndarray:
+    """``[N, H·W]`` float64 coverage maps (see module docstring): the same spec rendered in any palette colour gives
+    the same row; an image with no visible shape gives its (near-zero) chroma map scaled by 1."""
+    batch = as_hwc_batch(images)
+    return _coverage(batch, _colour_indices(batch)).reshape(len(batch), -1)
 
 
 def shapes_of(images: ImageBatch) -> list[str | None]:

@@ -16,7 +16,9 @@ seen along the way).
 Evaluation: 16 samples of each of the 12 prompts with the ODE sampler (20 steps, CFG 3, fixed seeds), as the flow
 world's other evidence. ``proxy`` = mean toy-reward-model score of those samples; diversity = ``pvs`` (DivGenBench's
 photographic variance, per prompt), ``spread`` (1 − mean pairwise cosine of the reward model's image embeddings, an
-IDS analogue), ``layout`` (the SDI analogue on the detected shape boxes), the toy attribute ``diversity``, and
+IDS analogue), ``spread_silhouette`` (the same on the colour-free silhouette of
+:func:`~diffalign.toy.metrics.silhouette_embeds`, the counterpart of IDS's identity embedding), ``layout`` (the SDI
+analogue on the detected shape boxes), the toy attribute ``diversity``, and
 ``pvs_right_colour`` / ``spread_right_colour`` (the same two among the right-colour samples only);
 ``proxy_gold_auc`` = how often the proxy scores a right-colour sample above a wrong-colour sample of the same prompt
 (:func:`~diffalign.eval.reward_agreement.within_prompt_auc`: the only ordering group-relative RL sees).
@@ -39,7 +41,7 @@ from diffalign.toy.configs import CONFIG_DIR, toy_run_config
 from diffalign.toy.experiment import Evaluation, first_per_prompt, segment_cuts, segment_overrides
 from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.flow_pretrain import ensure_flow_base
-from diffalign.toy.metrics import colour_correct
+from diffalign.toy.metrics import colour_correct, silhouette_embeds
 from diffalign.toy.reports import chosen_methods, finish_report, format_checks, write_report
 from diffalign.toy.rewards import load_toy_reward_model, shape_boxes
 
@@ -72,6 +74,7 @@ def online_metrics(evaluation: Evaluation, reward_model) -> dict[str, float]:
         "proxy": float(proxy.mean()),
         "pvs": pvs_per_prompt(images, prompts),
         "spread": embedding_spread(embeds, prompts),
+        "spread_silhouette": embedding_spread(silhouette_embeds(images), prompts),
         "layout": layout_dispersion(shape_boxes(images), prompts),
         "diversity": evaluation.metrics["diversity"],
         "brightness": evaluation.metrics["mean_brightness"],
@@ -192,6 +195,9 @@ def issue_checks(report: dict) -> dict[str, float | bool]:
         out["d2_align_ok_at_steps"] = d2_align_budgets(d2["trajectory"], dr["trajectory"], base)
         out["d2_align_ok"] = bool(out["d2_align_ok_at_steps"])
         out["d2_align_pvs_ok_at_steps"] = d2_align_budgets(d2["trajectory"], dr["trajectory"], base, keys=("pvs",))
+        out["d2_align_ok_silhouette_at_steps"] = d2_align_budgets(
+            d2["trajectory"], dr["trajectory"], base, keys=("pvs", "spread_silhouette")
+        )
         out["d2_align_ok_right_colour_at_steps"] = d2_align_budgets(
             d2["trajectory"], dr["trajectory"], base, keys=("pvs_right_colour", "spread_right_colour")
         )
@@ -256,17 +262,18 @@ def format_online_report(report: dict) -> str:
         f"Toy world (online), {report['world']['samples_per_evaluation']} generated samples per evaluation (ODE, "
         "20 steps, CFG 3). gold = colour adherence; proxy = the biased toy reward model; pvs / spread = diversity.",
         "",
-        "| method | gold after (best) | proxy | proxy-gold AUC | pvs | spread | right colour: pvs / spread | "
-        "brightness | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | gold after (best) | proxy | proxy-gold AUC | pvs | spread | silhouette spread | "
+        "right colour: pvs / spread | brightness | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| base | {base['gold']:.3f} | {base['proxy']:.3f} | {base['proxy_gold_auc']:.3f} | {base['pvs']:.3f} | "
-        f"{base['spread']:.3f} | {base['pvs_right_colour']:.3f} / {base['spread_right_colour']:.3f} | "
-        f"{base['brightness']:.3f} | - |",
+        f"{base['spread']:.3f} | {base['spread_silhouette']:.3f} | "
+        f"{base['pvs_right_colour']:.3f} / {base['spread_right_colour']:.3f} | {base['brightness']:.3f} | - |",
     ]
     for name, m in report["methods"].items():
         lines.append(
             f"| {name} | {m['gold_after']:.3f} ({m['gold_best']:.3f}) | {m['proxy_after']:.3f} | "
             f"{m['proxy_gold_auc_after']:.3f} | {m['pvs_after']:.3f} | {m['spread_after']:.3f} | "
+            f"{m['spread_silhouette_after']:.3f} | "
             f"{m['pvs_right_colour_after']:.3f} / {m['spread_right_colour_after']:.3f} | "
             f"{m['brightness_after']:.3f} | {m['seconds']:.0f} |"
         )
@@ -274,6 +281,7 @@ def format_online_report(report: dict) -> str:
         if len(m["trajectory"]) > 1:
             steps = ", ".join(
                 f"{t['step']}: gold {t['gold']:.3f} proxy {t['proxy']:.2f} pvs {t['pvs']:.3f} spread {t['spread']:.3f}"
+                f" silhouette {t['spread_silhouette']:.3f}"
                 f" (right colour: pvs {t['pvs_right_colour']:.3f} spread {t['spread_right_colour']:.3f})"
                 for t in m["trajectory"]
             )
