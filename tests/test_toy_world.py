@@ -17,6 +17,7 @@ from PIL import Image
 import diffalign.toy.pretrain as toy_pretrain
 from diffalign.eval.diversity import embedding_spread
 from diffalign.toy.metrics import (
+    centre_distance,
     checkerboard,
     colour_adherence,
     colour_of,
@@ -133,6 +134,18 @@ def test_silhouette_is_the_coverage_map_whatever_the_colour() -> None:
     assert embedding_spread(apart, ["p", "p"]) == pytest.approx(1.0, abs=1e-12)
     recoloured = silhouette_embeds(render_batch([left, dataclasses.replace(left, colour="green", background=0.3)]))
     assert embedding_spread(recoloured, ["p", "p"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_centre_distance_of_rendered_circles() -> None:
+    # A circle's coverage centroid is its spec centre up to the 4x supersampling (measured <= 0.02 px on 64 specs).
+    specs = sample_specs(32, 5, shape="circle")
+    expected = np.mean([np.hypot(s.cx - 8.0, s.cy - 8.0) for s in specs])
+    assert centre_distance(render_batch(specs)) == pytest.approx(expected, abs=0.03)
+    centred = ShapeSpec("green", "circle", 8.0, 8.0, 4.0, 0.2)
+    assert centre_distance(render_batch([centred, dataclasses.replace(centred, cx=11.0)])) == pytest.approx(
+        1.5, abs=0.03
+    )
+    assert np.isnan(centre_distance(torch.full((2, 3, 16, 16), 0.2)))  # no shape visible anywhere
 
 
 def test_checkerboard_closed_form_and_ground_truth() -> None:

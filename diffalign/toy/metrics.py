@@ -22,7 +22,8 @@ any attribute pulls it down.
 Silhouette (:func:`silhouette_embeds`). The coverage map ``c`` flattened to ``H·W`` numbers: where the shape is, how
 large and which outline, with its colour divided out. It is the toy's counterpart of the identity embedding
 DivGenBench's IDS uses for faces (ArcFace: who the person is, not the attributes the prompt asks for), and the
-embedding behind the online evidence's ``spread_silhouette``.
+embedding behind the online evidence's ``spread_silhouette``. :func:`centre_distance` is the mean distance of the
+centroids from the frame's centre: where the shapes of a narrowing mode gather.
 """
 
 from __future__ import annotations
@@ -170,6 +171,17 @@ def attributes(images: ImageBatch) -> np.ndarray:
     out[idx < 0, :3] = np.nan
     out[n_bg == 0, 3] = np.nan
     return out
+
+
+def centre_distance(images: ImageBatch) -> float:
+    """Mean distance in pixels of the shape's centroid from the frame's centre (images with no visible shape are
+    skipped; NaN when none has one): where the shapes sit, which the spread metrics do not say."""
+    batch = as_hwc_batch(images)
+    attrs = attributes(batch)
+    h, w = batch.shape[1:3]
+    dist = np.hypot(attrs[:, 0] - w / 2, attrs[:, 1] - h / 2)
+    dist = dist[~np.isnan(dist)]
+    return float(dist.mean()) if len(dist) else float("nan")
 
 
 def _std(values: np.ndarray) -> float:

@@ -18,7 +18,8 @@ world's other evidence. ``proxy`` = mean toy-reward-model score of those samples
 photographic variance, per prompt), ``spread`` (1 − mean pairwise cosine of the reward model's image embeddings, an
 IDS analogue), ``spread_silhouette`` (the same on the colour-free silhouette of
 :func:`~diffalign.toy.metrics.silhouette_embeds`, the counterpart of IDS's identity embedding), ``layout`` (the SDI
-analogue on the detected shape boxes), the toy attribute ``diversity``, and
+analogue on the detected shape boxes), ``centre_distance`` (mean pixel distance of the shapes from the frame's
+centre: where a narrowing mode gathers), the toy attribute ``diversity``, and
 ``pvs_right_colour`` / ``spread_right_colour`` (the same two among the right-colour samples only);
 ``proxy_gold_auc`` = how often the proxy scores a right-colour sample above a wrong-colour sample of the same prompt
 (:func:`~diffalign.eval.reward_agreement.within_prompt_auc`: the only ordering group-relative RL sees).
@@ -41,7 +42,7 @@ from diffalign.toy.configs import CONFIG_DIR, toy_run_config
 from diffalign.toy.experiment import Evaluation, first_per_prompt, segment_cuts, segment_overrides
 from diffalign.toy.flow_experiment import evaluate_flow
 from diffalign.toy.flow_pretrain import ensure_flow_base
-from diffalign.toy.metrics import colour_correct, silhouette_embeds
+from diffalign.toy.metrics import centre_distance, colour_correct, silhouette_embeds
 from diffalign.toy.reports import chosen_methods, finish_report, format_checks, write_report
 from diffalign.toy.rewards import load_toy_reward_model, shape_boxes
 
@@ -76,6 +77,7 @@ def online_metrics(evaluation: Evaluation, reward_model) -> dict[str, float]:
         "spread": embedding_spread(embeds, prompts),
         "spread_silhouette": embedding_spread(silhouette_embeds(images), prompts),
         "layout": layout_dispersion(shape_boxes(images), prompts),
+        "centre_distance": centre_distance(images),
         "diversity": evaluation.metrics["diversity"],
         "brightness": evaluation.metrics["mean_brightness"],
         "proxy_gold_auc": within_prompt_auc(proxy, correct, prompts),
