@@ -44,6 +44,8 @@ def _run(argv: list[str]) -> int:
                           help="offline, flow: toy pair kind (on_policy: judged base samples)")  # fmt: skip
     evidence.add_argument("--seeds", type=int, default=1,
                           help="training seeds 0..N-1, a run each; the report is their mean, min, max")  # fmt: skip
+    evidence.add_argument("--merge", default=None, metavar="DIR,DIR,...",
+                          help="no training: the mean report of finished runs, one training seed each")  # fmt: skip
     evidence.add_argument("overrides", nargs="*",
                           help="config overrides: key=value for every method, METHOD:key=value for one")  # fmt: skip
 
@@ -136,6 +138,9 @@ def _evidence(args: argparse.Namespace) -> None:
     from diffalign.toy.evidence_commands import COMMANDS
 
     family = COMMANDS[args.family]
+    if args.merge is not None:
+        _merge_evidence(args, family)
+        return
     kwargs = {"methods": args.methods.split(",") if args.methods else None, "n_per_prompt": args.n_per_prompt}
     if family.segmented and args.segments is not None:
         kwargs["segments"] = args.segments
@@ -158,6 +163,21 @@ def _evidence(args: argparse.Namespace) -> None:
         format_report=format_report,
         checks=family.load(family.checks),
         overrides=args.overrides,
+    )
+    print(format_report(report) + format_seed_ranges(report))
+
+
+def _merge_evidence(args: argparse.Namespace, family) -> None:
+    from diffalign.toy.seeds import format_seed_ranges, merge_seed_reports
+
+    if args.overrides or args.seeds != 1 or args.methods or args.pairs or args.segments is not None:
+        raise DiffalignError("--merge trains nothing: drop the overrides, --seeds, --methods, --pairs and --segments")
+    format_report = family.load(family.format_report)
+    report = merge_seed_reports(
+        [d for d in args.merge.split(",") if d],
+        args.output_dir or f"outputs/evidence/{args.family}",
+        format_report=format_report,
+        checks=family.load(family.checks),
     )
     print(format_report(report) + format_seed_ranges(report))
 

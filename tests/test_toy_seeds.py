@@ -9,7 +9,7 @@ import pytest
 
 from diffalign import cli
 from diffalign.errors import DiffalignError
-from diffalign.toy.seeds import combine, mean_report, run_over_seeds
+from diffalign.toy.seeds import combine, mean_report, merge_seed_reports, run_over_seeds
 
 
 def _report(gold: float, trajectory: list[float], seconds: int) -> dict:
@@ -64,6 +64,37 @@ def test_llm_evidence_over_two_seeds(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "Mean of 2 training seeds (0, 1)" in printed and "| llm_dpo | gold_after |" in printed
     assert printed.strip().endswith((tmp_path / "report.md").read_text().strip())  # after the trainers' summaries
+
+    # The same seeds run apart and merged afterwards give the same report, without training anything.
+    merged_dir = tmp_path / "merged"
+    runs = f"{tmp_path / 'seed1'},{tmp_path / 'seed0'}"
+    assert cli.main(["evidence", "llm", "--merge", runs, "--output-dir", str(merged_dir)]) == 0
+    merged = json.loads((merged_dir / "report.json").read_text())
+    assert merged["seeds"]["seeds"] == [1, 0]
+    assert merged["methods"] == report["methods"] and merged.get("checks") == report.get("checks")
+    assert cli.main(["evidence", "llm", "--merge", runs, "--output-dir", str(merged_dir)]) == 2  # never overwrites
+    assert "exists; pick another --output-dir" in capsys.readouterr().err
+
+
+def _seed_run(directory, seed: int, gold: float) -> str:
+    (directory / "runs" / "dpo").mkdir(parents=True)
+    (directory / "runs" / "dpo" / "config.yaml").write_text(f"train:\n  seed: {seed}\n")
+    (directory / "report.json").write_text(json.dumps(_report(gold, [0.2, gold], 10)))
+    return str(directory)
+
+
+def test_merge_reads_each_runs_seed_and_refuses_repeats(tmp_path) -> None:
+    a, b = _seed_run(tmp_path / "a", 4, 0.6), _seed_run(tmp_path / "b", 7, 0.9)
+    report = merge_seed_reports([a, b], tmp_path / "out", format_report=lambda r: "")
+    assert report["seeds"]["seeds"] == [4, 7]
+    assert report["methods"]["dpo"]["gold_after"] == pytest.approx(0.75, abs=1e-12)
+    c = _seed_run(tmp_path / "c", 4, 0.7)
+    with pytest.raises(DiffalignError, match=r"training seeds \[4, 7, 4\] repeat"):
+        merge_seed_reports([a, b, c], tmp_path / "out2", format_report=lambda r: "")
+    with pytest.raises(DiffalignError, match="no evidence report there"):
+        merge_seed_reports([a, str(tmp_path / "missing")], tmp_path / "out3", format_report=lambda r: "")
+    with pytest.raises(DiffalignError, match="at least two"):
+        merge_seed_reports([a], tmp_path / "out4", format_report=lambda r: "")
 
 
 def test_seeds_below_one_is_a_usage_error(capsys) -> None:

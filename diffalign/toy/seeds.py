@@ -6,10 +6,14 @@ per-seed mean of every number (lists element by element, so trajectories average
 ``"seeds": {"seeds": [...], "min": ..., "max": ..., "checks": [...]}`` beside it: the same tree of numbers at its
 minimum and maximum over seeds, and each seed's own acceptance checks. The family's checks are computed again on the
 means (``report["checks"]``), which is what the tables report.
+
+``diffalign evidence NAME --merge DIR,DIR,...`` (:func:`merge_seed_reports`) builds the same mean report from runs
+made separately, one seed each (``train.seed=s``, on several machines or at several times).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -105,5 +109,51 @@ def run_over_seeds(
     output_dir = Path(output_dir)
     reports = [run(output_dir / f"seed{s}", overrides=[*overrides, f"train.seed={s}"], **kwargs) for s in seeds]
     report = mean_report(reports, seeds, checks)
+    write_report(output_dir, report, lambda r: format_report(r) + format_seed_ranges(r))
+    return report
+
+
+def run_seed(run_dir: Path) -> int:
+    """The ``train.seed`` every training run under ``run_dir/runs/`` used; one seed per evidence run."""
+    import yaml
+
+    seeds = set()
+    for config in sorted((run_dir / "runs").glob("*/config.yaml")):
+        seeds.add(int((yaml.safe_load(config.read_text()) or {}).get("train", {}).get("seed", 0)))
+    if len(seeds) != 1:
+        found = "no runs/*/config.yaml" if not seeds else f"train.seed {sorted(seeds)}"
+        raise DiffalignError(f"{run_dir}: found {found}; merge evidence runs that each trained one seed")
+    return seeds.pop()
+
+
+def merge_seed_reports(
+    run_dirs: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    format_report: Callable[[dict], str],
+    checks: Callable[[dict], dict] | None = None,
+) -> dict:
+    """The mean report (:func:`mean_report`) of the evidence runs in ``run_dirs`` (each a ``report.json`` of one
+    training seed, read from its run configs), written to ``output_dir``; returns it. Refuses a repeated seed, runs
+    whose reports differ in shape, and an ``output_dir`` that already holds a report."""
+    dirs = [Path(d) for d in run_dirs]
+    if len(dirs) < 2:
+        raise DiffalignError("--merge: give at least two evidence run directories, comma-separated")
+    output_dir = Path(output_dir)
+    if (output_dir / "report.json").exists():
+        raise DiffalignError(f"{output_dir / 'report.json'} exists; pick another --output-dir")
+    reports, seeds = [], []
+    for d in dirs:
+        path = d / "report.json"
+        if not path.is_file():
+            raise DiffalignError(f"{path}: no evidence report there; pass the --output-dir of a finished run")
+        reports.append(json.loads(path.read_text()))
+        seeds.append(run_seed(d))
+    if len(set(seeds)) != len(seeds):
+        raise DiffalignError(f"--merge: training seeds {seeds} repeat; each run must have trained another seed")
+    try:
+        report = mean_report(reports, seeds, checks)
+    except ValueError as err:
+        raise DiffalignError(f"--merge: {err}") from None
     write_report(output_dir, report, lambda r: format_report(r) + format_seed_ranges(r))
     return report
