@@ -138,8 +138,15 @@ def _evidence(args: argparse.Namespace) -> None:
     from diffalign.toy.evidence_commands import COMMANDS
 
     family = COMMANDS[args.family]
-    if args.merge is not None:
-        _merge_evidence(args, family)
+    output_dir = args.output_dir or f"outputs/evidence/{args.family}"
+    if args.merge is not None:  # no training: the mean report of finished one-seed runs
+        from diffalign.toy.seeds import format_seed_ranges, merge_seed_reports
+
+        _check_merge_flags(args)
+        format_report = family.load(family.format_report)
+        dirs = [d for d in args.merge.split(",") if d]
+        report = merge_seed_reports(dirs, output_dir, format_report=format_report, checks=family.load(family.checks))
+        print(format_report(report) + format_seed_ranges(report))
         return
     kwargs = {"methods": args.methods.split(",") if args.methods else None, "n_per_prompt": args.n_per_prompt}
     if family.segmented and args.segments is not None:
@@ -150,7 +157,6 @@ def _evidence(args: argparse.Namespace) -> None:
         kwargs["pairs"] = args.pairs
     check_override_scopes(args.overrides)  # before the base is judged: a typo fails in a second, not minutes
     run, format_report = family.load(family.run), family.load(family.format_report)
-    output_dir = args.output_dir or f"outputs/evidence/{args.family}"
     if args.seeds == 1:
         print(format_report(run(output_dir, overrides=args.overrides, **kwargs)))
         return
@@ -167,19 +173,9 @@ def _evidence(args: argparse.Namespace) -> None:
     print(format_report(report) + format_seed_ranges(report))
 
 
-def _merge_evidence(args: argparse.Namespace, family) -> None:
-    from diffalign.toy.seeds import format_seed_ranges, merge_seed_reports
-
+def _check_merge_flags(args: argparse.Namespace) -> None:
     if args.overrides or args.seeds != 1 or args.methods or args.pairs or args.segments is not None:
         raise DiffalignError("--merge trains nothing: drop the overrides, --seeds, --methods, --pairs and --segments")
-    format_report = family.load(family.format_report)
-    report = merge_seed_reports(
-        [d for d in args.merge.split(",") if d],
-        args.output_dir or f"outputs/evidence/{args.family}",
-        format_report=format_report,
-        checks=family.load(family.checks),
-    )
-    print(format_report(report) + format_seed_ranges(report))
 
 
 if __name__ == "__main__":

@@ -183,7 +183,8 @@ def test_the_evidence_command_dispatches_and_checks_methods(family):
     from diffalign.cli import _evidence
 
     args = Namespace(
-        family=family, methods="bogus", n_per_prompt=2, overrides=[], output_dir=None, segments=1, seeds=1, pairs=None
+        family=family, methods="bogus", n_per_prompt=2, overrides=[], output_dir=None, segments=1, seeds=1, pairs=None,
+        merge=None,
     )
     with pytest.raises(ValueError, match=f"unknown {family} methods"):
         _evidence(args)

@@ -74,6 +74,8 @@ def test_llm_evidence_over_two_seeds(tmp_path, capsys) -> None:
     assert merged["methods"] == report["methods"] and merged.get("checks") == report.get("checks")
     assert cli.main(["evidence", "llm", "--merge", runs, "--output-dir", str(merged_dir)]) == 2  # never overwrites
     assert "exists; pick another --output-dir" in capsys.readouterr().err
+    assert cli.main(["evidence", "llm", "--merge", runs, "--seeds", "2", "--output-dir", str(tmp_path / "m2")]) == 2
+    assert "--merge trains nothing" in capsys.readouterr().err
 
 
 def _seed_run(directory, seed: int, gold: float) -> str:
